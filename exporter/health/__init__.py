@@ -1,0 +1,1 @@
+"""Per-GPU health: signals in, verdicts out. Knows nothing of gRPC or HTTP."""

@@ -1,0 +1,54 @@
+"""Health verdicts and the small interface the device plugin consumes."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class HealthState(enum.IntEnum):
+    """Ordered by severity; the metric value is the int."""
+
+    HEALTHY = 0
+    DEGRADED = 1
+    UNHEALTHY = 2
+
+
+@dataclass(frozen=True)
+class Reason:
+    signal: str  # "xid", "dbe", "row_remap_failure", "gpu_lost", "nvml_timeout", ...
+    code: str  # XID number, recovery action number, NVML error name; "" when none
+    message: str
+    first_seen: float
+    last_seen: float
+    count: int
+    action: str  # "none", "restart_app", "reset_gpu", "reboot_node", "contact_support"
+    state: HealthState  # what this reason alone makes of the device
+
+
+@dataclass(frozen=True)
+class Verdict:
+    uuid: str  # GPU-... or MIG-...
+    state: HealthState
+    reasons: tuple[Reason, ...] = ()
+
+    @property
+    def healthy_for_scheduling(self) -> bool:
+        """Degraded devices stay allocatable; only unhealthy ones are fenced."""
+        return self.state is not HealthState.UNHEALTHY
+
+
+class HealthView(Protocol):
+    """What the device plugin (and anything else that acts) needs from health."""
+
+    def verdict(self, uuid: str) -> Verdict:
+        """The verdict for a GPU or MIG UUID (a MIG device inherits a fenced parent)."""
+        ...
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (from any thread, quickly) after any verdict changes."""
+        ...
+
+    def verdicts(self) -> Mapping[str, Verdict]: ...

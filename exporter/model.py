@@ -1,0 +1,103 @@
+"""Plain data shared by every layer above the NVML adapter.
+
+Nothing here imports pynvml: the simulated fleet and the real adapter both
+produce these objects, so collection, rendering and health run the same code
+on real and simulated GPUs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class MigDevice:
+    """One MIG device (a GPU instance + compute instance) of a parent GPU."""
+
+    uuid: str  # "MIG-<uuid>"
+    parent_uuid: str  # "GPU-<uuid>"
+    parent_index: int
+    gpu_instance_id: int
+    compute_instance_id: int
+    profile: str  # e.g. "1g.10gb", as in the MIG device name
+    slot: int  # index passed to nvmlDeviceGetMigDeviceHandleByIndex
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One physical GPU as discovered through NVML (or the simulator)."""
+
+    index: int
+    uuid: str  # "GPU-<uuid>"
+    pci_bus_id: str  # "00000000:8D:00.0"
+    minor: int  # /dev/nvidia<minor>
+    name: str  # model name, e.g. "NVIDIA H100 80GB HBM3"
+    mig_enabled: bool = False
+    migs: tuple[MigDevice, ...] = ()
+    numa_node: int | None = None
+
+    @property
+    def device(self) -> str:
+        """dcgm-exporter's `device` label value."""
+        return f"nvidia{self.minor}"
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Everything discovery found, in NVML index order."""
+
+    driver_version: str
+    gpus: tuple[Gpu, ...]
+    # Pairs of GPU UUIDs (sorted within the pair) that are linked by NVLink.
+    nvlink_pairs: frozenset[tuple[str, str]] = frozenset()
+
+    def gpu_by_uuid(self, uuid: str) -> Gpu | None:
+        for gpu in self.gpus:
+            if gpu.uuid == uuid:
+                return gpu
+        return None
+
+    def mig_by_uuid(self, uuid: str) -> MigDevice | None:
+        for gpu in self.gpus:
+            for mig in gpu.migs:
+                if mig.uuid == uuid:
+                    return mig
+        return None
+
+    def layout_key(self) -> tuple[object, ...]:
+        """Changes whenever GPUs or MIG devices appear, vanish or move."""
+        return tuple((g.uuid, g.mig_enabled, tuple(m.uuid for m in g.migs)) for g in self.gpus)
+
+
+# Event types, as NVML's bit values so the adapter passes them through unchanged.
+EVENT_SINGLE_BIT_ECC = 0x1
+EVENT_DOUBLE_BIT_ECC = 0x2
+EVENT_XID = 0x8
+EVENT_MIG_CONFIG_CHANGE = 0x100
+EVENT_GPU_LOST = -1  # not an NVML bit: the wait reported GPU_IS_LOST for this GPU
+
+
+@dataclass(frozen=True)
+class DeviceEvent:
+    """One NVML event, attributed to a GPU (and to a MIG instance when NVML says so)."""
+
+    gpu_uuid: str
+    event_type: int
+    xid: int = 0  # eventData for EVENT_XID; 999 = unknown
+    gpu_instance_id: int | None = None
+    compute_instance_id: int | None = None
+    timestamp: float = 0.0  # time.time() when received
+
+
+@dataclass
+class ReadResult:
+    """What one device read produced, values already in the exported unit.
+
+    `values` is keyed by DCGM field name. Fields the device cannot give are in
+    `unsupported` (remembered by the caller, never asked again); fields that
+    failed this time are in `errors` with the NVML error name.
+    """
+
+    values: dict[str, float] = field(default_factory=dict)
+    unsupported: set[str] = field(default_factory=set)
+    errors: dict[str, str] = field(default_factory=dict)

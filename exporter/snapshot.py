@@ -1,0 +1,45 @@
+"""One collection cycle's result: what the renderer and the health engine read."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from exporter.model import Gpu, Inventory, MigDevice
+
+
+@dataclass(frozen=True)
+class DeviceSample:
+    """The latest values of one GPU or MIG device.
+
+    When the device's read missed its deadline, `values` are the last good
+    ones and `stale` is True; `age_s` says how old they are.
+    """
+
+    gpu: Gpu
+    mig: MigDevice | None
+    values: Mapping[str, float]
+    up: bool  # False: lost, or failing as a whole
+    stale: bool = False  # True: the read is hung/late; values are the last good ones
+    age_s: float = 0.0
+    error: str = ""  # why up is False or stale is True (NVML error name, "timeout", "lost")
+
+    @property
+    def uuid(self) -> str:
+        return self.mig.uuid if self.mig is not None else self.gpu.uuid
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    inventory: Inventory
+    samples: tuple[DeviceSample, ...]
+    taken_at: float  # time.time() at the end of the cycle
+    duration_s: float
+    # GPUs seen in an earlier cycle that enumeration no longer returns.
+    vanished: tuple[str, ...] = field(default=())
+
+    def sample(self, uuid: str) -> DeviceSample | None:
+        for s in self.samples:
+            if s.uuid == uuid:
+                return s
+        return None
