@@ -113,8 +113,14 @@ CATALOGUE: tuple[FieldSpec, ...] = (
         "DCGM_FI_DEV_ECC_DBE_AGG_TOTAL", 313, "counter",
         "Total number of double-bit persistent ECC errors.", "fv", (6,),
     ),
-    _f("DCGM_FI_DEV_RETIRED_SBE", 390, "counter", "Total number of retired pages due to single-bit errors.", "fv", (29,)),
-    _f("DCGM_FI_DEV_RETIRED_DBE", 391, "counter", "Total number of retired pages due to double-bit errors.", "fv", (30,)),
+    _f(
+        "DCGM_FI_DEV_RETIRED_SBE", 390, "counter",
+        "Total number of retired pages due to single-bit errors.", "fv", (29,),
+    ),
+    _f(
+        "DCGM_FI_DEV_RETIRED_DBE", 391, "counter",
+        "Total number of retired pages due to double-bit errors.", "fv", (30,),
+    ),
     _f("DCGM_FI_DEV_RETIRED_PENDING", 392, "counter", "Total number of pages pending retirement.", "fv", (31,)),
     _f(
         "DCGM_FI_DEV_CLOCKS_EVENT_REASONS", 112, "gauge",

@@ -1,0 +1,310 @@
+"""The background collection loop.
+
+Each device is read by its own worker thread with a deadline: NVML calls
+cannot be interrupted, so a wedged GPU only ties up its own thread while the
+others (and the HTTP server, which never calls NVML) carry on. A device whose
+read misses the deadline is served with its last good values, marked stale.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import structlog
+
+from exporter.backend import Backend, DeviceLostError
+from exporter.counters import CounterSet
+from exporter.devices import DeviceSelector
+from exporter.fields import FieldSpec
+from exporter.model import Gpu, Inventory, MigDevice, ReadResult
+from exporter.snapshot import DeviceSample, Snapshot
+
+log = structlog.get_logger("exporter.collector")
+
+T = TypeVar("T")
+
+# Re-enumerate at least this often even without a MIG-change event, so a
+# GPU that vanished or came back is noticed.
+REDISCOVER_EVERY_S = 60.0
+
+# Readers the collector never asks the backend for.
+_NOT_POLLED = ("dcp", "event", "label")
+
+
+class Worker:
+    """A thread that runs one call at a time; `busy` while a call is in flight."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._jobs: queue.Queue[tuple[Callable[[], Any], Future[Any]] | None] = queue.Queue()
+        self.busy_since: float | None = None
+        self._thread = threading.Thread(target=self._run, name=f"worker-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return self.busy_since is not None
+
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        fut: Future[T] = Future()
+        self.busy_since = time.monotonic()
+        self._jobs.put((fn, fut))
+        return fut
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, fut = job
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # delivered to the waiting collector
+                fut.set_exception(exc)
+            finally:
+                self.busy_since = None
+
+
+@dataclass
+class _DeviceState:
+    last_values: dict[str, float] = field(default_factory=dict)
+    last_good: float | None = None  # time.time() of the last successful read
+    unsupported: set[str] = field(default_factory=set)
+    pending: Future[ReadResult] | None = None
+
+
+@dataclass(frozen=True)
+class _Target:
+    gpu: Gpu
+    mig: MigDevice | None
+    fields: tuple[FieldSpec, ...]
+
+    @property
+    def uuid(self) -> str:
+        return self.mig.uuid if self.mig is not None else self.gpu.uuid
+
+
+class Collector:
+    def __init__(
+        self,
+        backend: Backend,
+        counters: CounterSet,
+        selector: DeviceSelector,
+        interval_s: float,
+        device_timeout_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.backend = backend
+        self.selector = selector
+        self.interval_s = interval_s
+        self.device_timeout_s = device_timeout_s
+        self._clock = clock
+        self.set_counters(counters)
+        self._workers: dict[str, Worker] = {}
+        self._devices: dict[str, _DeviceState] = {}
+        self._listeners: list[Callable[[Snapshot], None]] = []
+        self._layout_listeners: list[Callable[[Inventory], None]] = []
+        self.inventory: Inventory | None = None
+        self._discovery = Worker("discovery")
+        self._discovery_pending: Future[Inventory] | None = None
+        self._last_discovery = 0.0
+        self._rediscover = threading.Event()
+        self._ever_seen: dict[str, Gpu] = {}
+        self.nvml_errors: dict[tuple[str, str], int] = {}
+        self.collections = 0
+        self.last_snapshot: Snapshot | None = None
+        self.heartbeat = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- configuration ---
+    def set_counters(self, counters: CounterSet) -> None:
+        """Swap the field set (SIGHUP reload); takes effect next cycle."""
+        self.counters = counters
+        polled = tuple(f for f in counters.fields if f.reader.split(":")[0] not in _NOT_POLLED)
+        self._gpu_fields = polled
+        self._instance_fields = tuple(f for f in polled if f.scope == "instance")
+
+    def add_listener(self, fn: Callable[[Snapshot], None]) -> None:
+        self._listeners.append(fn)
+
+    def add_layout_listener(self, fn: Callable[[Inventory], None]) -> None:
+        """Called (from the collector thread) when GPUs or MIG devices change."""
+        self._layout_listeners.append(fn)
+
+    def request_rediscovery(self) -> None:
+        """Ask for enumeration next cycle (MIG config change, GPU lost)."""
+        self._rediscover.set()
+
+    # --- discovery ---
+    def _discover(self) -> Inventory | None:
+        """Enumerate with a deadline; on a hang keep the previous inventory."""
+        if self._discovery_pending is None:
+            self._discovery_pending = self._discovery.submit(self.backend.discover)
+        try:
+            inventory = self._discovery_pending.result(timeout=self.device_timeout_s)
+        except FutureTimeout:
+            log.warning("discovery_timeout", timeout_s=self.device_timeout_s)
+            return None
+        except Exception as exc:
+            self._discovery_pending = None
+            log.error("discovery_failed", error=repr(exc))
+            return None
+        self._discovery_pending = None
+        self._last_discovery = time.monotonic()
+        return inventory
+
+    def _maybe_discover(self) -> None:
+        due = time.monotonic() - self._last_discovery >= REDISCOVER_EVERY_S
+        if self.inventory is not None and not due and not self._rediscover.is_set():
+            return
+        self._rediscover.clear()
+        inventory = self._discover()
+        if inventory is None:
+            return
+        old = self.inventory
+        self.inventory = inventory
+        for gpu in inventory.gpus:
+            self._ever_seen[gpu.uuid] = gpu
+        if old is None or old.layout_key() != inventory.layout_key():
+            log.info(
+                "inventory",
+                gpus=[g.uuid for g in inventory.gpus],
+                mig_devices=sum(len(g.migs) for g in inventory.gpus),
+                driver_version=inventory.driver_version,
+            )
+            for fn in self._layout_listeners:
+                try:
+                    fn(inventory)
+                except Exception:
+                    log.exception("layout_listener_failed")
+
+    def _targets(self, inventory: Inventory) -> list[_Target]:
+        targets: list[_Target] = []
+        for gpu in inventory.gpus:
+            if self.selector.gpu_selected(gpu):
+                targets.append(_Target(gpu, None, self._gpu_fields))
+            if gpu.mig_enabled:
+                targets.extend(
+                    _Target(gpu, mig, self._instance_fields) for mig in gpu.migs if self.selector.mig_selected(mig)
+                )
+        return targets
+
+    # --- one cycle ---
+    def run_once(self) -> Snapshot:
+        started = time.monotonic()
+        self._maybe_discover()
+        inventory = self.inventory or Inventory(driver_version="", gpus=())
+        targets = self._targets(inventory)
+        deadline = started + self.device_timeout_s
+        for t in targets:
+            self._submit(t)
+        samples = [self._collect(t, deadline) for t in targets]
+        present = {g.uuid for g in inventory.gpus}
+        vanished = tuple(sorted(u for u in self._ever_seen if u not in present))
+        self.collections += 1
+        snapshot = Snapshot(
+            inventory=inventory,
+            samples=tuple(samples),
+            taken_at=self._clock(),
+            duration_s=time.monotonic() - started,
+            vanished=vanished,
+        )
+        self.last_snapshot = snapshot
+        for fn in self._listeners:
+            try:
+                fn(snapshot)
+            except Exception:  # one broken consumer must not stop collection
+                log.exception("snapshot_listener_failed", listener=getattr(fn, "__qualname__", repr(fn)))
+        return snapshot
+
+    def _submit(self, t: _Target) -> None:
+        state = self._devices.setdefault(t.uuid, _DeviceState())
+        if state.pending is not None:
+            return  # the previous read is still hung; don't queue another behind it
+        worker = self._workers.get(t.uuid)
+        if worker is None:
+            worker = self._workers[t.uuid] = Worker(t.uuid)
+        wanted = tuple(f for f in t.fields if f.name not in state.unsupported)
+        backend, uuid = self.backend, t.uuid
+        state.pending = worker.submit(lambda: backend.read(uuid, wanted))
+
+    def _collect(self, t: _Target, deadline: float) -> DeviceSample:
+        state = self._devices[t.uuid]
+        fut = state.pending
+        assert fut is not None
+        now = self._clock()
+        try:
+            result = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            age = now - state.last_good if state.last_good is not None else 0.0
+            log.warning("device_read_late", uuid=t.uuid, timeout_s=self.device_timeout_s, stale_for_s=round(age, 1))
+            return DeviceSample(t.gpu, t.mig, dict(state.last_values), up=True, stale=True, age_s=age, error="timeout")
+        except DeviceLostError as exc:
+            state.pending = None
+            state.last_values = {}
+            self._count_error("*", "GpuIsLost")
+            log.error("device_lost", uuid=t.uuid, error=str(exc))
+            self.request_rediscovery()
+            return DeviceSample(t.gpu, t.mig, {}, up=False, error="lost")
+        except Exception as exc:
+            state.pending = None
+            name = type(exc).__name__
+            self._count_error("*", name)
+            log.warning("device_read_failed", uuid=t.uuid, error=name, detail=str(exc))
+            age = now - state.last_good if state.last_good is not None else 0.0
+            return DeviceSample(t.gpu, t.mig, {}, up=False, age_s=age, error=name)
+        state.pending = None
+        if result.unsupported - state.unsupported:
+            log.info("fields_unsupported", uuid=t.uuid, fields=sorted(result.unsupported - state.unsupported))
+            state.unsupported |= result.unsupported
+        for field_name, error in result.errors.items():
+            self._count_error(field_name, error)
+        state.last_values = dict(result.values)
+        state.last_good = now
+        return DeviceSample(t.gpu, t.mig, state.last_values, up=True)
+
+    def _count_error(self, field_name: str, error: str) -> None:
+        key = (field_name, error)
+        self.nvml_errors[key] = self.nvml_errors.get(key, 0) + 1
+
+    # --- loop ---
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="collector", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.device_timeout_s + 5)
+        for w in self._workers.values():
+            w.stop()
+        self._discovery.stop()
+
+    def _loop(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            self.heartbeat = time.monotonic()
+            try:
+                self.run_once()
+            except Exception:  # keep serving the last snapshot; try again next cycle
+                log.exception("collection_failed")
+            next_at += self.interval_s
+            delay = next_at - time.monotonic()
+            if delay < 0:  # fell behind (slow cycle): don't burst to catch up
+                next_at = time.monotonic()
+                delay = 0
+            self._stop.wait(delay)
+
+    def dcp_fields(self) -> Sequence[FieldSpec]:
+        return tuple(f for f in self.counters.fields if f.reader == "dcp")

@@ -1,0 +1,225 @@
+"""The health state file: atomic, versioned JSON that survives restarts and kill -9.
+
+Write protocol: temp file in the same directory, fsync it, rename over state.json, fsync the
+directory. A reader therefore sees either the old or the new file, never a torn one. A file we
+cannot parse is moved aside (never deleted: it may hold the only record of a fence) and we start
+empty rather than crash-looping on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+SCHEMA_VERSION = 1
+STATE_FILE = "state.json"
+_TMP_PREFIX = ".state.json.tmp-"
+
+log = structlog.get_logger()
+
+
+class StateFormatError(ValueError):
+    """The state file exists but is not a state document we understand."""
+
+
+def _expect(cond: bool, what: str) -> None:
+    if not cond:
+        raise StateFormatError(what)
+
+
+def _num(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def validate(doc: object) -> dict[str, Any]:
+    """Check the shape of a loaded document; raise StateFormatError naming the first problem."""
+    _expect(isinstance(doc, dict), "top level is not an object")
+    assert isinstance(doc, dict)
+    _expect(doc.get("schema") == SCHEMA_VERSION, f"schema is {doc.get('schema')!r}, expected {SCHEMA_VERSION}")
+    devices = doc.get("devices", {})
+    _expect(isinstance(devices, dict), "devices is not an object")
+    for uuid, dev in devices.items():
+        _expect(isinstance(dev, dict), f"device {uuid} is not an object")
+        meta = dev.get("meta", {})
+        _expect(isinstance(meta, dict), f"device {uuid}: meta is not an object")
+        reasons = dev.get("reasons", [])
+        _expect(isinstance(reasons, list), f"device {uuid}: reasons is not a list")
+        for r in reasons:
+            _expect(isinstance(r, dict), f"device {uuid}: a reason is not an object")
+            for key in ("signal", "code", "message", "action"):
+                _expect(isinstance(r.get(key), str), f"device {uuid}: reason {key} is not a string")
+            for key in ("first_seen", "last_seen"):
+                _expect(_num(r.get(key)), f"device {uuid}: reason {key} is not a number")
+            for key in ("count", "state"):
+                _expect(isinstance(r.get(key), int), f"device {uuid}: reason {key} is not an integer")
+            _expect(r["state"] in (0, 1, 2), f"device {uuid}: reason state {r['state']} out of range")
+        baseline = dev.get("baseline", {})
+        _expect(isinstance(baseline, dict) and all(_num(v) for v in baseline.values()), f"device {uuid}: baseline")
+    counts = doc.get("xid_counts", [])
+    _expect(isinstance(counts, list), "xid_counts is not a list")
+    for c in counts:
+        _expect(
+            isinstance(c, dict)
+            and isinstance(c.get("gpu"), str)
+            and isinstance(c.get("xid"), int)
+            and isinstance(c.get("class"), str)
+            and isinstance(c.get("count"), int)
+            and c["count"] >= 0,
+            f"bad xid_counts entry {c!r}",
+        )
+    return doc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StateStore:
+    """Loads and writes <state_dir>/state.json. Writes are serialised and never go backwards."""
+
+    def __init__(self, state_dir: Path, clock: Callable[[], float] = time.time) -> None:
+        self.dir = state_dir
+        self.path = state_dir / STATE_FILE
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._written_gen = -1
+        self._failing = False
+        self.file_errors = 0  # corrupt/unreadable files moved aside (the metric)
+
+    def load(self) -> dict[str, Any] | None:
+        """The stored document, or None when there is none (first start, or it was moved aside)."""
+        try:
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._remove_stale_temps()
+        except OSError as e:
+            log.error("health_state_dir_unusable", path=str(self.dir), error=str(e))
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            self._move_aside(f"unreadable: {e}")
+            return None
+        try:
+            return validate(json.loads(raw))
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and StateFormatError are ValueErrors
+            self._move_aside(str(e))
+            return None
+
+    def _remove_stale_temps(self) -> None:
+        # Left behind by a kill -9 between create and rename; never the live file.
+        for p in self.dir.glob(_TMP_PREFIX + "*"):
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+    def _move_aside(self, why: str) -> None:
+        self.file_errors += 1
+        aside = self.path.with_name(f"{STATE_FILE}.corrupt-{int(self._clock())}")
+        try:
+            os.replace(self.path, aside)
+            moved: str | None = str(aside)
+        except OSError as e:
+            moved = None
+            why = f"{why}; moving it aside failed: {e}"
+        # Loud on purpose: any fence recorded in that file is forgotten from here on.
+        log.error(
+            "health_state_file_corrupt",
+            path=str(self.path),
+            moved_to=moved,
+            error=why,
+            consequence="starting with empty health state; previously fenced GPUs are NOT fenced",
+        )
+
+    def write(self, doc: dict[str, Any], generation: int) -> bool:
+        """Atomically replace the file with `doc` unless a newer generation is already on disk."""
+        with self._lock:
+            if generation <= self._written_gen:
+                return True
+            data = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+            tmp = self.dir / f"{_TMP_PREFIX}{os.getpid()}-{threading.get_ident()}"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, self.path)
+                _fsync_dir(self.dir)
+            except OSError as e:
+                if not self._failing:  # once per failure streak, not once per write
+                    log.error("health_state_write_failed", path=str(self.path), error=str(e))
+                self._failing = True
+                try:
+                    tmp.unlink()
+                except OSError:
+                    pass
+                return False
+            if self._failing:
+                log.info("health_state_write_recovered", path=str(self.path))
+                self._failing = False
+            self._written_gen = generation
+            return True
+
+
+class CoalescingWriter:
+    """Writes the latest state at most `max_per_s` times a second, from its own thread.
+
+    `render` is called (by this thread) to get (document, generation); it must take the engine's
+    lock itself so that the document is consistent.
+    """
+
+    def __init__(
+        self,
+        store: StateStore,
+        render: Callable[[], tuple[dict[str, Any], int]],
+        max_per_s: float = 4.0,
+    ) -> None:
+        self._store = store
+        self._render = render
+        self._interval = 1.0 / max_per_s
+        self._dirty = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="health-state-writer", daemon=True)
+        self._thread.start()
+
+    def mark_dirty(self) -> None:
+        self._dirty.set()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._dirty.wait()
+            if self._stopping.is_set():
+                break
+            self._dirty.clear()
+            self.flush()
+            self._stopping.wait(self._interval)  # the rate limit; stop() cuts it short
+
+    def flush(self) -> None:
+        doc, gen = self._render()
+        self._store.write(doc, gen)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._dirty.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.flush()  # counts since the last coalesced write must not be lost on a clean stop
