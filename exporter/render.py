@@ -46,6 +46,8 @@ class Exposition:
 
 
 def format_value(value: float) -> str:
+    if isinstance(value, int):  # backends may hand over ints; int has no is_integer() before 3.12
+        return str(value)
     if value != value:  # NaN
         return "NaN"
     if value.is_integer() and abs(value) < 1e15:

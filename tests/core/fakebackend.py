@@ -1,0 +1,74 @@
+"""A minimal in-process Backend for unit tests of the collector and renderer.
+
+End-to-end tests use the real pynvml binding against tests/fakenvml instead.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from exporter.backend import DeviceLostError
+from exporter.fields import FieldSpec
+from exporter.model import DeviceEvent, Gpu, Inventory, MigDevice, ReadResult
+
+
+class ScriptedBackend:
+    name = "scripted"
+
+    def __init__(self, gpus: int = 2, mig_on: int | None = None) -> None:
+        migs: dict[int, tuple[MigDevice, ...]] = {}
+        if mig_on is not None:
+            parent = f"GPU-{mig_on:08d}"
+            migs[mig_on] = (
+                MigDevice(f"MIG-{mig_on}-a", parent, mig_on, 1, 0, "3g.40gb", 0),
+                MigDevice(f"MIG-{mig_on}-b", parent, mig_on, 5, 0, "1g.10gb", 1),
+            )
+        self.inventory = Inventory(
+            driver_version="570.1",
+            gpus=tuple(
+                Gpu(i, f"GPU-{i:08d}", f"00000000:{i + 0x18:02X}:00.0", i, "NVIDIA H100 80GB HBM3",
+                    mig_enabled=i in migs, migs=migs.get(i, ()))
+                for i in range(gpus)
+            ),
+        )
+        self.values: dict[str, dict[str, float]] = {}
+        self.unsupported: dict[str, set[str]] = {}
+        self.lost: set[str] = set()
+        self.hang: dict[str, threading.Event] = {}
+        self.asked: list[tuple[str, tuple[str, ...]]] = []
+
+    def start(self) -> None: ...
+    def shutdown(self) -> None:
+        for ev in self.hang.values():
+            ev.set()
+
+    def discover(self) -> Inventory:
+        return self.inventory
+
+    def read(self, uuid: str, fields: Sequence[FieldSpec]) -> ReadResult:
+        self.asked.append((uuid, tuple(f.name for f in fields)))
+        gate = self.hang.get(uuid)
+        if gate is not None:
+            gate.wait()
+        if uuid in self.lost:
+            raise DeviceLostError(uuid)
+        res = ReadResult()
+        have = self.values.get(uuid, {})
+        for f in fields:
+            if f.name in self.unsupported.get(uuid, set()):
+                res.unsupported.add(f.name)
+            elif f.name in have:
+                res.values[f.name] = have[f.name]
+        return res
+
+    def open_events(self, inventory: Inventory) -> "NoEvents":
+        return NoEvents()
+
+
+class NoEvents:
+    def wait(self, timeout_s: float) -> list[DeviceEvent]:
+        threading.Event().wait(timeout_s)
+        return []
+
+    def close(self) -> None: ...

@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import threading
+import time
+
+from exporter.collector import Collector
+from exporter.counters import parse_counters
+from exporter.devices import parse_device_selector
+
+from tests.core.fakebackend import ScriptedBackend
+
+FIELDS = parse_counters(
+    "DCGM_FI_DEV_GPU_TEMP, gauge, t\nDCGM_FI_DEV_FB_USED, gauge, fb\nDCGM_FI_DEV_XID_ERRORS, gauge, x\n", "t.csv"
+)
+
+
+def make(backend: ScriptedBackend, devices: str = "f", timeout: float = 0.3) -> Collector:
+    return Collector(backend, FIELDS, parse_device_selector(devices), interval_s=1.0, device_timeout_s=timeout)
+
+
+def test_values_flow_into_the_snapshot() -> None:
+    b = ScriptedBackend()
+    b.values = {"GPU-00000000": {"DCGM_FI_DEV_GPU_TEMP": 40}, "GPU-00000001": {"DCGM_FI_DEV_GPU_TEMP": 41}}
+    snap = make(b).run_once()
+    assert [(s.uuid, s.values.get("DCGM_FI_DEV_GPU_TEMP"), s.up) for s in snap.samples] == [
+        ("GPU-00000000", 40, True),
+        ("GPU-00000001", 41, True),
+    ]
+    # event-sourced fields are never polled
+    assert all("DCGM_FI_DEV_XID_ERRORS" not in names for _, names in b.asked)
+
+
+def test_hung_device_served_stale_while_others_stay_fresh() -> None:
+    b = ScriptedBackend()
+    b.values = {"GPU-00000000": {"DCGM_FI_DEV_GPU_TEMP": 40}, "GPU-00000001": {"DCGM_FI_DEV_GPU_TEMP": 41}}
+    c = make(b)
+    c.run_once()
+    b.hang["GPU-00000001"] = threading.Event()
+    b.values["GPU-00000000"]["DCGM_FI_DEV_GPU_TEMP"] = 50
+    t0 = time.monotonic()
+    snap = c.run_once()
+    assert time.monotonic() - t0 < 1.0  # bounded by the deadline, not by the hang
+    fresh, hung = snap.samples
+    assert fresh.values["DCGM_FI_DEV_GPU_TEMP"] == 50 and not fresh.stale
+    assert hung.stale and hung.values["DCGM_FI_DEV_GPU_TEMP"] == 41 and hung.error == "timeout"
+    asked_before = len(b.asked)
+    snap = c.run_once()  # no second read is queued behind the hung one
+    assert snap.samples[1].stale and snap.samples[1].age_s > 0
+    assert [u for u, _ in b.asked[asked_before:]] == ["GPU-00000000"]
+    b.hang["GPU-00000001"].set()
+    time.sleep(0.05)
+    b.hang.clear()
+    snap = c.run_once()
+    assert not snap.samples[1].stale
+
+
+def test_lost_gpu_is_down_and_others_keep_going() -> None:
+    b = ScriptedBackend()
+    b.values = {"GPU-00000000": {"DCGM_FI_DEV_GPU_TEMP": 40}, "GPU-00000001": {"DCGM_FI_DEV_GPU_TEMP": 41}}
+    b.lost.add("GPU-00000000")
+    c = make(b)
+    snap = c.run_once()
+    assert (snap.samples[0].up, snap.samples[0].error) == (False, "lost")
+    assert snap.samples[1].up
+    assert c.nvml_errors[("*", "GpuIsLost")] == 1
+
+
+def test_unsupported_fields_are_not_asked_again() -> None:
+    b = ScriptedBackend(gpus=1)
+    b.unsupported = {"GPU-00000000": {"DCGM_FI_DEV_FB_USED"}}
+    c = make(b)
+    c.run_once()
+    c.run_once()
+    assert "DCGM_FI_DEV_FB_USED" in b.asked[0][1]
+    assert "DCGM_FI_DEV_FB_USED" not in b.asked[1][1]
+
+
+def test_mig_devices_read_with_instance_fields_only() -> None:
+    b = ScriptedBackend(gpus=1, mig_on=0)
+    snap = make(b).run_once()
+    assert [s.uuid for s in snap.samples] == ["GPU-00000000", "MIG-0-a", "MIG-0-b"]
+    mig_asks = [names for uuid, names in b.asked if uuid.startswith("MIG-")]
+    assert mig_asks == [("DCGM_FI_DEV_FB_USED",), ("DCGM_FI_DEV_FB_USED",)]
+    # -d g: no instances; -d i:5: only GPU instance 5
+    assert [s.uuid for s in make(ScriptedBackend(gpus=1, mig_on=0), "g").run_once().samples] == ["GPU-00000000"]
+    assert [s.uuid for s in make(ScriptedBackend(gpus=1, mig_on=0), "i:5").run_once().samples] == ["MIG-0-b"]
+
+
+def test_vanished_gpu_is_reported() -> None:
+    b = ScriptedBackend(gpus=2)
+    c = make(b)
+    c.run_once()
+    b.inventory = type(b.inventory)(driver_version="570.1", gpus=b.inventory.gpus[:1])
+    c.request_rediscovery()
+    snap = c.run_once()
+    assert snap.vanished == ("GPU-00000001",)
+
+
+def test_a_failing_listener_does_not_stop_collection() -> None:
+    b = ScriptedBackend(gpus=1)
+    c = make(b)
+    seen: list[int] = []
+
+    def broken(_snap: object) -> None:
+        raise RuntimeError("bug")
+
+    c.add_listener(broken)
+    c.add_listener(lambda s: seen.append(len(s.samples)))
+    c.run_once()
+    assert seen == [1]

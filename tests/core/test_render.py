@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import re
+
+import prometheus_client
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.collector import Collector
+from exporter.counters import default_counters, parse_counters
+from exporter.devices import parse_device_selector
+from exporter.labels import RenderContext
+from exporter.model import EVENT_XID, DeviceEvent
+from exporter.render import Renderer
+from exporter.xid import XidTracker
+from tests.core.fakebackend import ScriptedBackend
+
+FIELDS = parse_counters(
+    "DCGM_FI_DEV_GPU_TEMP, gauge, GPU temperature (in C).\n"
+    "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION, counter, Total energy consumption since boot (in mJ).\n"
+    "DCGM_FI_DEV_FB_USED, gauge, Framebuffer memory used (in MiB).\n"
+    "DCGM_FI_DEV_XID_ERRORS, gauge, Value of the last XID error encountered.\n"
+    "DCGM_FI_DRIVER_VERSION, label, Driver Version\n",
+    "t.csv",
+)
+
+
+class Pods:
+    def __init__(self) -> None:
+        self.map: dict[tuple[str, int | None], tuple[tuple[tuple[str, str], ...], ...]] = {}
+
+    def labels_for(self, gpu_uuid: str, gi: int | None) -> tuple[tuple[tuple[str, str], ...], ...]:
+        return self.map.get((gpu_uuid, gi), ())
+
+
+def render(backend: ScriptedBackend, pods: Pods | None = None, host: str | None = "Hostname") -> str:
+    xids = XidTracker(300, message=lambda c: f"xid {c}")
+    xids.on_events([DeviceEvent("GPU-00000001", EVENT_XID, xid=79)])
+    c = Collector(backend, FIELDS, parse_device_selector("f"), 1.0, 0.5)
+    r = Renderer(RenderContext(host, 'node"1'), xids, "scripted", pods=pods, process_registry=None)
+    expo = r.render(c.run_once(), FIELDS.fields, c.nvml_errors, c.collections)
+    return expo.plain.decode()
+
+
+def backend() -> ScriptedBackend:
+    b = ScriptedBackend(gpus=2)
+    b.values = {
+        "GPU-00000000": {"DCGM_FI_DEV_GPU_TEMP": 40, "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION": 123456789.0},
+        "GPU-00000001": {"DCGM_FI_DEV_GPU_TEMP": 41.5},
+    }
+    return b
+
+
+def test_dcgm_label_order_and_names() -> None:
+    text = render(backend())
+    assert (
+        'DCGM_FI_DEV_GPU_TEMP{gpu="0",UUID="GPU-00000000",pci_bus_id="00000000:18:00.0",device="nvidia0",'
+        'modelName="NVIDIA H100 80GB HBM3",Hostname="node\\"1",DCGM_FI_DRIVER_VERSION="570.1"} 40\n'
+    ) in text
+    assert "# TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION counter\n" in text
+    assert "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION_total" not in text
+    assert re.search(r'DCGM_FI_DEV_GPU_TEMP\{gpu="1",.*\} 41.5\n', text)
+
+
+def test_families_without_values_are_left_out() -> None:
+    assert "DCGM_FI_DEV_FB_USED" not in render(backend())
+
+
+def test_xid_gauge_has_err_labels_and_zero_before_first() -> None:
+    text = render(backend())
+    assert re.search(r'DCGM_FI_DEV_XID_ERRORS\{gpu="0",.*,err_code="0",err_msg="No Error"\} 0\n', text)
+    assert re.search(r'DCGM_FI_DEV_XID_ERRORS\{gpu="1",.*,err_code="79",err_msg="xid 79"\} 79\n', text)
+    assert re.search(r'DCGM_EXP_XID_ERRORS_COUNT\{gpu="1",.*,window_size_in_ms="300000",xid="79"\} 1\n', text)
+
+
+def test_hostname_label_switches() -> None:
+    assert 'hostname="node\\"1"' in render(backend(), host="hostname")
+    assert "ostname" not in render(backend(), host=None).split("# HELP gpuhealth_build_info")[0]
+
+
+def test_pod_labels_follow_device_labels_and_shared_gpus_repeat() -> None:
+    pods = Pods()
+    shared = (
+        (("container", "a"), ("namespace", "ns"), ("pod", "p1"), ("vgpu", "0")),
+        (("container", "b"), ("namespace", "ns"), ("pod", "p2"), ("vgpu", "1")),
+    )
+    pods.map[("GPU-00000000", None)] = shared
+    text = render(backend(), pods)
+    temp0 = [line for line in text.splitlines() if line.startswith('DCGM_FI_DEV_GPU_TEMP{gpu="0"')]
+    assert len(temp0) == 2
+    assert temp0[0].endswith('DCGM_FI_DRIVER_VERSION="570.1",container="a",namespace="ns",pod="p1",vgpu="0"} 40')
+    temp1 = [line for line in text.splitlines() if line.startswith('DCGM_FI_DEV_GPU_TEMP{gpu="1"')]
+    assert "pod=" not in temp1[0]
+
+
+def test_mig_instances_carry_profile_and_instance_labels() -> None:
+    b = ScriptedBackend(gpus=1, mig_on=0)
+    b.values = {"MIG-0-b": {"DCGM_FI_DEV_FB_USED": 1024}, "GPU-00000000": {"DCGM_FI_DEV_GPU_TEMP": 30}}
+    text = render(b)
+    assert 'DCGM_FI_DEV_FB_USED{gpu="0",UUID="GPU-00000000",' in text
+    assert 'modelName="NVIDIA H100 80GB HBM3",GPU_I_PROFILE="1g.10gb",GPU_I_ID="5",Hostname=' in text
+
+
+def test_whole_exposition_parses_and_own_families_are_prometheus_style() -> None:
+    b = backend()
+    b.lost.add("GPU-00000001")
+    text = render(b)
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["gpuhealth_device_up"].samples[1].value == 0
+    assert families["gpuhealth_build_info"].samples[0].labels["backend"] == "scripted"
+    # the lost GPU's DCGM series disappear instead of going stale forever
+    assert not [s for s in families["DCGM_FI_DEV_GPU_TEMP"].samples if s.labels["gpu"] == "1"]
+
+
+def test_default_field_set_renders_faster_than_generate_latest_would_need() -> None:
+    # Sanity only (speed is measured in benchmarks/): the default set renders and parses.
+    b = backend()
+    c = Collector(b, default_counters(), parse_device_selector("f"), 1.0, 0.5)
+    r = Renderer(RenderContext("Hostname", "n"), XidTracker(300, message=str), "scripted",
+                 process_registry=prometheus_client.REGISTRY)
+    text = r.render(c.run_once(), default_counters().fields, {}, 1).plain.decode()
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert {"DCGM_FI_DEV_GPU_TEMP", "process_resident_memory_bytes"} <= names
