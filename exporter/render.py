@@ -55,6 +55,14 @@ def format_value(value: float) -> str:
     return repr(value)
 
 
+@dataclass(frozen=True)
+class _FamilyPlan:
+    name: str
+    from_events: bool
+    header: str  # HELP and TYPE lines
+    devices: list[tuple[str, tuple[str, ...]]]  # uuid -> "name{labels" per series
+
+
 class Renderer:
     def __init__(
         self,
@@ -71,6 +79,9 @@ class Renderer:
         self.contributors: list[Contributor] = []
         self._process_registry = process_registry
         self._layout: tuple[object, ...] | None = None
+        self._plan_key: object = None
+        self._plan_cache: list[_FamilyPlan] = []
+        self._value_text: dict[float, str] = {}
         self._lock = threading.Lock()
         self._current = Exposition(b"", gzip.compress(b""), 0.0)
         self.renders = 0
@@ -96,38 +107,59 @@ class Renderer:
             return [base]
         return [f"{base},{format_labels(pairs)}" if pairs else base for pairs in sets]
 
-    def render_dcgm(self, snapshot: Snapshot, fields: Sequence[FieldSpec]) -> list[str]:
-        label_fields = ""
-        if any(f.type == "label" and f.name == "DCGM_FI_DRIVER_VERSION" for f in fields):
-            label_fields = f'DCGM_FI_DRIVER_VERSION="{escape_label_value(snapshot.inventory.driver_version)}"'
+    def _plan(self, snapshot: Snapshot, fields: Sequence[FieldSpec], label_fields: str) -> list[_FamilyPlan]:
+        """Per field, the series heads of every live device: rebuilt only when the
+        layout, the field set or the pod labels change, not every cycle."""
         live = [s for s in snapshot.samples if s.up]
-        heads = {s.uuid: self._series_heads(s, label_fields) for s in live}
-        out: list[str] = []
+        heads = {s.uuid: tuple(self._series_heads(s, label_fields)) for s in live}
+        key = (tuple(heads.items()), tuple(fields))
+        if key == self._plan_key:
+            return self._plan_cache
+        plan: list[_FamilyPlan] = []
         for spec in fields:
             if spec.type == "label":
                 continue
+            header = f"# HELP {spec.name} {escape_help(spec.help)}\n# TYPE {spec.name} {spec.type}\n"
+            devices = [
+                (s.uuid, tuple(f"{spec.name}{{{head}" for head in heads[s.uuid]))
+                for s in live
+                if spec.reader != "event" or s.mig is None  # the last-XID gauge is per GPU
+            ]
+            plan.append(_FamilyPlan(spec.name, spec.reader == "event", header, devices))
+        self._plan_key, self._plan_cache = key, plan
+        return plan
+
+    def render_dcgm(self, snapshot: Snapshot, fields: Sequence[FieldSpec]) -> str:
+        label_fields = ""
+        if any(f.type == "label" and f.name == "DCGM_FI_DRIVER_VERSION" for f in fields):
+            label_fields = f'DCGM_FI_DRIVER_VERSION="{escape_label_value(snapshot.inventory.driver_version)}"'
+        values = {s.uuid: s.values for s in snapshot.samples if s.up}
+        gpu_of = {s.uuid: s.gpu.uuid for s in snapshot.samples}
+        memo = self._value_text
+        if len(memo) > 65536:  # bounded: values that never repeat must not grow it forever
+            memo.clear()
+        out: list[str] = []
+        for fam in self._plan(snapshot, fields, label_fields):
             lines: list[str] = []
-            if spec.reader == "event":  # last XID per GPU, from the event thread
-                for s in live:
-                    if s.mig is not None:
-                        continue
-                    code, extra = self.xids.xid_labels(s.gpu.uuid)
-                    for head in heads[s.uuid]:
-                        lines.append(f"{spec.name}{{{head},{extra}}} {code}")
+            if fam.from_events:
+                for uuid, prefixes in fam.devices:
+                    code, extra = self.xids.xid_labels(gpu_of[uuid])
+                    lines += [f"{p},{extra}}} {code}\n" for p in prefixes]
             else:
-                name = spec.name
-                for s in live:
-                    value = s.values.get(name)
+                name = fam.name
+                for uuid, prefixes in fam.devices:
+                    value = values[uuid].get(name)
                     if value is None:
                         continue
-                    text = format_value(value)
-                    for head in heads[s.uuid]:
-                        lines.append(f"{name}{{{head}}} {text}")
+                    text = memo.get(value)
+                    if text is None:
+                        text = memo[value] = "} " + format_value(value) + "\n"
+                    for p in prefixes:
+                        lines.append(p + text)
             if lines:
-                out.append(f"# HELP {spec.name} {escape_help(spec.help)}")
-                out.append(f"# TYPE {spec.name} {spec.type}")
-                out.extend(lines)
-        return out
+                out.append(fam.header)
+                out += lines
+        return "".join(out)
 
     # --- own families ---
     def render_own(self, snapshot: Snapshot, nvml_errors: dict[tuple[str, str], int], collections: int) -> list[str]:
@@ -190,8 +222,7 @@ class Renderer:
         if layout != self._layout:
             self.ctx.rebuild(snapshot.inventory)
             self._layout = layout
-        parts: list[str] = self.render_dcgm(snapshot, fields)
-        text = "\n".join(parts) + "\n" if parts else ""
+        text = self.render_dcgm(snapshot, fields)
         text += self.xids.render_count_family(self.ctx, [g.uuid for g in snapshot.inventory.gpus])
         text += "\n".join(self.render_own(snapshot, nvml_errors, collections)) + "\n"
         text += "".join(c.render_metrics(self.ctx) for c in self.contributors)
