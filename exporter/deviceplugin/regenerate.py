@@ -29,7 +29,7 @@ GENERATED = (
 def generate(out_root: Path) -> list[Path]:
     """Compile the proto into `out_root` (mirroring the repository layout); return the files written."""
     # Imported here so the runtime (which never regenerates) does not need grpcio-tools.
-    from grpc_tools import protoc
+    from grpc_tools import protoc  # type: ignore[import-untyped]
 
     out_root.mkdir(parents=True, exist_ok=True)
     args = [

@@ -130,6 +130,7 @@ def build_plan(inventory: Inventory, config: DevicePluginConfig) -> ResourcePlan
     for base in bases:
         devices = grouped.setdefault(base.resource, [])
         health_uuids = (base.uuid,) if base.mig is None else (base.uuid, base.gpu.uuid)
+        numa = base.gpu.numa_node if base.gpu.numa_node is not None and base.gpu.numa_node >= 0 else None
         for n in range(config.replicas):
             devices.append(
                 AdvertisedDevice(
@@ -137,7 +138,7 @@ def build_plan(inventory: Inventory, config: DevicePluginConfig) -> ResourcePlan
                     uuid=base.uuid,
                     gpu_uuid=base.gpu.uuid,
                     health_uuids=health_uuids,
-                    numa_node=base.gpu.numa_node if base.gpu.numa_node is not None and base.gpu.numa_node >= 0 else None,
+                    numa_node=numa,
                     order=len(devices),
                 )
             )
@@ -227,7 +228,8 @@ def _aligned(
     def gain(d: AdvertisedDevice, group: Sequence[AdvertisedDevice]) -> tuple[int, int]:
         return (sum(_linked(d, o, nvlink) for o in group), sum(_same_numa(d, o) for o in group))
 
-    def score(picks: Sequence[AdvertisedDevice]) -> tuple[int, int, tuple[int, ...]]:
+    def score(picks: Iterable[AdvertisedDevice]) -> tuple[int, int, tuple[int, ...]]:
+        picks = list(picks)
         links = numa = 0
         group = list(chosen)
         for d in picks:

@@ -1,0 +1,333 @@
+#!/usr/bin/env python3
+"""Benchmarks for gpu-health-exporter. Prints figures side by side, in one run.
+
+    .venv/bin/python benchmarks/run.py [--only render,scrape,collect,memory,pods,health] [--soak-seconds 600]
+
+Each comparison is a ratio measured in the same run (these machines are noisy):
+render vs prometheus_client.generate_latest on the same samples; scrape
+throughput vs nginx serving the same bytes as a static file. Results and the
+command are recorded in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import prometheus_client  # noqa: E402
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily  # noqa: E402
+
+from exporter.collector import Collector  # noqa: E402
+from exporter.counters import default_counters  # noqa: E402
+from exporter.devices import parse_device_selector  # noqa: E402
+from exporter.fields import FieldSpec  # noqa: E402
+from exporter.labels import RenderContext  # noqa: E402
+from exporter.render import Renderer  # noqa: E402
+from exporter.snapshot import Snapshot  # noqa: E402
+from exporter.xid import XidTracker  # noqa: E402
+
+FAKE_LIB = ROOT / "tests/fakenvml/build/libnvidia-ml.so.1"
+SCENARIOS = ROOT / "tests/fakenvml/scenarios"
+RESULTS: list[tuple[str, str, str]] = []
+
+
+def report(section: str, what: str, value: str) -> None:
+    RESULTS.append((section, what, value))
+    print(f"  {what:<62} {value}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- render -------------------------------------------------------------------------------
+
+def _prom_client_registry(snapshots: list[Snapshot], fields: Sequence[FieldSpec]) -> Callable[[int], bytes]:
+    """What an exporter built on prometheus_client does per cycle: families from samples, then generate_latest."""
+
+    def render(i: int) -> bytes:
+        snap = snapshots[i % len(snapshots)]
+
+        class OneCycle:
+            def collect(self):  # type: ignore[no-untyped-def]
+                for f in fields:
+                    if f.type == "label" or f.reader == "event":
+                        continue
+                    cls = CounterMetricFamily if f.type == "counter" else GaugeMetricFamily
+                    labels = ["gpu", "UUID", "pci_bus_id", "device", "modelName", "GPU_I_PROFILE", "GPU_I_ID",
+                              "Hostname", "DCGM_FI_DRIVER_VERSION"]
+                    fam = cls(f.name, f.help, labels=labels)
+                    for s in snap.samples:
+                        v = s.values.get(f.name)
+                        if v is None:
+                            continue
+                        g = s.gpu
+                        prof, gi = (s.mig.profile, str(s.mig.gpu_instance_id)) if s.mig else ("", "")
+                        fam.add_metric([str(g.index), g.uuid, g.pci_bus_id, g.device, g.name, prof, gi, "node-1",
+                                        snap.inventory.driver_version], v)
+                    yield fam
+
+        reg = prometheus_client.CollectorRegistry()
+        reg.register(OneCycle())  # type: ignore[arg-type]
+        return prometheus_client.generate_latest(reg)
+
+    return render
+
+
+def bench_render() -> None:
+    from exporter.simulate import SimulatedBackend
+
+    print("render (per cycle, same samples; values change every cycle)")
+    for label, spec in (
+        ("8 GPUs, default fields", None),
+        ("8 GPUs x 7 MIG instances", ";".join(f"{g}:" + "+".join(["1g.10gb"] * 7) for g in range(8))),
+    ):
+        clock = [1000.0]
+        backend = SimulatedBackend.from_spec(f"mig={spec}" if spec else None)
+        backend._clock = lambda: clock[0]  # type: ignore[attr-defined]
+        counters = default_counters()
+        col = Collector(backend, counters, parse_device_selector("f"), 1.0, 2.0, clock=lambda: clock[0])
+        snaps = []
+        for _ in range(50):
+            clock[0] += 1.0
+            snaps.append(col.run_once())
+        renderer = Renderer(RenderContext("Hostname", "node-1"), XidTracker(300, message=str), "simulated",
+                            process_registry=None)
+        series = renderer.render_dcgm(snaps[0], counters.fields).count("\n")
+        n = 400
+        t0 = time.perf_counter()
+        for i in range(n):
+            renderer.render_dcgm(snaps[i % len(snaps)], counters.fields)
+        ours = (time.perf_counter() - t0) / n
+        other = _prom_client_registry(snaps, counters.fields)
+        t0 = time.perf_counter()
+        for i in range(n // 4):
+            other(i)
+        theirs = (time.perf_counter() - t0) / (n // 4)
+        report("render", f"{label}: lines rendered", str(series))
+        report("render", f"{label}: ours (ms/cycle)", f"{ours * 1e3:.3f}")
+        report("render", f"{label}: prometheus_client generate_latest (ms/cycle)", f"{theirs * 1e3:.3f}")
+        report("render", f"{label}: speed-up", f"{theirs / ours:.1f}x")
+        full = renderer.render(snaps[-1], counters.fields, {}, 1)
+        report("render", f"{label}: exposition bytes (plain / gzip)", f"{len(full.plain)} / {len(full.gzipped)}")
+
+
+# --- a running exporter -------------------------------------------------------------------
+
+class Exporter:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.state = tempfile.mkdtemp(prefix="ghe-bench-")
+        full_env = {**os.environ, **(env or {})}
+        full_env["PYTHONPATH"] = str(ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "exporter", "-a", f"127.0.0.1:{self.port}", "--state-dir", self.state,
+             "--log-level", "warning", *args],
+            env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("exporter did not become ready")
+
+    def get(self, path: str = "/metrics") -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+            return bytes(r.read())
+
+    def rss_mb(self) -> float:
+        text = Path(f"/proc/{self.proc.pid}/status").read_text()
+        m = re.search(r"VmRSS:\s+(\d+) kB", text)
+        return int(m.group(1)) / 1024 if m else float("nan")
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        tck = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / tck
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.state, ignore_errors=True)
+
+
+def wrk(url: str, conns: int, seconds: int, headers: Sequence[str] = ()) -> tuple[float, float, float]:
+    """(requests/s, p50 ms, p99 ms) from wrk --latency."""
+    threads = max(1, min(2, conns))
+    cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--latency"]
+    for h in headers:
+        cmd += ["-H", h]
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
+
+    def ms(tag: str) -> float:
+        m = re.search(rf"^\s+{tag}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            return float("nan")
+        return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    return rps, ms("50"), ms("99")
+
+
+def start_nginx(body: bytes) -> tuple[subprocess.Popen[bytes], int, str]:
+    root = tempfile.mkdtemp(prefix="ghe-nginx-")
+    (Path(root) / "metrics").write_bytes(body)
+    (Path(root) / "metrics.gz").write_bytes(gzip.compress(body, 6))
+    port = free_port()
+    conf = Path(root) / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {root}/nginx.pid;
+error_log {root}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 100000;
+  default_type "text/plain; version=0.0.4; charset=utf-8";
+  client_body_temp_path {root}/tmp; proxy_temp_path {root}/tmp; fastcgi_temp_path {root}/tmp;
+  uwsgi_temp_path {root}/tmp; scgi_temp_path {root}/tmp;
+  server {{ listen 127.0.0.1:{port}; root {root}; gzip_static on; }}
+}}
+""")
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", root], stderr=subprocess.DEVNULL)
+    for _ in range(50):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            time.sleep(0.1)
+    return proc, port, root
+
+
+def bench_scrape(seconds: int) -> None:
+    print("scrape (wrk on loopback; exporter on simulated 8x H100, 1 s interval; nginx: 1 worker, same bytes)")
+    exp = Exporter(["--simulate", "-c", "1000"])
+    try:
+        body = exp.get()
+        nginx, nport, nroot = start_nginx(body)
+        try:
+            url = f"http://127.0.0.1:{exp.port}/metrics"
+            nurl = f"http://127.0.0.1:{nport}/metrics"
+            for conns in (1, 50):
+                rps, p50, p99 = wrk(url, conns, seconds)
+                report("scrape", f"{conns} client(s): ours p50 / p99 (ms)", f"{p50:.2f} / {p99:.2f}")
+                report("scrape", f"{conns} client(s): ours throughput (req/s)", f"{rps:.0f}")
+            for enc, hdr in (("plain", []), ("gzip", ["Accept-Encoding: gzip"])):
+                ours, _, _ = wrk(url, 50, seconds, hdr)
+                theirs, _, _ = wrk(nurl, 50, seconds, hdr)
+                report("scrape", f"50 conns {enc}: ours / nginx (req/s)", f"{ours:.0f} / {theirs:.0f}")
+                report("scrape", f"50 conns {enc}: ratio ours/nginx", f"{ours / theirs:.2f}")
+            before = exp.get("/metrics").count(b"\n")
+            report("scrape", "exposition lines", str(before))
+        finally:
+            nginx.terminate()
+            nginx.wait(5)
+            shutil.rmtree(nroot, ignore_errors=True)
+    finally:
+        exp.stop()
+
+
+# --- collection against the fake NVML -----------------------------------------------------
+
+def bench_collect() -> None:
+    from exporter.nvml import NvmlBackend
+
+    print("collection CPU against the fake NVML (h100x8 scenario, default fields)")
+    os.environ["FAKENVML_CONFIG"] = str(SCENARIOS / "h100x8.json")
+    backend = NvmlBackend(str(FAKE_LIB))
+    backend.start()
+    col = Collector(backend, default_counters(), parse_device_selector("f"), 1.0, 2.0)
+    col.run_once()
+    n = 200
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        col.run_once()
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    gpus = len(col.inventory.gpus) if col.inventory else 0
+    report("collect", "CPU per GPU per cycle (ms)", f"{cpu / n / gpus * 1e3:.3f}")
+    report("collect", "wall time per cycle, 8 GPUs in parallel (ms)", f"{wall / n * 1e3:.3f}")
+    backend.shutdown()
+
+
+def bench_memory(seconds: int) -> None:
+    print(f"resident memory: exporter on the fake NVML (h100x8), 1 s interval, scraped every second, {seconds} s")
+    exp = Exporter(["--nvml-library", str(FAKE_LIB), "-c", "1000"],
+                   env={"FAKENVML_CONFIG": str(SCENARIOS / "h100x8.json")})
+    try:
+        start_rss = exp.rss_mb()
+        cpu0 = exp.cpu_s()
+        t_end = time.time() + seconds
+        samples = []
+        while time.time() < t_end:
+            exp.get()
+            samples.append(exp.rss_mb())
+            time.sleep(1.0)
+        cpu = exp.cpu_s() - cpu0
+        report("memory", "RSS after start-up (MB)", f"{start_rss:.1f}")
+        report("memory", f"RSS after {seconds} s (MB)", f"{exp.rss_mb():.1f}")
+        report("memory", "RSS max during run (MB)", f"{max(samples):.1f}")
+        report("memory", "process CPU, share of one core", f"{cpu / seconds * 100:.2f}%")
+    finally:
+        exp.stop()
+
+
+SECTIONS = {
+    "render": lambda a: bench_render(),
+    "scrape": lambda a: bench_scrape(a.seconds),
+    "collect": lambda a: bench_collect(),
+    "memory": lambda a: bench_memory(a.soak_seconds),
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(SECTIONS), help="comma list of sections")
+    ap.add_argument("--seconds", type=int, default=5, help="wrk duration per measurement")
+    ap.add_argument("--soak-seconds", type=int, default=600, help="memory soak duration")
+    ap.add_argument("--json", help="also write results to this file")
+    args = ap.parse_args()
+    for name in args.only.split(","):
+        SECTIONS[name.strip()](args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(RESULTS, indent=1))
+    print("\n| section | measurement | value |\n|---|---|---|")
+    for section, what, value in RESULTS:
+        print(f"| {section} | {what} | {value} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

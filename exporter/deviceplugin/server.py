@@ -1,0 +1,267 @@
+"""The gRPC DevicePlugin service for one resource, served on one unix socket.
+
+Concurrency choice: a *sync* grpc.server with a bounded thread pool, not grpc.aio. The rest of the
+exporter is threads (collector, event thread, health engine callbacks), and the only long-lived RPC is
+ListAndWatch, of which the kubelet holds exactly one per registered endpoint. Each server therefore
+gets `_WORKERS` threads and admits at most `_MAX_STREAMS` concurrent ListAndWatch streams (the kubelet's
+plus slack for a re-registration overlap or a debugging client); a further stream is refused with
+RESOURCE_EXHAUSTED, so at least `_WORKERS - _MAX_STREAMS` threads always remain for Allocate and
+GetPreferredAllocation, which the kubelet calls without a timeout. grpc.aio would avoid pinning
+threads but would add an event loop thread plus cross-thread hand-offs for every health change,
+for no benefit at one stream per resource.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import structlog
+
+from exporter.deviceplugin.api.v1beta1 import deviceplugin_pb2 as pb
+from exporter.deviceplugin.api.v1beta1 import deviceplugin_pb2_grpc as pb_grpc
+from exporter.deviceplugin.rm import HEALTHY, UNHEALTHY, ResourceDevices, preferred_allocation
+
+log = structlog.get_logger(__name__)
+
+ENV_VISIBLE_DEVICES = "NVIDIA_VISIBLE_DEVICES"
+# The CDI kind nvidia-ctk generates (`nvidia-ctk cdi generate --device-name-strategy=uuid`); it is a CDI
+# vendor/class, unrelated to the (configurable) Kubernetes resource name.
+CDI_KIND = "nvidia.com/gpu"
+
+RESULT_SUCCESS = "success"
+RESULT_UNKNOWN = "unknown_device"
+RESULT_UNHEALTHY = "unhealthy_device"
+RESULTS = (RESULT_SUCCESS, RESULT_UNKNOWN, RESULT_UNHEALTHY)
+
+_WORKERS = 8
+_MAX_STREAMS = 4
+# A stream re-checks its RPC context at least this often even without a notification, so a stream whose
+# kubelet vanished without a clean cancel frees its worker thread promptly.
+_STREAM_RECHECK_S = 1.0
+_MAX_MESSAGE = 16 * 1024 * 1024
+
+OPTIONS = pb.DevicePluginOptions(pre_start_required=False, get_preferred_allocation_available=True)
+
+
+class ResourceState:
+    """The current devices and health of one resource, shared by every server generation.
+
+    Written by the manager's refresh thread (`publish`), read by RPC threads. The ListAndWatch message
+    is built once per change, not per stream.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._cond = threading.Condition()
+        self._version = 0
+        self._key: tuple[tuple[str, bool, int | None], ...] | None = None
+        self._devices = ResourceDevices(name, (), False)
+        self._health: dict[str, bool] = {}
+        self._nvlink: frozenset[tuple[str, str]] = frozenset()
+        self._message = pb.ListAndWatchResponse()
+        self._allocations = dict.fromkeys(RESULTS, 0)
+
+    def publish(self, devices: ResourceDevices, health: dict[str, bool], nvlink: frozenset[tuple[str, str]]) -> bool:
+        """Install a new device list; wake the streams only when what the kubelet sees changed."""
+        key = tuple((d.id, health.get(d.id, False), d.numa_node) for d in devices.devices)
+        with self._cond:
+            self._devices, self._health, self._nvlink = devices, health, nvlink
+            if key == self._key:
+                return False
+            self._key = key
+            self._message = pb.ListAndWatchResponse(
+                devices=[_device_pb(d.id, health.get(d.id, False), d.numa_node) for d in devices.devices]
+            )
+            self._version += 1
+            self._cond.notify_all()
+            return True
+
+    def snapshot(self) -> tuple[ResourceDevices, dict[str, bool], frozenset[tuple[str, str]]]:
+        with self._cond:
+            return self._devices, self._health, self._nvlink
+
+    def counts(self) -> tuple[int, int]:
+        """(healthy, unhealthy) devices as last advertised."""
+        with self._cond:
+            healthy = sum(1 for d in self._devices.devices if self._health.get(d.id, False))
+            return healthy, len(self._devices) - healthy
+
+    def allocations(self) -> dict[str, int]:
+        with self._cond:
+            return dict(self._allocations)
+
+    def count_allocation(self, result: str) -> None:
+        with self._cond:
+            self._allocations[result] += 1
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_newer(self, seen: int, done: Callable[[], bool]) -> tuple[int, pb.ListAndWatchResponse] | None:
+        """Block until a version newer than `seen` exists (return it) or `done()` (return None)."""
+        with self._cond:
+            while self._version == seen:
+                if done():
+                    return None
+                self._cond.wait(_STREAM_RECHECK_S)
+            if done():
+                return None
+            return self._version, self._message
+
+
+def _device_pb(device_id: str, healthy: bool, numa: int | None) -> pb.Device:
+    dev = pb.Device(ID=device_id, health=HEALTHY if healthy else UNHEALTHY)
+    if numa is not None:
+        dev.topology.nodes.append(pb.NUMANode(ID=numa))
+    return dev
+
+
+class DevicePluginServicer:
+    """The five DevicePlugin RPCs for one resource (one instance per server generation)."""
+
+    def __init__(self, state: ResourceState, device_list_strategy: str) -> None:
+        self._state = state
+        self._cdi = device_list_strategy == "cdi"
+        self._lock = threading.Lock()
+        self._closed = False
+        self._streams = 0
+
+    def close(self) -> None:
+        """End this generation's streams (the server is being replaced or stopped)."""
+        with self._lock:
+            self._closed = True
+        self._state.wake()
+
+    def GetDevicePluginOptions(self, request: pb.Empty, context: Any) -> pb.DevicePluginOptions:
+        return OPTIONS
+
+    def ListAndWatch(self, request: pb.Empty, context: Any) -> Iterator[pb.ListAndWatchResponse]:
+        with self._lock:
+            if self._closed or self._streams >= _MAX_STREAMS:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{self._state.name}: too many ListAndWatch streams or plugin shutting down")
+            self._streams += 1
+        # A cancelled stream (kubelet gone) must not wait for the next health change to free its thread.
+        context.add_callback(self._state.wake)
+        log.info("device plugin ListAndWatch opened", resource=self._state.name)
+        try:
+            seen = 0
+            while True:
+                nxt = self._state.wait_newer(seen, lambda: self._closed or not context.is_active())
+                if nxt is None:
+                    return
+                seen, message = nxt
+                yield message
+        finally:
+            with self._lock:
+                self._streams -= 1
+            log.info("device plugin ListAndWatch closed", resource=self._state.name)
+
+    def GetPreferredAllocation(
+        self, request: pb.PreferredAllocationRequest, context: Any
+    ) -> pb.PreferredAllocationResponse:
+        devices, _, nvlink = self._state.snapshot()
+        response = pb.PreferredAllocationResponse()
+        for req in request.container_requests:
+            ids = preferred_allocation(
+                devices, nvlink, list(req.available_deviceIDs), list(req.must_include_deviceIDs), req.allocation_size
+            )
+            response.container_responses.append(pb.ContainerPreferredAllocationResponse(deviceIDs=ids))
+        return response
+
+    def Allocate(self, request: pb.AllocateRequest, context: Any) -> pb.AllocateResponse:
+        devices, health, _ = self._state.snapshot()
+        response = pb.AllocateResponse()
+        for req in request.container_requests:
+            ids = list(req.devices_ids)
+            unknown = [i for i in ids if i not in devices.by_id]
+            if unknown:
+                self._state.count_allocation(RESULT_UNKNOWN)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"{self._state.name}: unknown device IDs: {', '.join(unknown)}")
+            unhealthy = [i for i in ids if not health.get(i, False)]
+            if unhealthy:
+                self._state.count_allocation(RESULT_UNHEALTHY)
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"{self._state.name}: devices are unhealthy (fenced): {', '.join(unhealthy)}")
+            # Replicas of one GPU map to the same UUID: the container sees that GPU once.
+            uuids = list(dict.fromkeys(devices.by_id[i].uuid for i in ids))
+            container = pb.ContainerAllocateResponse()
+            if self._cdi:
+                container.cdi_devices.extend(pb.CDIDevice(name=f"{CDI_KIND}={u}") for u in uuids)
+            else:
+                container.envs[ENV_VISIBLE_DEVICES] = ",".join(uuids)
+            response.container_responses.append(container)
+        self._state.count_allocation(RESULT_SUCCESS)
+        return response
+
+    def PreStartContainer(
+        self, request: pb.PreStartContainerRequest, context: Any
+    ) -> pb.PreStartContainerResponse:
+        # pre_start_required is false: the kubelet never calls this; answer anyway for completeness.
+        return pb.PreStartContainerResponse()
+
+
+class PluginServer:
+    """One gRPC server generation on `path`. A kubelet restart deletes the socket: then the manager
+    stops this generation and starts a new one (a unix listener cannot be re-attached to a new file)."""
+
+    def __init__(self, state: ResourceState, path: str, device_list_strategy: str) -> None:
+        self.path = path
+        self._state = state
+        self._servicer = DevicePluginServicer(state, device_list_strategy)
+        self._server: Any = None
+        self._executor: futures.ThreadPoolExecutor | None = None
+        self._inode: tuple[int, int] | None = None
+
+    def start(self) -> None:
+        _remove_socket(self.path)
+        # Kept so stop() can shut it down: grpc's server.stop() leaves the executor's threads alive, and
+        # every kubelet restart creates a new server generation.
+        self._executor = futures.ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="dp-grpc")
+        server = grpc.server(self._executor, options=[("grpc.max_receive_message_length", _MAX_MESSAGE)])
+        pb_grpc.add_DevicePluginServicer_to_server(self._servicer, server)
+        if not server.add_insecure_port(f"unix://{self.path}"):
+            raise RuntimeError(f"cannot listen on {self.path}")
+        server.start()
+        self._server = server
+        st = os.stat(self.path)
+        self._inode = (st.st_dev, st.st_ino)
+
+    def socket_ok(self) -> bool:
+        """True while serving and our listener's socket file is still the one in the directory."""
+        return self._server is not None and self._file_is_ours()
+
+    def _file_is_ours(self) -> bool:
+        if self._inode is None:
+            return False
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._inode
+
+    def stop(self) -> None:
+        self._servicer.close()
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop(grace=None).wait(5)
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+        # Only remove the file if it is still ours: after a kubelet restart it is already gone.
+        if self._file_is_ours():
+            _remove_socket(self.path)
+        self._inode = None
+
+
+def _remove_socket(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
