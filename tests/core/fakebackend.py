@@ -27,8 +27,15 @@ class ScriptedBackend:
         self.inventory = Inventory(
             driver_version="570.1",
             gpus=tuple(
-                Gpu(i, f"GPU-{i:08d}", f"00000000:{i + 0x18:02X}:00.0", i, "NVIDIA H100 80GB HBM3",
-                    mig_enabled=i in migs, migs=migs.get(i, ()))
+                Gpu(
+                    i,
+                    f"GPU-{i:08d}",
+                    f"00000000:{i + 0x18:02X}:00.0",
+                    i,
+                    "NVIDIA H100 80GB HBM3",
+                    mig_enabled=i in migs,
+                    migs=migs.get(i, ()),
+                )
                 for i in range(gpus)
             ),
         )
@@ -62,7 +69,7 @@ class ScriptedBackend:
                 res.values[f.name] = have[f.name]
         return res
 
-    def open_events(self, inventory: Inventory) -> "NoEvents":
+    def open_events(self, inventory: Inventory) -> NoEvents:
         return NoEvents()
 
 

@@ -6,7 +6,6 @@ import time
 from exporter.collector import Collector
 from exporter.counters import parse_counters
 from exporter.devices import parse_device_selector
-
 from tests.core.fakebackend import ScriptedBackend
 
 FIELDS = parse_counters(

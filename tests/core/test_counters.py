@@ -48,7 +48,10 @@ def test_user_type_wins() -> None:
         ("# c\nDCGM_FI_DEV_NOPE, gauge, x\n", "x.csv:2: unknown field 'DCGM_FI_DEV_NOPE'"),
         ("DCGM_FI_DEV_SM_CLOCK, histogram, x\n", "x.csv:1: type 'histogram'"),
         ("DCGM_FI_DEV_SM_CLOCK, label, x\n", "cannot be of type 'label'"),
-        ("DCGM_FI_DEV_SM_CLOCK, gauge, x\nDCGM_FI_DEV_SM_CLOCK, gauge, y\n", "x.csv:2: DCGM_FI_DEV_SM_CLOCK is listed twice"),
+        (
+            "DCGM_FI_DEV_SM_CLOCK, gauge, x\nDCGM_FI_DEV_SM_CLOCK, gauge, y\n",
+            "x.csv:2: DCGM_FI_DEV_SM_CLOCK is listed twice",
+        ),
         ("# only comments\n", "x.csv: no fields listed"),
     ],
 )

@@ -115,8 +115,12 @@ def test_default_field_set_renders_faster_than_generate_latest_would_need() -> N
     # Sanity only (speed is measured in benchmarks/): the default set renders and parses.
     b = backend()
     c = Collector(b, default_counters(), parse_device_selector("f"), 1.0, 0.5)
-    r = Renderer(RenderContext("Hostname", "n"), XidTracker(300, message=str), "scripted",
-                 process_registry=prometheus_client.REGISTRY)
+    r = Renderer(
+        RenderContext("Hostname", "n"),
+        XidTracker(300, message=str),
+        "scripted",
+        process_registry=prometheus_client.REGISTRY,
+    )
     text = r.render(c.run_once(), default_counters().fields, {}, 1).plain.decode()
     names = {f.name for f in text_string_to_metric_families(text)}
     assert {"DCGM_FI_DEV_GPU_TEMP", "process_resident_memory_bytes"} <= names

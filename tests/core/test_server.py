@@ -32,7 +32,9 @@ def server() -> Iterator[tuple[HttpServer, State]]:
     srv.stop()
 
 
-def get(srv: HttpServer, path: str, method: str = "GET", headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
+def get(
+    srv: HttpServer, path: str, method: str = "GET", headers: dict[str, str] | None = None
+) -> http.client.HTTPResponse:
     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)
     conn.request(method, path, headers=headers or {})
     return conn.getresponse()
