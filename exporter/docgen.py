@@ -60,6 +60,10 @@ def metrics_md() -> str:
         "`DCGM_FI_DEV_XID_ERRORS` is the last XID per GPU (0 before the first) with `err_code` and `err_msg` "
         "labels; alert on `gpuhealth_xid_errors_total` instead, which counts every XID and survives restarts.\n",
         "## Own metrics (prefix `gpuhealth_`)\n",
+        "*device labels* on our own families are the DCGM device labels in Prometheus' snake_case: `gpu, uuid, "
+        "pci_bus_id, device, model_name, [gpu_i_profile, gpu_i_id], hostname`, so they pass `promtool check "
+        "metrics`. Join them with DCGM series on the shared lower-case labels, e.g. "
+        "`... * on(instance, gpu) group_left ...`.\n",
         "| metric | type | labels | part | meaning |",
         "|---|---|---|---|---|",
     ]

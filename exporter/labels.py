@@ -31,44 +31,62 @@ def format_labels(pairs: Iterable[tuple[str, str]]) -> str:
 class RenderContext:
     """Per-device label prefixes, built once per inventory change.
 
-    `device_labels(uuid)` gives the escaped labels dcgm-exporter puts on every
-    metric of that device: gpu, UUID, pci_bus_id, device, modelName,
-    [GPU_I_PROFILE, GPU_I_ID], Hostname. Own metrics reuse it so that joins
-    with DCGM series work on the same labels.
+    Two label sets per device:
+    - `dcgm_labels(uuid)`: what dcgm-exporter puts on every DCGM metric: gpu, UUID,
+      pci_bus_id, device, modelName, [GPU_I_PROFILE, GPU_I_ID], Hostname.
+    - `device_labels(uuid)`: the same facts in Prometheus' snake_case for our own
+      `gpuhealth_*` families (gpu, uuid, pci_bus_id, device, model_name,
+      [gpu_i_profile, gpu_i_id], hostname), so they pass `promtool check metrics`.
+      They join with DCGM series on the shared lower-case labels
+      (`on(instance, gpu)` or `on(pci_bus_id)`).
     """
 
     hostname_label: str | None  # "Hostname", "hostname", or None (-n)
     hostname: str
-    _by_uuid: dict[str, str] = field(default_factory=dict)
+    _dcgm: dict[str, str] = field(default_factory=dict)
+    _own: dict[str, str] = field(default_factory=dict)
 
     @property
     def hostname_pair(self) -> str:
+        """The host label for own families (`hostname="..."`), "" with -n."""
         if self.hostname_label is None:
             return ""
-        return f'{self.hostname_label}="{escape_label_value(self.hostname)}"'
+        return f'hostname="{escape_label_value(self.hostname)}"'
 
     def rebuild(self, inventory: Inventory) -> None:
-        by_uuid: dict[str, str] = {}
+        dcgm: dict[str, str] = {}
+        own: dict[str, str] = {}
         for gpu in inventory.gpus:
-            by_uuid[gpu.uuid] = self._labels(gpu, None)
+            dcgm[gpu.uuid] = self._labels(gpu, None, dcgm=True)
+            own[gpu.uuid] = self._labels(gpu, None, dcgm=False)
             for mig in gpu.migs:
-                by_uuid[mig.uuid] = self._labels(gpu, mig)
-        self._by_uuid = by_uuid
+                dcgm[mig.uuid] = self._labels(gpu, mig, dcgm=True)
+                own[mig.uuid] = self._labels(gpu, mig, dcgm=False)
+        self._dcgm, self._own = dcgm, own
 
-    def _labels(self, gpu: Gpu, mig: MigDevice | None) -> str:
-        pairs = [
-            ("gpu", str(gpu.index)),
-            ("UUID", gpu.uuid),
-            ("pci_bus_id", gpu.pci_bus_id),
-            ("device", gpu.device),
-            ("modelName", gpu.name),
-        ]
+    def _labels(self, gpu: Gpu, mig: MigDevice | None, dcgm: bool) -> str:
+        names = _DCGM_NAMES if dcgm else _OWN_NAMES
+        values = [str(gpu.index), gpu.uuid, gpu.pci_bus_id, gpu.device, gpu.name]
         if mig is not None:
-            pairs += [("GPU_I_PROFILE", mig.profile), ("GPU_I_ID", str(mig.gpu_instance_id))]
+            values += [mig.profile, str(mig.gpu_instance_id)]
+        pairs = list(zip(names, values))
         if self.hostname_label is not None:
-            pairs.append((self.hostname_label, self.hostname))
+            pairs.append((self.hostname_label if dcgm else "hostname", self.hostname))
         return format_labels(pairs)
 
+    def dcgm_labels(self, uuid: str) -> str:
+        """Escaped DCGM label pairs for a GPU or MIG UUID; "" for an unknown UUID."""
+        return self._dcgm.get(uuid, "")
+
     def device_labels(self, uuid: str) -> str:
-        """Escaped label pairs for a GPU or MIG UUID; "" for an unknown UUID."""
-        return self._by_uuid.get(uuid, "")
+        """Escaped snake_case label pairs for own families; "" for an unknown UUID."""
+        return self._own.get(uuid, "")
+
+    def orphan_labels(self, uuid: str) -> str:
+        """Labels for a device no longer in the inventory (e.g. fell off the bus)."""
+        pair = f'uuid="{escape_label_value(uuid)}"'
+        return f"{pair},{self.hostname_pair}" if self.hostname_pair else pair
+
+
+_DCGM_NAMES = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "GPU_I_PROFILE", "GPU_I_ID")
+_OWN_NAMES = ("gpu", "uuid", "pci_bus_id", "device", "model_name", "gpu_i_profile", "gpu_i_id")

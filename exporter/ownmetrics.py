@@ -14,6 +14,7 @@ class OwnMetric(NamedTuple):
     part: str
 
 
+# gpu, uuid, pci_bus_id, device, model_name, [gpu_i_profile, gpu_i_id], hostname
 _DEV = "device labels"
 
 OWN_METRICS: tuple[OwnMetric, ...] = (
@@ -28,7 +29,7 @@ OWN_METRICS: tuple[OwnMetric, ...] = (
     OwnMetric("gpuhealth_collections_total", "counter", "", "Collection cycles run.", "core"),
     OwnMetric("gpuhealth_nvml_errors_total", "counter", "field, error",
               "NVML errors by field (* for whole-device failures) and NVML error name.", "core"),
-    OwnMetric("DCGM_EXP_XID_ERRORS_COUNT", "gauge", f"{_DEV}, window_size_in_ms, xid",
+    OwnMetric("DCGM_EXP_XID_ERRORS_COUNT", "gauge", "DCGM device labels, window_size_in_ms, xid",
               "XIDs per code within --xid-count-window-size (dcgm-exporter compatible).", "core"),
     OwnMetric("gpuhealth_health_state", "gauge", _DEV, "0 healthy, 1 degraded, 2 unhealthy (fenced).", "health"),
     OwnMetric("gpuhealth_health_reason", "gauge", f"{_DEV}, signal, code, class, action",

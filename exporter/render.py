@@ -93,7 +93,7 @@ class Renderer:
     # --- the DCGM block ---
     def _series_heads(self, sample: DeviceSample, label_fields: str) -> list[str]:
         """Label strings (inside braces) for each series of one device."""
-        base = self.ctx.device_labels(sample.uuid)
+        base = self.ctx.dcgm_labels(sample.uuid)
         if label_fields:
             base = f"{base},{label_fields}" if base else label_fields
         if self.pods is None:
@@ -123,7 +123,8 @@ class Renderer:
             devices = [
                 (s.uuid, tuple(f"{spec.name}{{{head}" for head in heads[s.uuid]))
                 for s in live
-                if spec.reader != "event" or s.mig is None  # the last-XID gauge is per GPU
+                # MIG devices only carry per-instance fields (and the last-XID gauge is per GPU)
+                if s.mig is None or (spec.scope == "instance" and spec.reader != "event")
             ]
             plan.append(_FamilyPlan(spec.name, spec.reader == "event", header, devices))
         self._plan_key, self._plan_cache = key, plan

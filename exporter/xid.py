@@ -81,7 +81,7 @@ class XidTracker:
             "# TYPE DCGM_EXP_XID_ERRORS_COUNT gauge",
         ]
         for uuid in gpu_uuids:
-            labels = ctx.device_labels(uuid)
+            labels = ctx.dcgm_labels(uuid)
             for code, n in sorted(self.window_counts(uuid).items()):
                 lines.append(
                     f'DCGM_EXP_XID_ERRORS_COUNT{{{labels},window_size_in_ms="{window_ms}",xid="{code}"}} {n}'

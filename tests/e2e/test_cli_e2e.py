@@ -93,3 +93,30 @@ def test_sighup_reloads_counters_and_keeps_old_set_on_error(tmp_path: Path) -> N
         assert "DCGM_FI_DEV_POWER_USAGE{" in exp.metrics()
     finally:
         assert exp.stop() == 0
+
+
+def own_families(text: str) -> str:
+    """The exposition minus DCGM families (their names break Prometheus lints by design)."""
+    keep = []
+    for line in text.splitlines(keepends=True):
+        name = line.split(" ")[2] if line.startswith("# ") else line.split("{")[0].split(" ")[0]
+        if not name.startswith(("DCGM_", "python_")):  # python_* are prometheus_client's own
+            keep.append(line)
+    return "".join(keep)
+
+
+def test_promtool_accepts_our_own_families(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool missing: install Debian's prometheus package (make deps does)"
+    exp = ExporterProcess(["--simulate", "-c", "200"], tmp_path)
+    try:
+        exp.wait_ready()
+        text = own_families(exp.metrics())
+    finally:
+        exp.stop()
+    assert "gpuhealth_device_up" in text
+    r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), r.stdout + r.stderr
