@@ -89,6 +89,7 @@ class App:
         self.renderer = Renderer(self.ctx, self.xids, self.backend.name, pods=self.pods)
         self.events = EventPump(self.backend, lambda: self.collector.inventory, self.collector.request_rediscovery)
         self.plugin: Any = None
+        self.node_status: Any = None
         self.server = HttpServer(
             *cfg.listen,
             Routes(
@@ -214,7 +215,20 @@ class App:
         self._warn_dcp(self.counters.fields)
         self.backend.start()
         self.backend_ready = True
-        self.health.start()
+        from exporter.health.control import ControlError
+
+        try:
+            self.health.start()
+        except ControlError as exc:
+            raise BackendError(f"health control socket: {exc}") from None
+        if self.cfg.kubernetes_node_status:
+            from exporter.health.nodestatus import NodeStatusReporter
+
+            node = os.environ.get("NODE_NAME")
+            if not node:
+                raise ConfigError("--kubernetes-node-status needs NODE_NAME (set it from the downward API)")
+            self.node_status = NodeStatusReporter(self.health, node, kubeconfig=self.cfg.kubeconfig)
+            self.node_status.start()
         self.collector.add_listener(self.on_snapshot)
         self.events.add_listener(self.xids.on_events)
         self.events.add_listener(self.health.on_events)
@@ -245,7 +259,7 @@ class App:
 
     def stop(self) -> None:
         log.info("stopping")
-        for part in (self.plugin, self.events, self.collector, self.server, self.pods, self.health):
+        for part in (self.plugin, self.events, self.collector, self.server, self.pods, self.node_status, self.health):
             stop = getattr(part, "stop", None)
             if stop is None:
                 continue
@@ -288,7 +302,7 @@ def run(argv: Sequence[str]) -> int:
     signal.signal(signal.SIGHUP, _hup)
     try:
         app.start()
-    except BackendError as exc:
+    except BackendError as exc:  # NVML unusable, or another daemon owns the state dir
         log.error("startup_failed", error=str(exc))
         print(f"gpu-health-exporter: {exc}", file=sys.stderr)
         app.stop()

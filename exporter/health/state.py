@@ -8,6 +8,7 @@ empty rather than crash-looping on it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -120,10 +121,8 @@ class StateStore:
     def _remove_stale_temps(self) -> None:
         # Left behind by a kill -9 between create and rename; never the live file.
         for p in self.dir.glob(_TMP_PREFIX + "*"):
-            try:
+            with contextlib.suppress(OSError):
                 p.unlink()
-            except OSError:
-                pass
 
     def _move_aside(self, why: str) -> None:
         self.file_errors += 1
@@ -165,10 +164,8 @@ class StateStore:
                 if not self._failing:  # once per failure streak, not once per write
                     log.error("health_state_write_failed", path=str(self.path), error=str(e))
                 self._failing = True
-                try:
+                with contextlib.suppress(OSError):
                     tmp.unlink()
-                except OSError:
-                    pass
                 return False
             if self._failing:
                 log.info("health_state_write_recovered", path=str(self.path))
