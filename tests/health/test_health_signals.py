@@ -118,7 +118,7 @@ def test_vanished_gpu_fences_and_stays_visible(make_engine: EngineFactory, clock
     ctx = RenderContext("Hostname", "node-1")
     ctx.rebuild(only_gpu1)
     text = eng.render_metrics(ctx)
-    assert f'gpuhealth_health_state{{UUID="{GPU0}",Hostname="node-1"}} 2' in text
+    assert f'gpuhealth_health_state{{uuid="{GPU0}",hostname="node-1"}} 2' in text
 
 
 def test_mig_samples_do_not_carry_gpu_fields(make_engine: EngineFactory, clock: Clock) -> None:
