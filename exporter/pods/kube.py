@@ -8,10 +8,10 @@ pod labels, pod UIDs or DRA do not pay for importing it.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -31,12 +31,12 @@ def make_api_client(kubeconfig: str | None) -> Any:
     from kubernetes.config.config_exception import ConfigException
 
     if kubeconfig:
-        return config.new_client_from_config(config_file=kubeconfig)
+        return config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
     cfg = client.Configuration()
     try:
-        config.load_incluster_config(client_configuration=cfg)
+        config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
     except ConfigException:
-        return config.new_client_from_config()
+        return config.new_client_from_config()  # type: ignore[no-untyped-call]
     return client.ApiClient(cfg)
 
 
@@ -138,8 +138,16 @@ class Reflector(Generic[T]):
             w.stop()
 
     def join(self, timeout_s: float) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        if self._thread is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            # Watch.stop() can only unblock a read once the response exists; a stop that raced
+            # with the request being sent is repeated until it takes.
+            w = self._watch
+            if w is not None:
+                w.stop()
+            self._thread.join(0.05)
 
     def snapshot(self) -> tuple[int, dict[Any, T]]:
         with self._lock:
@@ -158,6 +166,8 @@ class Reflector(Generic[T]):
             except Exception as err:  # the loop must survive anything the client throws
                 if self._stop.is_set():
                     return
+                if getattr(err, "status", None) == 410:  # ApiException from a watch ERROR event: re-list
+                    continue
                 backoff = min(self._backoff_max_s, max(self._backoff_initial_s, backoff * 2))
                 log.warning("%s list/watch failed, retrying in %.0fs: %s", self.name, backoff, err)
                 self._stop.wait(backoff)
@@ -179,12 +189,12 @@ class Reflector(Generic[T]):
     def _watch_once(self, rv: str) -> str:
         from kubernetes import watch
 
-        w = watch.Watch()
+        w = watch.Watch()  # type: ignore[no-untyped-call]
         self._watch = w
-        # functools.partial hides the list function's docstring, so Watch does not deserialise
-        # objects into models: raw dicts are all we need and are far cheaper for big pod lists.
-        stream = w.stream(
-            functools.partial(self._list_fn),
+        # deserialize=False: raw dicts are all we need and far cheaper than models for big pod lists.
+        stream = w.stream(  # type: ignore[no-untyped-call]
+            self._list_fn,
+            deserialize=False,
             field_selector=self._field_selector,
             resource_version=rv,
             timeout_seconds=self._watch_timeout_s,
@@ -230,7 +240,7 @@ def pod_reflector(api_client: Any, node_name: str, **kw: Any) -> Reflector[PodMe
 def _resource_slice_list_fn(api_client: Any) -> Callable[..., Any]:
     """A list function for the newest resource.k8s.io version the API server serves."""
     from kubernetes import client
-    from kubernetes.client.rest import ApiException
+    from kubernetes.client.exceptions import ApiException
 
     custom = client.CustomObjectsApi(api_client)
     chosen: list[str] = []

@@ -1,0 +1,75 @@
+{{/* Chart name (also the Prometheus job label, via the ServiceMonitor's jobLabel). */}}
+{{- define "gpu-health-exporter.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "gpu-health-exporter.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "gpu-health-exporter.namespace" -}}
+{{- default .Release.Namespace .Values.namespaceOverride }}
+{{- end }}
+
+{{- define "gpu-health-exporter.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "gpu-health-exporter.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "gpu-health-exporter.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "gpu-health-exporter.labels" -}}
+helm.sh/chart: {{ include "gpu-health-exporter.chart" . }}
+{{ include "gpu-health-exporter.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: gpu-health-exporter
+{{- end }}
+
+{{- define "gpu-health-exporter.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "gpu-health-exporter.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "gpu-health-exporter.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the pod must run as root: the kubelet's sockets and directories are root-owned
+     (PodResources socket srwxr-xr-x root; the device plugin creates its socket in
+     /var/lib/kubelet/device-plugins and dials the kubelet's registration socket). */}}
+{{- define "gpu-health-exporter.needsRoot" -}}
+{{- if or .Values.podMapping.enabled .Values.devicePlugin.enabled }}true{{ end }}
+{{- end }}
+
+{{/* "true" when the pod talks to the API server (and so needs a token and RBAC). */}}
+{{- define "gpu-health-exporter.needsApi" -}}
+{{- if or (and .Values.podMapping.enabled (or .Values.podMapping.enablePodLabels .Values.podMapping.dra)) .Values.health.nodeStatus }}true{{ end }}
+{{- end }}
+
+{{- define "gpu-health-exporter.webConfigSecret" -}}
+{{- default (printf "%s-web-config" (include "gpu-health-exporter.fullname" .)) .Values.webConfig.existingSecret }}
+{{- end }}
+
+{{- define "gpu-health-exporter.probeScheme" -}}
+{{- if .Values.webConfig.enabled }}{{ .Values.webConfig.probeScheme }}{{ else }}HTTP{{ end }}
+{{- end }}

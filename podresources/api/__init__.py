@@ -1,0 +1,1 @@
+"""Generated PodResources API stubs (see podresources/regenerate.py)."""

@@ -1,0 +1,254 @@
+"""Helm chart and plain manifests: lint, render, schema validation, feature toggles, security."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from helm_python.chart import lint
+
+from tests.deploy.deploy_common import (
+    CHART,
+    DASHBOARD_NAMES,
+    DASHBOARDS,
+    PLAIN,
+    all_docs,
+    by_kind,
+    full_values,
+    load_docs,
+    render_chart,
+)
+
+K8S_VERSION = kubernetes_validate.latest_version()
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+
+def validate(doc: dict[str, Any]) -> None:
+    """Built-in kinds against the offline OpenAPI schemas; Prometheus Operator kinds structurally."""
+    if doc["kind"] in CRD_KINDS:
+        validate_crd(doc)
+    else:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def validate_crd(doc: dict[str, Any]) -> None:
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1", doc["kind"]
+    assert doc["metadata"]["name"] and doc["metadata"]["namespace"]
+    spec = doc["spec"]
+    if doc["kind"] == "ServiceMonitor":
+        assert set(spec) <= {"jobLabel", "selector", "namespaceSelector", "endpoints", "targetLabels",
+                             "podTargetLabels", "sampleLimit", "attachMetadata"}
+        assert spec["selector"]["matchLabels"] and spec["endpoints"]
+        for ep in spec["endpoints"]:
+            assert ep["port"] == "metrics" and ep["path"] == "/metrics"
+            assert set(ep) <= {"port", "path", "interval", "scrapeTimeout", "honorLabels", "scheme", "tlsConfig",
+                               "basicAuth", "relabelings", "metricRelabelings"}
+            for relabel in ep.get("relabelings", []) + ep.get("metricRelabelings", []):
+                assert set(relabel) <= {"sourceLabels", "separator", "targetLabel", "regex", "modulus",
+                                        "replacement", "action"}
+    else:
+        assert spec["groups"]
+        for group in spec["groups"]:
+            assert group["name"] and isinstance(group["rules"], list)
+            for rule in group["rules"]:
+                assert set(rule) <= {"alert", "record", "expr", "for", "labels", "annotations", "keep_firing_for"}
+                assert isinstance(rule["expr"], str) and ("alert" in rule) != ("record" in rule)
+
+
+def daemonset(rendered: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    (ds,) = by_kind(rendered, "DaemonSet")
+    return ds
+
+
+def container(ds: dict[str, Any]) -> dict[str, Any]:
+    (c,) = ds["spec"]["template"]["spec"]["containers"]
+    result: dict[str, Any] = c
+    return result
+
+
+def mounts(ds: dict[str, Any]) -> dict[str, str]:
+    return {m["name"]: m["mountPath"] for m in container(ds)["volumeMounts"]}
+
+
+def rbac_rules(rendered: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    roles = by_kind(rendered, "ClusterRole") + by_kind(rendered, "Role")
+    return [r for role in roles for r in role["rules"]]
+
+
+@pytest.fixture(params=["default", "full"])
+def values(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return full_values() if request.param == "full" else {}
+
+
+def test_lint_default_and_full() -> None:
+    for vals in ({}, full_values()):
+        report = lint(CHART, vals, strict=True)
+        assert not report["errors"], report
+        assert not [m for m in report["messages"] if m["severity"] >= 2], report
+
+
+def test_rendered_manifests_validate(values: dict[str, Any]) -> None:
+    rendered = render_chart(values)
+    docs = all_docs(rendered)
+    assert docs
+    for doc in docs:
+        validate(doc)
+        if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+            assert doc["metadata"]["namespace"] in ("gpu-health-exporter", "monitoring"), doc["kind"]
+
+
+def test_plain_manifests_validate_and_are_listed() -> None:
+    files = sorted(p.name for p in PLAIN.glob("*.yaml") if p.name != "kustomization.yaml")
+    kustomization = yaml.safe_load((PLAIN / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == files
+    kinds = []
+    for name in files:
+        for doc in load_docs((PLAIN / name).read_text()):
+            validate(doc)
+            kinds.append(doc["kind"])
+            assert "helm.sh/chart" not in doc["metadata"].get("labels", {})
+    assert sorted(kinds) == sorted(["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "DaemonSet",
+                                    "Service", "ServiceMonitor", "PrometheusRule"])
+
+
+def test_plain_rbac_is_least_privilege() -> None:
+    (role,) = [d for d in load_docs((PLAIN / "rbac.yaml").read_text()) if d["kind"] == "ClusterRole"]
+    grants = {(tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r["verbs"])) for r in role["rules"]}
+    assert grants == {(("",), ("nodes/status",), ("patch",)), (("", "events.k8s.io"), ("events",), ("create", "patch"))}
+
+
+def test_daemonset_basics(values: dict[str, Any]) -> None:
+    ds = daemonset(render_chart(values))
+    pod = ds["spec"]["template"]["spec"]
+    c = container(ds)
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert env["NVIDIA_DRIVER_CAPABILITIES"]["value"] == "utility"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert c["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
+    assert c["resources"] == {"requests": {"cpu": "50m", "memory": "64Mi"},
+                              "limits": {"cpu": "500m", "memory": "128Mi"}}
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert mounts(ds)["state"] == "/var/lib/gpu-health-exporter"
+    assert "--state-dir=/var/lib/gpu-health-exporter" in c["args"]
+    (svc,) = by_kind(render_chart(values), "Service")
+    assert svc["spec"]["ports"] == [{"name": "metrics", "port": 9400, "targetPort": "metrics", "protocol": "TCP"}]
+
+
+def test_device_plugin_toggle() -> None:
+    off = daemonset(render_chart({"devicePlugin": {"enabled": False}}))
+    assert "device-plugins" not in mounts(off)
+    assert not [a for a in container(off)["args"] if a.startswith("--device-plugin")]
+    on = daemonset(render_chart({"devicePlugin": {"enabled": True, "migStrategy": "mixed", "replicas": 4}}))
+    assert mounts(on)["device-plugins"] == "/var/lib/kubelet/device-plugins"
+    args = container(on)["args"]
+    assert {"--device-plugin", "--resource-name=nvidia.com/gpu", "--mig-strategy=mixed", "--replicas=4"} <= set(args)
+    assert container(on)["securityContext"]["runAsUser"] == 0
+
+
+def test_non_root_when_no_kubelet_socket_is_needed() -> None:
+    ds = daemonset(render_chart({"podMapping": {"enabled": False}, "devicePlugin": {"enabled": False}}))
+    sc = container(ds)["securityContext"]
+    assert sc["runAsUser"] == 65532 and sc["runAsNonRoot"] is True
+    assert "pod-resources" not in mounts(ds)
+    assert "--kubernetes" not in container(ds)["args"]
+    (init,) = ds["spec"]["template"]["spec"]["initContainers"]
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    root = daemonset(render_chart({}))
+    assert container(root)["securityContext"]["runAsUser"] == 0  # PodResources socket is root-owned
+    assert "initContainers" not in root["spec"]["template"]["spec"]
+    assert mounts(root)["pod-resources"] == "/var/lib/kubelet/pod-resources"
+
+
+def test_rbac_only_for_enabled_features() -> None:
+    default = render_chart({})
+    assert not rbac_rules(default) and not by_kind(default, "ClusterRoleBinding")
+    assert daemonset(default)["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    labels = render_chart({"podMapping": {"enablePodLabels": True}})
+    assert rbac_rules(labels) == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    assert daemonset(labels)["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
+    node = render_chart({"health": {"nodeStatus": True}})
+    resources = {res for r in rbac_rules(node) for res in r["resources"]}
+    assert resources == {"nodes/status", "events"}
+    assert "--kubernetes-node-status" in container(daemonset(node))["args"]
+    full = render_chart(full_values())
+    resources = {res for r in rbac_rules(full) for res in r["resources"]}
+    assert resources == {"pods", "resourceslices", "resourceclaims", "nodes/status", "events"}
+    for rule in rbac_rules(full):
+        assert not set(rule["verbs"]) & {"*", "delete", "update", "deletecollection"}, rule
+
+
+def test_web_config_toggle() -> None:
+    rendered = render_chart(full_values())
+    ds = daemonset(rendered)
+    args = container(ds)["args"]
+    assert "--web-config-file=/etc/gpu-health-exporter/web/web-config.yml" in args
+    assert mounts(ds)["web-config"] == "/etc/gpu-health-exporter/web"
+    (secret,) = by_kind(rendered, "Secret")
+    assert "tls_server_config" in yaml.safe_load(secret["stringData"]["web-config.yml"])
+    assert container(ds)["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    (monitor,) = by_kind(rendered, "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["scheme"] == "https"
+    plain = daemonset(render_chart({}))
+    assert not [a for a in container(plain)["args"] if a.startswith("--web-config-file")]
+    existing = render_chart({"webConfig": {"enabled": True, "existingSecret": "mine"}})
+    assert not by_kind(existing, "Secret")
+    volume = next(v for v in daemonset(existing)["spec"]["template"]["spec"]["volumes"] if v["name"] == "web-config")
+    assert volume["secret"]["secretName"] == "mine"
+
+
+def test_pod_mapping_options() -> None:
+    args = container(daemonset(render_chart(full_values())))["args"]
+    assert {"--kubernetes", "--kubernetes-enable-pod-uid", "--kubernetes-enable-pod-labels", "--kubernetes-dra",
+            "--nvidia-resource-names=nvidia.com/gpu.shared", "--health-auto-recover",
+            "--health-fence-xids=48,62,64,74,79,95,109,119,120,140", "--log-level=debug",
+            "--collectors=/etc/gpu-health-exporter/collectors/collectors.csv"} <= set(args)
+
+
+def test_service_monitor_keeps_workload_labels() -> None:
+    (monitor,) = by_kind(render_chart({"serviceMonitor": {"enabled": True}}), "ServiceMonitor")
+    ep = monitor["spec"]["endpoints"][0]
+    assert ep["honorLabels"] is True
+    assert {"action": "labeldrop", "regex": "(pod|namespace|container)"} in ep["relabelings"]
+    assert monitor["spec"]["jobLabel"] == "app.kubernetes.io/name"
+
+
+def test_optional_objects_are_off_by_default() -> None:
+    kinds = {d["kind"] for d in all_docs(render_chart({}))}
+    assert kinds == {"DaemonSet", "Service", "ServiceAccount"}
+
+
+def test_dashboards_configmaps() -> None:
+    maps = [d for d in by_kind(render_chart({"dashboards": {"enabled": True}}), "ConfigMap")
+            if "grafana_dashboard" in d["metadata"]["labels"]]
+    assert len(maps) == len(DASHBOARD_NAMES)
+    for cm in maps:
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+        ((key, text),) = cm["data"].items()
+        assert json.loads(text) == json.loads((DASHBOARDS / key).read_text())
+
+
+def test_values_cover_every_feature() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    for path in ["image.repository", "podMapping.enabled", "podMapping.gpuIdType", "devicePlugin.enabled",
+                 "devicePlugin.resourceName", "devicePlugin.replicas", "devicePlugin.migStrategy",
+                 "health.nodeStatus", "webConfig.enabled", "serviceMonitor.enabled", "prometheusRule.enabled",
+                 "prometheusRule.thresholds", "dashboards.enabled", "dashboards.labels", "resources",
+                 "tolerations", "nodeSelector", "priorityClassName", "extraArgs"]:
+        node: Any = values
+        for part in path.split("."):
+            assert part in node, path
+            node = node[part]
+    full = full_values()
+    for feature in ["podMapping", "devicePlugin", "webConfig", "serviceMonitor", "prometheusRule", "dashboards"]:
+        assert full[feature]["enabled"] is True, feature
+    assert full["health"]["nodeStatus"] is True
