@@ -203,12 +203,20 @@ TITLES = {
     "workload-attribution": "GPU / Workload attribution",
     "health-errors": "GPU / Health and errors",
 }
-N = 'Hostname=~"$node"'
+# Two label schemes (exporter/labels.py): DCGM families keep dcgm-exporter's names (UUID, Hostname,
+# modelName, GPU_I_PROFILE, GPU_I_ID); own gpuhealth_* families use snake_case (uuid, hostname,
+# model_name, gpu_i_profile, gpu_i_id). `gpu` and `pci_bus_id` are shared. $node holds Hostname values,
+# which are the same strings as hostname.
+N = 'Hostname=~"$node"'  # DCGM families
+NO = 'hostname=~"$node"'  # own families
 DEV = "Hostname, gpu, UUID"
+DEV_OWN = "hostname, gpu, uuid"
 GPU_LEGEND = "{{Hostname}} GPU {{gpu}}"
 MIG_LEGEND = "{{Hostname}} GPU {{gpu}}/{{GPU_I_ID}} ({{GPU_I_PROFILE}})"
-# Join for the exporter's own per-process families, which carry no Hostname label.
-HOST_JOIN = f"* on (job, instance) group_left (Hostname) max by (job, instance, Hostname) (gpuhealth_device_up{{{N}}})"
+GPU_LEGEND_OWN = "{{hostname}} GPU {{gpu}}"
+MIG_LEGEND_OWN = "{{hostname}} GPU {{gpu}}/{{gpu_i_id}} ({{gpu_i_profile}})"
+# Join for the exporter's own per-process families, which carry no host label.
+HOST_JOIN = f"* on (job, instance) group_left (hostname) max by (job, instance, hostname) (gpuhealth_device_up{{{NO}}})"
 
 
 def target(expr: str, legend: str = "", *, instant: bool = False, fmt: str = "time_series",
@@ -328,6 +336,15 @@ def node_var() -> dict[str, Any]:
     return query_var("node", "Node (Hostname)", "label_values(DCGM_FI_DEV_GPU_TEMP, Hostname)")
 
 
+def xid_new(window: str) -> str:
+    """XIDs counted within `window`: the counter's increase, or the whole value of a series that did not
+    exist `window` ago (the first XID of a code on a GPU creates the series; increase() cannot see it).
+    Matched on the device, not the target, so an exporter restart (new instance) is not a new XID."""
+    xid = f"gpuhealth_xid_errors_total{{{NO}}}"
+    return (f"(increase({xid}[{window}]) > 0) or ({xid} > 0 unless on (hostname, uuid, gpu_i_id, xid) "
+            f"{xid} offset {window})")
+
+
 def state_mappings() -> list[dict[str, Any]]:
     return [{"type": "value", "options": {
         "0": {"text": "healthy", "color": "green", "index": 0},
@@ -344,10 +361,10 @@ def fleet() -> dict[str, Any]:
     b.add("stat", "GPUs reporting", [target(f"count(max by ({DEV}) (DCGM_FI_DEV_GPU_TEMP{{{N}}}))")], "none",
           w=4, h=5, options=stat, description="Distinct GPUs (UUID) with a temperature reading.")
     b.add("stat", "Exporters up", [target('sum(up{job="gpu-health-exporter"})')], "none", w=4, h=5, options=stat)
-    b.add("stat", "Unhealthy GPUs", [target(f"count(gpuhealth_health_state{{{N}}} == 2) or vector(0)")], "none",
+    b.add("stat", "Unhealthy GPUs", [target(f"count(gpuhealth_health_state{{{NO}}} == 2) or vector(0)")], "none",
           w=4, h=5, options=stat, defaults={"thresholds": {"mode": "absolute", "steps": [
               {"color": "green", "value": None}, {"color": "red", "value": 1}]}, "color": {"mode": "thresholds"}})
-    b.add("stat", "Degraded GPUs", [target(f"count(gpuhealth_health_state{{{N}}} == 1) or vector(0)")], "none",
+    b.add("stat", "Degraded GPUs", [target(f"count(gpuhealth_health_state{{{NO}}} == 1) or vector(0)")], "none",
           w=4, h=5, options=stat, defaults={"thresholds": {"mode": "absolute", "steps": [
               {"color": "green", "value": None}, {"color": "yellow", "value": 1}]}, "color": {"mode": "thresholds"}})
     b.add("stat", "Average GPU utilisation",
@@ -355,30 +372,30 @@ def fleet() -> dict[str, Any]:
     b.add("stat", "Total power", [target(f"sum(max by ({DEV}) (DCGM_FI_DEV_POWER_USAGE{{{N}}}))")], "watt",
           w=4, h=5, options=stat)
     b.row("Allocation")
-    alloc_devices = f'count by (Hostname, UUID, GPU_I_ID) (gpuhealth_gpu_allocation_info{{{N}}})'
+    alloc_devices = f'count by (hostname, uuid, gpu_i_id) (gpuhealth_gpu_allocation_info{{{NO}}})'
     b.add("timeseries", "Allocatable vs allocated devices", [
-        target(f"count({alloc_devices}) - (count(gpuhealth_kubelet_device_unhealthy{{{N}}} == 1) or vector(0))",
+        target(f"count({alloc_devices}) - (count(gpuhealth_kubelet_device_unhealthy{{{NO}}} == 1) or vector(0))",
                "allocatable"),
-        target(f'count(count by (Hostname, UUID, GPU_I_ID) (gpuhealth_gpu_allocation_info{{{N}, pod!=""}}))',
+        target(f'count(count by (hostname, uuid, gpu_i_id) (gpuhealth_gpu_allocation_info{{{NO}, pod!=""}}))',
                "allocated"),
     ], "none", description="Devices (GPUs or MIG instances) the kubelet can allocate, and those held by pods.")
     b.add("timeseries", "GPU utilisation by node", [
         target(f"avg by (Hostname) (max by ({DEV}) (DCGM_FI_DEV_GPU_UTIL{{{N}}}))", "{{Hostname}}")],
         "percent", defaults={"min": 0, "max": 100})
     b.add("table", "Allocated but idle (0 % over 1h)", [target(
-        f'max by (Hostname, gpu, UUID, GPU_I_ID, namespace, pod, container) '
-        f'(gpuhealth_gpu_allocation_info{{{N}, pod!=""}}) and on (Hostname, UUID) '
-        f'(max by (Hostname, UUID) (max_over_time(DCGM_FI_DEV_GPU_UTIL{{{N}}}[1h])) == 0)', instant=True)],
+        f'max by (job, instance, hostname, gpu, uuid, gpu_i_id, namespace, pod, container) '
+        f'(gpuhealth_gpu_allocation_info{{{NO}, pod!=""}}) and on (job, instance, gpu) '
+        f'(max by (job, instance, gpu) (max_over_time(DCGM_FI_DEV_GPU_UTIL{{{N}}}[1h])) == 0)', instant=True)],
         "none", w=24, transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True, "Value": True}}}])
     b.row("Power and health")
     b.add("timeseries", "Power by node", [
         target(f"sum by (Hostname) (max by ({DEV}) (DCGM_FI_DEV_POWER_USAGE{{{N}}}))", "{{Hostname}}")], "watt")
     b.add("timeseries", "Unhealthy and degraded GPUs", [
-        target(f"count(gpuhealth_health_state{{{N}}} == 2) or vector(0)", "unhealthy"),
-        target(f"count(gpuhealth_health_state{{{N}}} == 1) or vector(0)", "degraded"),
+        target(f"count(gpuhealth_health_state{{{NO}}} == 2) or vector(0)", "unhealthy"),
+        target(f"count(gpuhealth_health_state{{{NO}}} == 1) or vector(0)", "degraded"),
     ], "none")
     b.add("table", "Unhealthy GPUs and reasons", [target(
-        f"gpuhealth_health_reason{{{N}}} and on (job, instance, UUID, GPU_I_ID) (gpuhealth_health_state{{{N}}} == 2)",
+        f"gpuhealth_health_reason{{{NO}}} and on (job, instance, uuid, gpu_i_id) (gpuhealth_health_state{{{NO}}} == 2)",
         instant=True)], "none", w=24,
         transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True, "Value": True,
                                                                            "__name__": True}}}])
@@ -390,6 +407,7 @@ def node_detail() -> dict[str, Any]:
               "(MIG-aware), PCIe/NVLink, health and the exporter itself.")
     b.variables.append(query_var("gpu", "GPU", 'label_values(DCGM_FI_DEV_GPU_TEMP{Hostname=~"$node"}, gpu)'))
     f = f'{N}, gpu=~"$gpu"'
+    fo = f'{NO}, gpu=~"$gpu"'
     b.row("Thermals and power")
     b.add("timeseries", "GPU temperature", [target(f"max by ({DEV}) (DCGM_FI_DEV_GPU_TEMP{{{f}}})", GPU_LEGEND)],
           "celsius")
@@ -433,19 +451,20 @@ def node_detail() -> dict[str, Any]:
         "Bps", description="DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL counts KiB (tx + rx).")
     b.row("Health and pods")
     b.add("state-timeline", "Health state", [
-        target(f'max by ({DEV}) (gpuhealth_health_state{{{f}, GPU_I_ID=""}})', GPU_LEGEND),
-        target(f'max by ({DEV}, GPU_I_ID, GPU_I_PROFILE) (gpuhealth_health_state{{{f}, GPU_I_ID!=""}})', MIG_LEGEND),
+        target(f'max by ({DEV_OWN}) (gpuhealth_health_state{{{fo}, gpu_i_id=""}})', GPU_LEGEND_OWN),
+        target(f'max by ({DEV_OWN}, gpu_i_id, gpu_i_profile) (gpuhealth_health_state{{{fo}, gpu_i_id!=""}})',
+               MIG_LEGEND_OWN),
     ], "none", defaults={"mappings": state_mappings(), "color": {"mode": "thresholds"},
                          "thresholds": {"mode": "absolute", "steps": [{"color": "green", "value": None},
                                                                       {"color": "yellow", "value": 1},
                                                                       {"color": "red", "value": 2}]}})
-    b.add("table", "Pods on these GPUs", [target(f'gpuhealth_gpu_allocation_info{{{f}, pod!=""}}', instant=True)],
+    b.add("table", "Pods on these GPUs", [target(f'gpuhealth_gpu_allocation_info{{{fo}, pod!=""}}', instant=True)],
           "none", transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True, "Value": True,
                                                                                      "__name__": True}}}])
     b.row("Exporter")
-    b.add("timeseries", "Device data age", [target(f"gpuhealth_device_data_age_seconds{{{f}}}", GPU_LEGEND)], "s")
+    b.add("timeseries", "Device data age", [target(f"gpuhealth_device_data_age_seconds{{{fo}}}", GPU_LEGEND_OWN)], "s")
     b.add("timeseries", "Collection duration", [target(f"gpuhealth_collection_duration_seconds {HOST_JOIN}",
-                                                       "{{Hostname}}")], "s")
+                                                       "{{hostname}}")], "s")
     return b.render()
 
 
@@ -453,14 +472,16 @@ def workload() -> dict[str, Any]:
     b = Board("workload-attribution", "GPU use by namespace and pod: GPU-hours, energy, utilisation and memory, "
               "from gpuhealth_gpu_allocation_info and pod-labelled DCGM series.")
     b.variables.append(query_var("namespace", "Namespace",
-                                 'label_values(gpuhealth_gpu_allocation_info{Hostname=~"$node", pod!=""}, namespace)'))
+                                 'label_values(gpuhealth_gpu_allocation_info{hostname=~"$node", pod!=""}, namespace)'))
     f = f'{N}, namespace=~"$namespace", pod!=""'
+    fo = f'{NO}, namespace=~"$namespace", pod!=""'
     b.row("Totals over the selected range")
     b.add("bargauge", "GPU-hours by namespace", [target(
-        f"sum by (namespace) (sum_over_time((count by (namespace, pod, Hostname, UUID, GPU_I_ID) "
-        f"(gpuhealth_gpu_allocation_info{{{f}}}))[$__range:1m])) / 60", "{{namespace}}", instant=True,
-        fmt="time_series")], "h", description="Each allocated device (GPU, MIG instance or time-shared replica) "
-        "counts one device-hour per hour held.", options={"orientation": "horizontal", "displayMode": "gradient",
+        f"sum by (namespace) (sum_over_time((count by (namespace, pod, hostname, uuid, gpu_i_id) "
+        f"(gpuhealth_gpu_allocation_info{{{fo}}}))[$__range:$__interval])) * $__interval_ms / 3600000",
+        "{{namespace}}", instant=True, fmt="time_series")], "h",
+        description="Each allocated device (GPU, MIG instance or time-shared replica) counts one device-hour per "
+        "hour held (samples every $__interval, so short ranges and fresh data count too).", options={"orientation": "horizontal", "displayMode": "gradient",
                                                           "reduceOptions": {"calcs": ["lastNotNull"],
                                                                             "values": False}})
     b.add("bargauge", "Energy by namespace", [target(
@@ -473,7 +494,7 @@ def workload() -> dict[str, Any]:
                  "reduceOptions": {"calcs": ["lastNotNull"], "values": False}})
     b.row("Over time")
     b.add("timeseries", "Allocated devices by namespace", [target(
-        f"count by (namespace) (gpuhealth_gpu_allocation_info{{{f}}})", "{{namespace}}")], "none")
+        f"count by (namespace) (gpuhealth_gpu_allocation_info{{{fo}}})", "{{namespace}}")], "none")
     b.add("timeseries", "GPU utilisation by namespace", [target(
         f"avg by (namespace) (DCGM_FI_DEV_GPU_UTIL{{{f}}})", "{{namespace}}")], "percent",
         defaults={"min": 0, "max": 100})
@@ -483,7 +504,7 @@ def workload() -> dict[str, Any]:
     b.add("timeseries", "Framebuffer used by pod", [target(
         f"max by (namespace, pod, Hostname, gpu, GPU_I_ID) (DCGM_FI_DEV_FB_USED{{{f}}}) * 1048576",
         "{{namespace}}/{{pod}} on {{Hostname}} GPU {{gpu}}/{{GPU_I_ID}}")], "bytes", w=24)
-    b.add("table", "Current allocations", [target(f"gpuhealth_gpu_allocation_info{{{f}}}", instant=True)], "none",
+    b.add("table", "Current allocations", [target(f"gpuhealth_gpu_allocation_info{{{fo}}}", instant=True)], "none",
           w=24, transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True, "Value": True,
                                                                                    "__name__": True}}}])
     return b.render()
@@ -494,31 +515,32 @@ def health() -> dict[str, Any]:
               "retired pages, PCIe replays, throttling reasons and exporter errors.")
     b.annotations.append({
         "name": "XID errors", "datasource": DS, "enable": True, "hide": False, "iconColor": "red",
-        "expr": f"sum by (Hostname, gpu, xid, class) "
-                f"(increase(gpuhealth_xid_errors_total{{{N}}}[$__rate_interval])) > 0",
-        "step": "1m", "titleFormat": "XID {{xid}} ({{class}})", "textFormat": "{{Hostname}} GPU {{gpu}}",
-        "tagKeys": "Hostname,gpu,xid,class", "useValueForTime": False,
+        "expr": f"sum by (hostname, gpu, xid, class) ({xid_new('$__rate_interval')})",
+        "step": "1m", "titleFormat": "XID {{xid}} ({{class}})", "textFormat": "{{hostname}} GPU {{gpu}}",
+        "tagKeys": "hostname,gpu,xid,class", "useValueForTime": False,
     })
     b.row("Health")
     b.add("state-timeline", "Health state", [
-        target(f'max by ({DEV}) (gpuhealth_health_state{{{N}, GPU_I_ID=""}})', GPU_LEGEND),
-        target(f'max by ({DEV}, GPU_I_ID, GPU_I_PROFILE) (gpuhealth_health_state{{{N}, GPU_I_ID!=""}})', MIG_LEGEND),
+        target(f'max by ({DEV_OWN}) (gpuhealth_health_state{{{NO}, gpu_i_id=""}})', GPU_LEGEND_OWN),
+        target(f'max by ({DEV_OWN}, gpu_i_id, gpu_i_profile) (gpuhealth_health_state{{{NO}, gpu_i_id!=""}})',
+               MIG_LEGEND_OWN),
     ], "none", w=24, h=10, defaults={"mappings": state_mappings(), "color": {"mode": "thresholds"},
                                      "thresholds": {"mode": "absolute", "steps": [
                                          {"color": "green", "value": None}, {"color": "yellow", "value": 1},
                                          {"color": "red", "value": 2}]}})
-    b.add("table", "Active health reasons", [target(f"gpuhealth_health_reason{{{N}}} == 1", instant=True)], "none",
+    b.add("table", "Active health reasons", [target(f"gpuhealth_health_reason{{{NO}}} == 1", instant=True)], "none",
           w=24, transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True, "Value": True,
                                                                                    "__name__": True}}}])
     b.row("XID errors")
     b.add("table", "XIDs in range", [target(
-        f"sum by (Hostname, gpu, UUID, xid, class) (increase(gpuhealth_xid_errors_total{{{N}}}[$__range])) > 0",
-        instant=True)], "none")
+        f"sum by (hostname, gpu, uuid, xid, class) ({xid_new('$__range')})", instant=True)], "none",
+        description="XIDs that occurred in the selected range, including the first of a code on a GPU (which "
+        "creates the counter series, so increase() alone misses it).")
     b.add("table", "XID totals (persisted)", [target(
-        f"max by (Hostname, gpu, UUID, xid, class) (gpuhealth_xid_errors_total{{{N}}})", instant=True)], "none")
+        f"max by (hostname, gpu, uuid, xid, class) (gpuhealth_xid_errors_total{{{NO}}})", instant=True)], "none")
     b.add("timeseries", "XIDs", [target(
-        f"sum by (Hostname, gpu, xid) (increase(gpuhealth_xid_errors_total{{{N}}}[$__rate_interval]))",
-        "{{Hostname}} GPU {{gpu}} XID {{xid}}")], "none")
+        f"sum by (hostname, gpu, xid) ({xid_new('$__rate_interval')})",
+        "{{hostname}} GPU {{gpu}} XID {{xid}}")], "none")
     b.add("table", "Last XID (dcgm-exporter gauge)", [target(
         f"max by (Hostname, gpu, err_code, err_msg) (DCGM_FI_DEV_XID_ERRORS{{{N}}}) > 0", instant=True)], "none")
     b.row("Memory errors")
@@ -555,12 +577,12 @@ def health() -> dict[str, Any]:
         "operators: floor(x / bit) % 2).", defaults={"color": {"mode": "thresholds"}, "thresholds": {
             "mode": "absolute", "steps": [{"color": "green", "value": None}, {"color": "orange", "value": 1}]}})
     b.row("Exporter")
-    b.add("timeseries", "Devices collected", [target(f"gpuhealth_device_up{{{N}}}", GPU_LEGEND)], "bool")
+    b.add("timeseries", "Devices collected", [target(f"gpuhealth_device_up{{{NO}}}", GPU_LEGEND_OWN)], "bool")
     b.add("timeseries", "NVML errors", [target(
-        f"sum by (Hostname, field, error) (rate(gpuhealth_nvml_errors_total[$__rate_interval]) {HOST_JOIN})",
-        "{{Hostname}} {{field}} {{error}}")], "cps")
+        f"sum by (hostname, field, error) (rate(gpuhealth_nvml_errors_total[$__rate_interval]) {HOST_JOIN})",
+        "{{hostname}} {{field}} {{error}}")], "cps")
     b.add("table", "Kubelet and exporter disagree", [target(
-        f"gpuhealth_kubelet_device_unhealthy{{{N}}} == 1", instant=True)], "none", w=24,
+        f"gpuhealth_kubelet_device_unhealthy{{{NO}}} == 1", instant=True)], "none", w=24,
         transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True, "Value": True,
                                                                            "__name__": True}}}])
     return b.render()

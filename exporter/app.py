@@ -129,13 +129,13 @@ class App:
         return PodMapper(
             PodMappingConfig(
                 socket_path=cfg.pod_resources_socket,
-                gpu_id_type=cfg.kubernetes_gpu_id_type,
-                extra_resource_names=tuple(n.strip() for n in cfg.nvidia_resource_names.split(",") if n.strip()),
-                shared_mode=cfg.kubernetes_shared_gpus,
+                gpu_id_type="device-name" if cfg.kubernetes_gpu_id_type == "device-name" else "uid",
+                resource_names=tuple(n.strip() for n in cfg.nvidia_resource_names.split(",") if n.strip()),
+                shared_mode="first-pod" if cfg.kubernetes_shared_gpus == "first-pod" else "per-pod",
                 enable_pod_uid=cfg.kubernetes_enable_pod_uid,
                 enable_pod_labels=cfg.kubernetes_enable_pod_labels,
                 pod_labels_allowlist=cfg.kubernetes_pod_labels_allowlist,
-                enable_dra=cfg.kubernetes_dra,
+                dra=cfg.kubernetes_dra,
                 kubeconfig=cfg.kubeconfig,
             )
         )
@@ -260,7 +260,7 @@ class App:
     def stop(self) -> None:
         log.info("stopping")
         for part in (self.plugin, self.events, self.collector, self.server, self.pods, self.node_status, self.health):
-            stop = getattr(part, "stop", None)
+            stop = getattr(part, "stop", None) or getattr(part, "close", None)
             if stop is None:
                 continue
             try:

@@ -278,6 +278,13 @@ HEALTH_SET: tuple[str, ...] = (
 DEFAULT_FIELDS: tuple[str, ...] = DCGM_DEFAULT_SET + HEALTH_SET
 
 
+def to_exported(spec: FieldSpec, raw: float) -> float:
+    """NVML's value in the exported unit. MiB values are whole MiB (bytes // 2**20), as DCGM reports them."""
+    if spec.scale == MIB:
+        return float(int(raw) >> 20)
+    return raw * spec.scale
+
+
 def lookup(name: str) -> FieldSpec | None:
     """The spec for a DCGM field name (aliases accepted), or None."""
     return BY_NAME.get(ALIASES.get(name, name))

@@ -69,7 +69,7 @@ class RenderContext:
         values = [str(gpu.index), gpu.uuid, gpu.pci_bus_id, gpu.device, gpu.name]
         if mig is not None:
             values += [mig.profile, str(mig.gpu_instance_id)]
-        pairs = list(zip(names, values))
+        pairs = list(zip(names, values, strict=False))  # names has room for the MIG labels
         if self.hostname_label is not None:
             pairs.append((self.hostname_label if dcgm else "hostname", self.hostname))
         return format_labels(pairs)

@@ -34,7 +34,7 @@ from typing import Any
 import pynvml
 
 from exporter.backend import BackendError, DeviceError, DeviceLostError
-from exporter.fields import ALL_LINKS, FieldSpec
+from exporter.fields import ALL_LINKS, FieldSpec, to_exported
 from exporter.model import (
     EVENT_DOUBLE_BIT_ECC,
     EVENT_MIG_CONFIG_CHANGE,
@@ -516,7 +516,7 @@ class NvmlBackend:
             elif outcome != "ok":
                 result.errors[spec.name] = outcome
             else:
-                result.values[spec.name] = total * spec.scale
+                result.values[spec.name] = to_exported(spec, total)
 
         rates: dict[int, float | None] = {}
         for spec in rate_specs:
@@ -588,7 +588,7 @@ class NvmlBackend:
                 else:
                     result.errors[spec.name] = type(err).__name__
                 continue
-            result.values[spec.name] = float(value) * spec.scale
+            result.values[spec.name] = to_exported(spec, float(value))
 
     def _call_value(self, what: str, handle: Any, memo: dict[str, Any]) -> float:
         if what == "sm_clock":

@@ -360,13 +360,16 @@ class HttpServer:
                 shared = socket.socket(fileno=os.dup(sock.fileno()))
                 self._servers.append(
                     loop.run_until_complete(
-                        loop.create_server(lambda lp=loop: _HttpProtocol(self.routes, lp), sock=shared, backlog=1024)
+                        loop.create_server(self._factory(loop), sock=shared, backlog=1024)
                     )
                 )
         for i, loop in enumerate(self._loops):
             t = threading.Thread(target=loop.run_forever, name=f"http-{i}", daemon=True)
             t.start()
             self._threads.append(t)
+
+    def _factory(self, loop: asyncio.AbstractEventLoop) -> Callable[[], _HttpProtocol]:
+        return lambda: _HttpProtocol(self.routes, loop)
 
     def stop(self) -> None:
         for server in self._servers:

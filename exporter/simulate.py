@@ -23,7 +23,8 @@ Spec grammar (comma-separated items; whitespace around items is ignored)::
       mig=SEL:PROFILES[;SEL:PROFILES...]   PROFILES := PROFILE["*"K]("+"PROFILE["*"K])* | "" | none
                                            e.g. mig=0:3g.40gb+2g.20gb+1g.10gb*2;1:7g.80gb
       workload=SEL:PATTERN[;...]           PATTERN := train | infer | batch | hold | idle
-      faults=FAULT[;FAULT...]              (mig, workload and faults may also be repeated)
+      faults=FAULT[;FAULT...]              (mig, workload and faults accumulate when repeated;
+                                            an empty value clears the earlier ones)
     SEL      := N | N-M | all
     FAULT    := KIND ":" GPU ["/gi" G] [":" ARG] ["@" TIME ["+" DURATION]]
       xid:GPU[/giG]:XID@T      an XID event (attributed to GPU instance G when given)
