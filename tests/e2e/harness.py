@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -23,10 +24,13 @@ def free_port() -> int:
 
 
 class ExporterProcess:
-    def __init__(self, args: list[str], tmp: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], tmp: Path, env: dict[str, str] | None = None, state_dir: Path | None = None
+    ) -> None:
         self.port = free_port()
         tmp.mkdir(parents=True, exist_ok=True)
-        self.state_dir = tmp / "state"
+        # Short path: the control socket lives in the state dir and unix socket paths max out at 107 bytes.
+        self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="ghe-state-", dir="/tmp"))
         self.log_path = tmp / f"exporter-{self.port}.log"
         self.args = [
             sys.executable,

@@ -43,10 +43,11 @@ class NvmlNode:
         self.args = ["--nvml-library", str(self.lib), *args]
         self.env = {"FAKENVML_CONFIG": str(self.config), "FAKENVML_CONTROL": str(self.control_path)}
         self.exporter = ExporterProcess(self.args, tmp, self.env)
+        self.state_dir = self.exporter.state_dir
 
     def restart(self) -> ExporterProcess:
         """A new exporter process on the same state dir and fake GPUs (faults replayed)."""
-        self.exporter = ExporterProcess(self.args, self.tmp, self.env)
+        self.exporter = ExporterProcess(self.args, self.tmp, self.env, state_dir=self.state_dir)
         return self.exporter
 
     def control(self, op: str, **fields: Any) -> None:
