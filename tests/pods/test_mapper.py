@@ -51,7 +51,7 @@ def series(text: str, name: str) -> list[str]:
 
 
 def _uuid(sample: str) -> str:
-    match = re.search(r'UUID="([^"]+)"', sample)
+    match = re.search(r'uuid="([^"]+)"', sample)
     assert match is not None
     return match.group(1)
 
@@ -75,8 +75,8 @@ def test_exclusive_gpus(kubelet: FakeKubelet, make_mapper: Any) -> None:
     assert 'gpuhealth_kubelet_requests_total{method="List",code="OK"} 1' in text
     alloc = series(text, "gpuhealth_gpu_allocation_info")
     assert len(alloc) == 4  # GPUs 0-2 in use, GPU 3 free; GPU 4 is not allocatable at all
-    assert any(f'UUID="{gpu_uuid(3)}"' in s and 'namespace="",pod="",container=""' in s for s in alloc)
-    assert any(f'UUID="{gpu_uuid(2)}"' in s and 'resource="nvidia.com/gpu",namespace="web",pod="infer"' in s
+    assert any(f'uuid="{gpu_uuid(3)}"' in s and 'namespace="",pod="",container=""' in s for s in alloc)
+    assert any(f'uuid="{gpu_uuid(2)}"' in s and 'resource="nvidia.com/gpu",namespace="web",pod="infer"' in s
                for s in alloc)  # fmt: skip
     # GPU 4 is on the node but the kubelet does not list it as allocatable: it considers it unhealthy.
     unhealthy = {_uuid(s): s[-1] for s in series(text, "gpuhealth_kubelet_device_unhealthy")}
@@ -108,8 +108,8 @@ def test_mig_mixed_strategy(kubelet: FakeKubelet, make_mapper: Any) -> None:
     bad = series(text, "gpuhealth_kubelet_device_unhealthy")
     flagged = [s for s in bad if s.endswith(" 1")]
     assert len(flagged) == 1
-    assert 'GPU_I_ID="3"' in flagged[0] and 'resource="nvidia.com/mig-1g.10gb"' in flagged[0]
-    assert any('GPU_I_ID="2"' in s and 'pod="small"' in s for s in series(text, "gpuhealth_gpu_allocation_info"))
+    assert 'gpu_i_id="3"' in flagged[0] and 'resource="nvidia.com/mig-1g.10gb"' in flagged[0]
+    assert any('gpu_i_id="2"' in s and 'pod="small"' in s for s in series(text, "gpuhealth_gpu_allocation_info"))
 
 
 def shared_layout() -> list[dict[str, Any]]:
