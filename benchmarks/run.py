@@ -93,6 +93,16 @@ def _prom_client_registry(snapshots: list[Snapshot], fields: Sequence[FieldSpec]
     return render
 
 
+class FakeClock:
+    """Simulated time, so 50 cycles of changing values take no wall time."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def bench_render() -> None:
     from exporter.simulate import SimulatedBackend
 
@@ -101,14 +111,13 @@ def bench_render() -> None:
         ("8 GPUs, default fields", None),
         ("8 GPUs x 7 MIG instances", ";".join(f"{g}:" + "+".join(["1g.10gb"] * 7) for g in range(8))),
     ):
-        clock = [1000.0]
-        backend = SimulatedBackend.from_spec(f"mig={spec}" if spec else None)
-        backend._clock = lambda: clock[0]  # type: ignore[attr-defined]
+        clock = FakeClock(1000.0)
+        backend = SimulatedBackend.from_spec(f"mig={spec}" if spec else None, clock=clock)
         counters = default_counters()
-        col = Collector(backend, counters, parse_device_selector("f"), 1.0, 2.0, clock=lambda: clock[0])
+        col = Collector(backend, counters, parse_device_selector("f"), 1.0, 2.0, clock=clock)
         snaps = []
         for _ in range(50):
-            clock[0] += 1.0
+            clock.now += 1.0
             snaps.append(col.run_once())
         renderer = Renderer(RenderContext("Hostname", "node-1"), XidTracker(300, message=str), "simulated",
                             process_registry=None)
@@ -304,11 +313,96 @@ def bench_memory(seconds: int) -> None:
         exp.stop()
 
 
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def bench_health() -> None:
+    """XID -> verdict -> ListAndWatch at the (fake) kubelet; collection and scrapes during a storm."""
+    from exporter.health.control import request
+    from tests.deviceplugin.fakekubelet_registration import FakeKubelet
+
+    print("health: fake NVML (h100x8) -> exporter (1 s interval) -> device plugin -> fake kubelet")
+    plugin_dir = tempfile.mkdtemp(prefix="ghe-bench-dp-", dir="/tmp")
+    kubelet = FakeKubelet(plugin_dir).start()
+    control = Path(tempfile.mkdtemp(prefix="ghe-bench-ctl-")) / "control.jsonl"
+    control.touch()
+    env = {"FAKENVML_CONFIG": str(SCENARIOS / "h100x8.json"), "FAKENVML_CONTROL": str(control)}
+    exp = Exporter(["--nvml-library", str(FAKE_LIB), "-c", "1000", "--device-plugin",
+                    "--device-plugin-dir", plugin_dir], env=env)
+    res = "nvidia.com/gpu"
+
+    def inject(op: dict[str, object]) -> None:
+        with open(control, "a") as fh:
+            fh.write(json.dumps(op) + "\n")
+
+    try:
+        assert kubelet.wait_for(lambda: kubelet.allocatable(res) == 8, timeout=20)
+        uuids = sorted(kubelet.latest(res).ids)  # type: ignore[union-attr]
+        by_index = json.loads(exp.get("/gpus"))["devices"]
+        index_of = {d["uuid"]: d["index"] for d in by_index if "parent" not in d}
+        latencies = []
+        for i in range(100):
+            uuid = uuids[i % 8]
+            t0 = time.monotonic()
+            inject({"op": "xid", "gpu": index_of[uuid], "xid": 79})
+            ok = kubelet.wait_for(
+                lambda u=uuid: kubelet.latest(res) is not None and kubelet.latest(res).health_of(u) == "Unhealthy",
+                timeout=5,
+            )
+            latencies.append(time.monotonic() - t0 if ok else float("inf"))
+            request(Path(exp.state) / "control.sock", {"op": "clear", "target": uuid, "reason": "benchmark"})
+            kubelet.wait_for(lambda: kubelet.allocatable(res) == 8, timeout=5)
+        report("health", "XID 79 -> kubelet Unhealthy, 100 XIDs: p50 / p99 (ms)",
+               f"{_percentile(latencies, 0.5) * 1e3:.1f} / {_percentile(latencies, 0.99) * 1e3:.1f}")
+
+        def scrape_ms(n: int = 50) -> tuple[float, float]:
+            lat = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                exp.get()
+                lat.append(time.perf_counter() - t0)
+            return _percentile(lat, 0.5) * 1e3, _percentile(lat, 0.99) * 1e3
+
+        def collection_s() -> float:
+            text = exp.get().decode()
+            m = re.search(r"^gpuhealth_collection_duration_seconds (\S+)$", text, re.M)
+            return float(m.group(1)) if m else float("nan")
+
+        quiet = scrape_ms()
+        quiet_coll = collection_s()
+        rss0 = exp.rss_mb()
+        with open(control, "a") as fh:  # a storm: 20 000 XIDs at once (NVML's queue drops the overflow)
+            for i in range(20000):
+                fh.write(json.dumps({"op": "xid", "gpu": i % 8, "xid": 13}) + "\n")
+        storm = scrape_ms()
+        time.sleep(2.5)
+        storm_coll = collection_s()
+        report("health", "scrape latency quiet: p50 / p99 (ms)", f"{quiet[0]:.2f} / {quiet[1]:.2f}")
+        report("health", "scrape latency during XID storm: p50 / p99 (ms)", f"{storm[0]:.2f} / {storm[1]:.2f}")
+        report("health", "collection cycle quiet / during storm (ms)",
+               f"{quiet_coll * 1e3:.2f} / {storm_coll * 1e3:.2f}")
+        report("health", "RSS growth over the storm (MB)", f"{exp.rss_mb() - rss0:.1f}")
+    finally:
+        exp.stop()
+        kubelet.stop()
+        shutil.rmtree(plugin_dir, ignore_errors=True)
+
+
+def bench_pods_section() -> None:
+    from benchmarks.pods import bench_pods
+
+    bench_pods()
+
+
 SECTIONS = {
     "render": lambda a: bench_render(),
     "scrape": lambda a: bench_scrape(a.seconds),
     "collect": lambda a: bench_collect(),
     "memory": lambda a: bench_memory(a.soak_seconds),
+    "health": lambda a: bench_health(),
+    "pods": lambda a: bench_pods_section(),
 }
 
 

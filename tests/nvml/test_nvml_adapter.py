@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from exporter.backend import BackendError, DeviceLostError
-from exporter.fields import BY_NAME, CATALOGUE, MIB, FieldSpec
+from exporter.fields import BY_NAME, CATALOGUE, FieldSpec
 from exporter.model import EVENT_MIG_CONFIG_CHANGE, EVENT_XID, Inventory
 from exporter.nvml import NvmlBackend
 
