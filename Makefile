@@ -11,7 +11,7 @@ PY      = $(VENV)/bin/python
 # prometheus for promtool and the end-to-end server, nginx-light and wrk for benchmarks.
 APT_PACKAGES = gcc make libcjson-dev prometheus nginx-light wrk
 
-.PHONY: demo test lint typecheck unit venv deps system-deps fakenvml bench docs clean
+.PHONY: demo test lint typecheck generated unit venv deps system-deps fakenvml bench docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +47,13 @@ typecheck: venv
 unit: deps fakenvml
 	$(PY) -m pytest -q
 
-test: deps lint typecheck fakenvml
+# Generated artefacts must be current: docs from the code's tables, chart rules and
+# dashboards from deploy/ sources.
+generated: venv
+	$(PY) -m exporter.docgen --check
+	$(PY) deploy/generate.py --check
+
+test: deps lint typecheck generated fakenvml
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: deps fakenvml
