@@ -183,3 +183,49 @@ def _rss_mb(pid: int) -> float:
     m = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
     assert m
     return int(m.group(1)) / 1024
+
+
+def test_mig_reconfiguration_is_rediscovered(fakenvml_build: FakeNvmlBuild, tmp_path: Path) -> None:
+    node = NvmlNode(fakenvml_build, tmp_path, "mig", ["-c", "200"])
+    exp = node.exporter
+    try:
+        exp.wait_ready()
+        text = exp.metrics()
+        assert node.value(text, "DCGM_FI_DEV_FB_USED", gpu="1", GPU_I_ID="1") is None
+        assert node.value(text, "DCGM_FI_DEV_GPU_UTIL", gpu="1") is not None  # no MIG yet: utilisation works
+        node.control(
+            "mig",
+            gpu=1,
+            enabled=True,
+            instances=[
+                {
+                    "gi": 1,
+                    "ci": 0,
+                    "profile": "7g.80gb",
+                    "uuid": "MIG-77777777-7777-4777-8777-777777777777",
+                    "memory": {"total": 84825604096, "reserved": 0, "used": 2 << 30},
+                    "bar1": {"total": 34359738368, "used": 1 << 20},
+                }
+            ],
+        )
+        # the MigConfigChange event triggers re-enumeration: the new instance is served, the GPU's
+        # utilisation (unsupported with MIG on) is gone
+        text = exp.wait_for(lambda t: node.value(t, "DCGM_FI_DEV_FB_USED", gpu="1", GPU_I_ID="1") == 2048)
+        assert 'GPU_I_PROFILE="7g.80gb"' in text
+        exp.wait_for(lambda t: node.value(t, "DCGM_FI_DEV_GPU_UTIL", gpu="1") is None)
+    finally:
+        assert exp.stop() == 0
+
+
+def test_vanished_gpu_is_fenced_and_stays_visible(fakenvml_build: FakeNvmlBuild, tmp_path: Path) -> None:
+    node = small_node(fakenvml_build, tmp_path)
+    exp = node.exporter
+    try:
+        exp.wait_ready()
+        uuid1 = exp.metrics().split('gpu="1",UUID="')[1].split('"')[0]
+        node.control("vanish", gpu=1)
+        text = exp.wait_for(lambda t: node.value(t, "gpuhealth_health_state", uuid=uuid1) == 2, timeout=90)
+        assert 'signal="vanished"' in text or 'signal="gpu_lost"' in text
+        assert node.value(text, "gpuhealth_gpus") is None or "gpuhealth_gpus 1" in text
+    finally:
+        assert exp.stop() == 0
