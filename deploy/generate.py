@@ -481,9 +481,9 @@ def workload() -> dict[str, Any]:
         f"(gpuhealth_gpu_allocation_info{{{fo}}}))[$__range:$__interval])) * $__interval_ms / 3600000",
         "{{namespace}}", instant=True, fmt="time_series")], "h",
         description="Each allocated device (GPU, MIG instance or time-shared replica) counts one device-hour per "
-        "hour held (samples every $__interval, so short ranges and fresh data count too).", options={"orientation": "horizontal", "displayMode": "gradient",
-                                                          "reduceOptions": {"calcs": ["lastNotNull"],
-                                                                            "values": False}})
+        "hour held, sampled at the panel's query interval (so short ranges count too).",
+        options={"orientation": "horizontal", "displayMode": "gradient",
+                 "reduceOptions": {"calcs": ["lastNotNull"], "values": False}})
     b.add("bargauge", "Energy by namespace", [target(
         f"sum by (namespace) (increase(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{{{f}}}[$__range]) "
         f"/ on (Hostname, UUID) group_left count by (Hostname, UUID) "

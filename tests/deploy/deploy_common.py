@@ -97,20 +97,24 @@ def load_dashboard(name: str) -> dict[str, Any]:
     return data
 
 
+# Longer names first: "$__interval_ms" must not become "1m_ms".
 GRAFANA_VARS = {
     "$__rate_interval": "5m",
+    "$__interval_ms": "60000",
     "$__interval": "1m",
+    "$__range_s": "3600",
     "$__range": "1h",
     "${__range}": "1h",
 }
 
 
-def substitute_grafana_vars(expr: str) -> str:
-    """Replace Grafana variables with values that make the query plain PromQL."""
-    for var, value in GRAFANA_VARS.items():
+def substitute_grafana_vars(expr: str, values: dict[str, str] | None = None, all_value: str = ".*") -> str:
+    """Replace Grafana's built-in variables (GRAFANA_VARS, or `values`) and every dashboard variable
+    ($node, ${node:regex}, ...) by `all_value`, which makes the query plain PromQL."""
+    for var, value in (values or GRAFANA_VARS).items():
         expr = expr.replace(var, value)
-    expr = re.sub(r"\$\{(\w+)(?::\w+)?\}", ".*", expr)
-    return re.sub(r"\$(\w+)", ".*", expr)
+    expr = re.sub(r"\$\{(\w+)(?::\w+)?\}", all_value, expr)
+    return re.sub(r"\$(\w+)", all_value, expr)
 
 
 def check_promql(exprs: dict[str, str], tmp_path: Path) -> None:

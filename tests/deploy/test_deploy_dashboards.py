@@ -79,12 +79,25 @@ def test_legends_unique_across_nodes_and_mig_aware() -> None:
     for name in DASHBOARD_NAMES:
         for target in targets(load_dashboard(name)):
             legend = target.get("legendFormat", "")
+            own = "gpuhealth_" in target["expr"] and "DCGM_" not in target["expr"]
+            # own families carry snake_case labels, DCGM families dcgm-exporter's
+            host, gi = ("{{hostname}}", "{{gpu_i_id}}") if own else ("{{Hostname}}", "{{GPU_I_ID}}")
             if "{{gpu}}" in legend:
-                assert "{{Hostname}}" in legend, f"{name}: {legend}"
-            if "{{GPU_I_ID}}" in legend:
+                assert host in legend, f"{name}: {legend}"
+            if gi in legend:
                 mig += 1
-                assert "GPU {{gpu}}/{{GPU_I_ID}}" in legend, legend
+                assert f"GPU {{{{gpu}}}}/{gi}" in legend, legend
     assert mig >= 3
+
+
+def test_label_scheme_per_family() -> None:
+    """gpuhealth_* selectors use snake_case device labels; DCGM selectors dcgm-exporter's names."""
+    dcgm_only = re.compile(r"\b(UUID|Hostname|modelName|GPU_I_ID|GPU_I_PROFILE)\b")
+    own_only = re.compile(r"\b(uuid|hostname|model_name|gpu_i_id|gpu_i_profile)\b")
+    for name, expr in _all_queries().items():
+        for metric, selector in re.findall(r"\b((?:gpuhealth|DCGM)_\w+)\{([^}]*)\}", expr):
+            bad = dcgm_only if metric.startswith("gpuhealth_") else own_only
+            assert not bad.search(selector), f"{name}: {metric}{{{selector}}}"
 
 
 def test_device_values_are_deduplicated() -> None:

@@ -9,6 +9,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from helm_python.chart import lint
+from helm_python.errors import HelmRenderError
 
 from tests.deploy.deploy_common import (
     CHART,
@@ -187,23 +188,25 @@ def test_rbac_only_for_enabled_features() -> None:
         assert not set(rule["verbs"]) & {"*", "delete", "update", "deletecollection"}, rule
 
 
-def test_web_config_toggle() -> None:
-    rendered = render_chart(full_values())
-    ds = daemonset(rendered)
-    args = container(ds)["args"]
-    assert "--web-config-file=/etc/gpu-health-exporter/web/web-config.yml" in args
-    assert mounts(ds)["web-config"] == "/etc/gpu-health-exporter/web"
-    (secret,) = by_kind(rendered, "Secret")
-    assert "tls_server_config" in yaml.safe_load(secret["stringData"]["web-config.yml"])
-    assert container(ds)["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
-    (monitor,) = by_kind(rendered, "ServiceMonitor")
-    assert monitor["spec"]["endpoints"][0]["scheme"] == "https"
-    plain = daemonset(render_chart({}))
-    assert not [a for a in container(plain)["args"] if a.startswith("--web-config-file")]
-    existing = render_chart({"webConfig": {"enabled": True, "existingSecret": "mine"}})
-    assert not by_kind(existing, "Secret")
-    volume = next(v for v in daemonset(existing)["spec"]["template"]["spec"]["volumes"] if v["name"] == "web-config")
-    assert volume["secret"]["secretName"] == "mine"
+def test_no_web_config_until_the_exporter_implements_it() -> None:
+    """The exporter has no --web-config-file (TLS/basic auth is planned): the chart must never pass it,
+    and a leftover `webConfig.enabled: true` fails the render instead of crash-looping the daemon."""
+    for vals in ({}, full_values()):
+        assert "webConfig" not in vals
+        rendered = render_chart(vals)
+        ds = daemonset(rendered)
+        c = container(ds)
+        assert not [a for a in c["args"] if "web-config" in a]
+        assert "web-config" not in mounts(ds)
+        assert not by_kind(rendered, "Secret")
+        assert c["livenessProbe"]["httpGet"]["scheme"] == "HTTP" == c["readinessProbe"]["httpGet"]["scheme"]
+        for monitor in by_kind(rendered, "ServiceMonitor"):
+            assert monitor["spec"]["endpoints"][0].get("scheme", "http") == "http"
+    assert "webConfig" not in yaml.safe_load((CHART / "values.yaml").read_text())
+    assert not list(CHART.glob("templates/*web*"))
+    with pytest.raises(HelmRenderError, match="webConfig was removed"):
+        render_chart({"webConfig": {"enabled": True}})
+    assert "--web-config-file" not in str(render_chart({"webConfig": {"enabled": False}}))
 
 
 def test_pod_mapping_options() -> None:
@@ -241,7 +244,7 @@ def test_values_cover_every_feature() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     for path in ["image.repository", "podMapping.enabled", "podMapping.gpuIdType", "devicePlugin.enabled",
                  "devicePlugin.resourceName", "devicePlugin.replicas", "devicePlugin.migStrategy",
-                 "health.nodeStatus", "webConfig.enabled", "serviceMonitor.enabled", "prometheusRule.enabled",
+                 "health.nodeStatus", "serviceMonitor.enabled", "prometheusRule.enabled",
                  "prometheusRule.thresholds", "dashboards.enabled", "dashboards.labels", "resources",
                  "tolerations", "nodeSelector", "priorityClassName", "extraArgs"]:
         node: Any = values
@@ -249,6 +252,6 @@ def test_values_cover_every_feature() -> None:
             assert part in node, path
             node = node[part]
     full = full_values()
-    for feature in ["podMapping", "devicePlugin", "webConfig", "serviceMonitor", "prometheusRule", "dashboards"]:
+    for feature in ["podMapping", "devicePlugin", "serviceMonitor", "prometheusRule", "dashboards"]:
         assert full[feature]["enabled"] is True, feature
     assert full["health"]["nodeStatus"] is True

@@ -91,7 +91,7 @@ def test_neighbouring_codes_are_covered() -> None:
     """The tests feed the neighbours the rules must ignore (application XIDs, SBE, other clock bits, ...)."""
     text = "\n".join(p.read_text() for p in RULE_TESTS)
     for needle in ['class="application"', "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL", "values: '40x25'",
-                   'pod=""', 'GPU_I_ID="4"', "DCGM_FI_DEV_RETIRED_DBE"]:
+                   'pod=""', 'gpu_i_id="4"', "DCGM_FI_DEV_RETIRED_DBE"]:
         assert needle in text, needle
 
 
@@ -172,3 +172,25 @@ def test_chart_disabled_alerts() -> None:
                      "PrometheusRule")
     names = {r["alert"] for g in doc["spec"]["groups"] for r in g["rules"] or []}
     assert names == {a["alert"] for a in alerts()} - {"GpuAllocatedButIdle"}
+
+
+_DCGM_NAMES = r"\b(UUID|Hostname|modelName|GPU_I_ID|GPU_I_PROFILE)\b"
+_OWN_NAMES = r"\b(uuid|hostname|model_name|gpu_i_id|gpu_i_profile)\b"
+
+
+def test_label_scheme_per_family() -> None:
+    """gpuhealth_* carry snake_case device labels, DCGM_* dcgm-exporter's: an alert reads only the
+    scheme of the families it uses, and joins between the two match on shared labels only."""
+    for alert in alerts():
+        name, expr = alert["alert"], alert["expr"]
+        own, dcgm = "gpuhealth_" in expr, "DCGM_" in expr
+        text = expr + " " + " ".join(alert["annotations"].values())
+        if own and not dcgm:
+            assert not re.search(_DCGM_NAMES, text), name
+        elif dcgm and not own:
+            assert not re.search(_OWN_NAMES, text), name
+        else:
+            for clause in re.findall(r"\b(?:on|ignoring)\s*\(([^)]*)\)", expr):
+                assert set(re.split(r"\s*,\s*", clause.strip())) <= {"job", "instance", "gpu", "pci_bus_id",
+                                                                     "device"}, f"{name}: on ({clause})"
+            assert not re.search(_DCGM_NAMES, " ".join(alert["annotations"].values())), name

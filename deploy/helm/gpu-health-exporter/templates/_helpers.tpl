@@ -65,11 +65,3 @@ app.kubernetes.io/part-of: gpu-health-exporter
 {{- define "gpu-health-exporter.needsApi" -}}
 {{- if or (and .Values.podMapping.enabled (or .Values.podMapping.enablePodLabels .Values.podMapping.dra)) .Values.health.nodeStatus }}true{{ end }}
 {{- end }}
-
-{{- define "gpu-health-exporter.webConfigSecret" -}}
-{{- default (printf "%s-web-config" (include "gpu-health-exporter.fullname" .)) .Values.webConfig.existingSecret }}
-{{- end }}
-
-{{- define "gpu-health-exporter.probeScheme" -}}
-{{- if .Values.webConfig.enabled }}{{ .Values.webConfig.probeScheme }}{{ else }}HTTP{{ end }}
-{{- end }}
