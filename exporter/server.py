@@ -28,7 +28,7 @@ log = structlog.get_logger("exporter.server")
 MAX_HEADER_BYTES = 16 * 1024
 IDLE_TIMEOUT_S = 60.0
 SEND_BUFFER_BYTES = 1 << 20
-# Below this, one send() of head + body is cheaper than send() + sendfile().
+# Below this, a plain send() is as cheap as sendfile() and needs no memfd round trip.
 SENDFILE_MIN_BYTES = 32 * 1024
 
 _REASONS = {
@@ -67,19 +67,30 @@ def text_response(status: int, text: str) -> Response:
     return Response(status, "text/plain; charset=utf-8", (text + "\n").encode())
 
 
-class _Body:
-    """A response body in memory and in a memfd, so it can be sent with
-    sendfile(2): the kernel then references the pages instead of copying
-    ~100 KB per scrape, which is what bounded plain-text throughput."""
+class _Response:
+    """A whole /metrics response (head + body), in memory and in a memfd.
 
-    def __init__(self, data: bytes) -> None:
+    One sendfile(2) per scrape sends it: the kernel references the pages
+    instead of copying ~100 KB, and head and body leave as one stream instead
+    of a small head segment followed by the body (which cost a full extra trip
+    through the loopback TCP path per scrape; see docs/benchmarks.md)."""
+
+    def __init__(self, data: bytes, head_len: int) -> None:
         self.data = data
+        self.head_len = head_len
         self.fd = -1
-        if hasattr(os, "memfd_create") and data:
-            fd = os.memfd_create("gpu-health-exporter-metrics", os.MFD_CLOEXEC)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+        if hasattr(os, "memfd_create") and len(data) >= SENDFILE_MIN_BYTES:
+            try:
+                fd = os.memfd_create("gpu-health-exporter-metrics", os.MFD_CLOEXEC)
+            except OSError:  # out of file descriptors: plain send() still works
+                return
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            except OSError:
+                os.close(fd)
+                return
             self.fd = fd
 
     def close(self) -> None:
@@ -102,41 +113,38 @@ class Routes:
         self._health = health
         self._ready = ready
         self._gpus_json = gpus_json
-        self._cached: tuple[Exposition, dict[tuple[bool, bool, bool], bytes], dict[bool, _Body]] | None = None
-        self._bodies: dict[bool, _Body] = {}
-        self._retired: list[dict[bool, _Body]] = []
+        self._cached: tuple[Exposition, dict[tuple[bool, bool], _Response]] | None = None
+        self._retired: list[dict[tuple[bool, bool], _Response]] = []
 
     def metrics(self, gzip_ok: bool, head_only: bool, close: bool) -> bytes:
-        """The whole response (head + body) as one bytes object."""
-        head, body = self.metrics_parts(gzip_ok, head_only, close)
-        return head if head_only else head + body.data
+        """The response to GET (or HEAD) /metrics as bytes."""
+        resp = self.metrics_response(gzip_ok, close)
+        return resp.data[: resp.head_len] if head_only else resp.data
 
-    def metrics_parts(self, gzip_ok: bool, head_only: bool, close: bool) -> tuple[bytes, _Body]:
-        """Response head and body for the current exposition, built once per rendering."""
+    def metrics_response(self, gzip_ok: bool, close: bool) -> _Response:
+        """Head + body for the current exposition, built once per rendering and variant."""
         expo = self._exposition()
         cached = self._cached
         if cached is None or cached[0] is not expo:
-            cached = (expo, {}, {})
+            if cached is not None:
+                # Keep the previous generations' files open a while: another loop
+                # thread may be in the middle of a sendfile from them.
+                self._retired.append(cached[1])
+                while len(self._retired) > 2:
+                    for old in self._retired.pop(0).values():
+                        old.close()
+            cached = (expo, {})
             self._cached = cached
-            # Keep the previous generation's files open a while: another loop
-            # thread may be in the middle of a sendfile from them.
-            self._retired.append(self._bodies)
-            self._bodies = cached[2]
-            while len(self._retired) > 2:
-                for old in self._retired.pop(0).values():
-                    old.close()
-        key = (gzip_ok, head_only, close)
-        head = cached[1].get(key)
-        body = cached[2].get(gzip_ok)
-        if body is None:
-            body = cached[2][gzip_ok] = _Body(expo.gzipped if gzip_ok else expo.plain)
-        if head is None:
+        key = (gzip_ok, close)
+        resp = cached[1].get(key)
+        if resp is None:
             headers: tuple[tuple[str, str], ...] = (("Vary", "Accept-Encoding"),)
             if gzip_ok:
                 headers += (("Content-Encoding", "gzip"),)
-            head = build_response(Response(200, CONTENT_TYPE, body.data, headers), True, close)
-            cached[1][key] = head
-        return head, body
+            body = expo.gzipped if gzip_ok else expo.plain
+            head = build_response(Response(200, CONTENT_TYPE, body, headers), True, close)
+            resp = cached[1][key] = _Response(head + body, len(head))
+        return resp
 
     def dispatch(self, path: str) -> Response:
         if path == "/health":
@@ -236,36 +244,26 @@ class _HttpProtocol(asyncio.Protocol):
             return False  # malformed header line: the general path answers 400
         pos = low.find(b"\naccept-encoding:")
         gzip_ok = pos >= 0 and b"gzip" in low[pos : low.find(b"\n", pos + 1) if low.find(b"\n", pos + 1) > 0 else None]
-        head_bytes, body = self._routes.metrics_parts(gzip_ok, False, False)
-        self._send(head_bytes, body)
+        self._send(self._routes.metrics_response(gzip_ok, False))
         return True
 
-    def _send(self, head: bytes, body: _Body) -> None:
-        """Head with send(), body with sendfile() straight from the memfd.
-
-        Only when asyncio has nothing queued for this connection (ordering);
-        whatever the kernel does not take at once goes through the transport.
-        """
+    def _send(self, resp: _Response) -> None:
+        """One sendfile() straight from the memfd when asyncio has nothing queued
+        for this connection (ordering); what the kernel does not take at once
+        goes through the transport."""
         transport = self._transport
         assert transport is not None
         sock = transport.get_extra_info("socket")
-        if sock is None or body.fd < 0 or len(body.data) < SENDFILE_MIN_BYTES or transport.get_write_buffer_size():
-            transport.write(head + body.data)
-            return
-        fileno = sock.fileno()
-        try:
-            sent = os.write(fileno, head)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        if sent < len(head):
-            transport.write(head[sent:] + body.data)
+        size = len(resp.data)
+        if sock is None or resp.fd < 0 or size < SENDFILE_MIN_BYTES or transport.get_write_buffer_size():
+            transport.write(resp.data)
             return
         try:
-            sent = os.sendfile(fileno, body.fd, 0, len(body.data))
+            sent = os.sendfile(sock.fileno(), resp.fd, 0, size)
         except (BlockingIOError, InterruptedError):
             sent = 0
-        if sent < len(body.data):
-            transport.write(memoryview(body.data)[sent:])
+        if sent < size:
+            transport.write(memoryview(resp.data)[sent:])
 
     def _handle(self, head: bytes) -> None:
         transport = self._transport
@@ -305,11 +303,10 @@ class _HttpProtocol(asyncio.Protocol):
         try:
             if path == "/metrics":
                 gzip_ok = "gzip" in headers.get("accept-encoding", "")
-                head, body = self._routes.metrics_parts(gzip_ok, head_only, close)
                 if head_only:
-                    transport.write(head)
+                    transport.write(self._routes.metrics(gzip_ok, True, close))
                 else:
-                    self._send(head, body)
+                    self._send(self._routes.metrics_response(gzip_ok, close))
             else:
                 transport.write(build_response(self._routes.dispatch(path), head_only, close))
         except Exception:  # a bug in one handler answers 500, never kills the server
