@@ -124,3 +124,29 @@ def test_busy_port_fails_at_start(server: tuple[HttpServer, State]) -> None:
     other = HttpServer("127.0.0.1", srv.port, Routes(st.exposition, lambda: (True, ""), lambda: (True, "")))
     with pytest.raises(OSError):
         other.start()
+
+
+def test_large_bodies_pipelined_to_a_slow_reader_arrive_intact() -> None:
+    # Bodies over the sendfile threshold, 30 requests pipelined before reading anything:
+    # the kernel buffer fills, sendfile sends part, and the rest must follow in order.
+    body = b"".join(b'DCGM_FI_DEV_GPU_TEMP{gpu="%d"} %d\n' % (i, i) for i in range(8000))
+    assert len(body) > 200_000
+    expo = Exposition(body, gzip.compress(body), 1.0)
+    srv = HttpServer("127.0.0.1", 0, Routes(lambda: expo, lambda: (True, "ok"), lambda: (True, "ok")))
+    srv.start()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            n = 30
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * (n - 1))
+            s.sendall(b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
+            chunks = []
+            while True:
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        data = b"".join(chunks)
+        assert data.count(b"HTTP/1.1 200 OK") == n
+        assert data.count(body) == n
+    finally:
+        srv.stop()
