@@ -206,14 +206,18 @@ class PodResourcesClient:
 
     def request_counts(self) -> dict[tuple[str, str], int]:
         """Calls made so far by (method, gRPC code name); calls skipped while backing off are not counted."""
-        with self._lock:
-            return dict(self._counts)
+        return dict(self._counts)  # not under _lock: that is held for a whole call, up to timeout_s (render path)
 
     def backing_off(self) -> bool:
         with self._lock:
             return self._clock() < self._backoff_until
 
     def close(self) -> None:
+        # Not under _lock: a call to a hung kubelet holds it for up to timeout_s, and
+        # closing the channel is what cancels that call (grpc channels are thread-safe).
+        channel = self._channel
+        if channel is not None:
+            channel.close()
         with self._lock:
             self._drop_channel()
 

@@ -1,0 +1,268 @@
+"""`SimulatedBackend`: a simulated GPU node behind the `exporter.backend.Backend` protocol."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from exporter.backend import BackendError, DeviceError, DeviceLostError
+from exporter.fields import FieldSpec
+from exporter.model import EVENT_DOUBLE_BIT_ECC, EVENT_XID, DeviceEvent, Gpu, Inventory, ReadResult
+from exporter.simulate.devices import _SimGpu, _SimMig
+from exporter.simulate.events import _LOST, SimulatedEventSource, _Scheduled
+from exporter.simulate.faults import Fault, parse_fault
+from exporter.simulate.hashing import _key
+from exporter.simulate.models import MODELS, _place
+from exporter.simulate.spec import SimConfig, parse_spec
+from exporter.simulate.workload import _DEFAULT_PATTERNS, _MIG_PATTERNS
+
+HANG_POLL_S = 0.05
+
+
+class SimulatedBackend:
+    """A simulated GPU node (spec grammar: `exporter.simulate.spec`)."""
+
+    name: str = "simulated"
+
+    def __init__(self, config: SimConfig | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        cfg = config or SimConfig()
+        if cfg.model not in MODELS:
+            raise ValueError(f"model={cfg.model!r}: unknown model (one of {', '.join(MODELS)})")
+        self.config = cfg
+        self.model = MODELS[cfg.model]
+        self._clock = clock
+        self._t0 = clock()
+        self._stop = threading.Event()
+        self._cond = threading.Condition()
+        self._queue: list[DeviceEvent] = []
+        self._schedule: list[_Scheduled] = []
+        self._seq = 0
+        self._gpus: list[_SimGpu] = []
+        for i in range(cfg.gpus):
+            pattern = cfg.workload.get(i, _DEFAULT_PATTERNS[i % len(_DEFAULT_PATTERNS)])
+            self._gpus.append(_SimGpu(i, cfg.gpus, self.model, cfg.seed, pattern))
+        self._by_uuid = {g.uuid: g for g in self._gpus}
+        self._migs: dict[str, _SimMig] = {}
+        for i, names in sorted(cfg.mig.items()):
+            gpu = self._gpus[i]
+            gpu.mig_enabled = True
+            for slot, (name, gi) in enumerate(_place(self.model, names, f"{i}:{'+'.join(names)}")):
+                mk = _key(cfg.seed, i, 0x316, gi)
+                pattern = cfg.workload.get(i) or _MIG_PATTERNS[(slot + i) % len(_MIG_PATTERNS)]
+                mig = _SimMig(gpu, self.model.mig[name], gi, slot, mk, pattern)
+                gpu.migs.append(mig)
+                self._migs[mig.uuid] = mig
+        self._inventory_cache: tuple[tuple[bool, ...], Inventory] | None = None
+        self._mig_gis = {g.index: {m.gi for m in g.migs} for g in self._gpus if g.mig_enabled}
+        self._pairs = self._nvlink_pairs()
+        for text in cfg.faults:
+            self._add_fault(parse_fault(text, cfg.gpus, self._mig_gis))
+
+    @classmethod
+    def from_spec(cls, spec: str | None, clock: Callable[[], float] = time.monotonic) -> SimulatedBackend:
+        """Build from a `--simulate` spec; raises ValueError naming the bad part."""
+        return cls(parse_spec(spec), clock=clock)
+
+    def describe(self) -> str:
+        """One line for logs: "8x NVIDIA H100 80GB HBM3 (seed 0, 2 MIG GPUs, 3 faults)"."""
+        c = self.config
+        return (f"{c.gpus}x {self.model.name} (seed {c.seed}, {len(c.mig)} MIG GPUs, {len(c.faults)} faults)")
+
+    def elapsed(self) -> float:
+        """Simulated seconds since the backend was built."""
+        return max(0.0, self._clock() - self._t0)
+
+    # -- Backend protocol ---------------------------------------------------
+
+    def start(self) -> None:
+        self._stop.clear()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def discover(self) -> Inventory:
+        t = self.elapsed()
+        present = tuple(g.state_fault(("vanish",), t) is None if g.faults else True for g in self._gpus)
+        cached = self._inventory_cache
+        if cached is not None and cached[0] == present:
+            return cached[1]
+        gpus = []
+        for g, here in zip(self._gpus, present, strict=True):
+            if not here:
+                continue
+            gpus.append(Gpu(
+                index=g.index, uuid=g.uuid, pci_bus_id=g.pci_bus_id, minor=g.index, name=self.model.name,
+                mig_enabled=g.mig_enabled, migs=tuple(m.device for m in g.migs), numa_node=g.numa,
+            ))
+        visible = {g.uuid for g in gpus}
+        pairs = frozenset(p for p in self._pairs if p[0] in visible and p[1] in visible)
+        inv = Inventory(driver_version=self.config.driver, gpus=tuple(gpus), nvlink_pairs=pairs)
+        self._inventory_cache = (present, inv)
+        return inv
+
+    def read(self, uuid: str, fields: Sequence[FieldSpec]) -> ReadResult:
+        gpu = self._by_uuid.get(uuid)
+        mig: _SimMig | None = None
+        if gpu is None:
+            mig = self._migs.get(uuid)
+            if mig is None:
+                raise DeviceLostError(f"simulated node has no device {uuid}")
+            gpu = mig.parent
+        t = self.elapsed()
+        if gpu.faults:
+            t = self._availability(gpu, uuid, t)
+        vals = mig.values(t) if mig is not None else gpu.values(t)
+        res = ReadResult()
+        got, unsupported = res.values, res.unsupported
+        for spec in fields:
+            v = vals.get(spec.name)
+            if v is not None:
+                got[spec.name] = v
+            elif spec.reader != "event" and spec.reader != "label":
+                unsupported.add(spec.name)
+        return res
+
+    def open_events(self, inventory: Inventory) -> SimulatedEventSource:
+        return SimulatedEventSource(self, (g.uuid for g in inventory.gpus))
+
+    # -- injection ----------------------------------------------------------
+
+    def inject_xid(self, gpu_index: int, xid: int, gi: int | None = None, ci: int | None = None) -> None:
+        """Fire an XID event now (thread-safe; wakes a waiting wait())."""
+        gpu = self._gpu(gpu_index)
+        if gi is not None and gi not in {m.gi for m in gpu.migs}:
+            raise ValueError(f"GPU {gpu_index} has no GPU instance {gi}")
+        event = DeviceEvent(
+            gpu.uuid, EVENT_XID, xid=xid, gpu_instance_id=gi,
+            compute_instance_id=(ci if ci is not None else 0) if gi is not None else None, timestamp=time.time(),
+        )
+        with self._cond:
+            self._queue.append(event)
+            self._cond.notify_all()
+
+    def inject(self, fault: str) -> Fault:
+        """Add a fault (FAULT grammar) at runtime; without "@T" it starts now ("hang:2+30s"). Returns it."""
+        text = fault.strip()
+        if "@" not in text:
+            head, plus, dur = text.partition("+")
+            text = f"{head}@{self.elapsed():.6f}{plus}{dur}"
+        parsed = parse_fault(text, len(self._gpus), self._mig_gis)
+        self._add_fault(parsed)
+        return parsed
+
+    # -- internals ------------------------------------------------------------
+
+    def _gpu(self, index: int) -> _SimGpu:
+        if not 0 <= index < len(self._gpus):
+            raise ValueError(f"GPU {index} does not exist (the node has {len(self._gpus)} GPUs)")
+        return self._gpus[index]
+
+    def _add_fault(self, f: Fault) -> None:
+        gpu = self._gpus[f.gpu]
+        with self._cond:
+            if f.kind != "xid":
+                with gpu.lock:
+                    faults = [*gpu.faults, f]
+                    faults.sort(key=lambda x: x.at)
+                    gpu.faults = faults
+                    if f.kind == "thermal" and f.at < gpu.seg + 1:
+                        gpu._reset()  # the past changed: recompute from the start, deterministically
+            if f.kind == "xid":
+                self._schedule_event(f.at, gpu.uuid, EVENT_XID, f.xid, f.gi)
+            elif f.kind == "dbe":
+                self._schedule_event(f.at, gpu.uuid, EVENT_DOUBLE_BIT_ECC)
+                self._schedule_event(f.at, gpu.uuid, EVENT_XID, 48)
+            elif f.kind == "remap-failure":
+                self._schedule_event(f.at, gpu.uuid, EVENT_XID, 64)
+            elif f.kind == "lost":
+                self._schedule_event(f.at, gpu.uuid, _LOST)
+            self._cond.notify_all()
+
+    def _schedule_event(self, at: float, uuid: str, event_type: int, xid: int = 0, gi: int | None = None) -> None:
+        self._seq += 1
+        bisect.insort(self._schedule, _Scheduled(at, self._seq, uuid, event_type, xid, gi))
+
+    def _availability(self, gpu: _SimGpu, uuid: str, t: float) -> float:
+        """Raise for a lost/vanished GPU; block while it hangs. Returns the time to read at."""
+        while True:
+            f = gpu.state_fault(("lost", "vanish"), t)
+            if f is not None:
+                raise DeviceLostError(f"simulated GPU {gpu.index} ({uuid}) is lost (fault {f.text})")
+            h = gpu.state_fault(("hang",), t)
+            if h is None:
+                return t
+            # Block like a wedged driver call, in chunks, until the hang ends or shutdown().
+            if self._stop.wait(HANG_POLL_S):
+                raise DeviceError(f"simulated GPU {gpu.index}: hung read interrupted by shutdown")
+            t = self.elapsed()
+
+    def _release_due(self, now: float) -> None:
+        """Move scheduled events that are due into the queue (caller holds the condition)."""
+        sched = self._schedule
+        i = 0
+        while i < len(sched) and sched[i].at <= now:
+            s = sched[i]
+            i += 1
+            ci = 0 if s.gi is not None else None
+            self._queue.append(DeviceEvent(s.gpu_uuid, s.event_type, s.xid, s.gi, ci, timestamp=time.time()))
+        if i:
+            del sched[:i]
+
+    def _wait_events(self, source: SimulatedEventSource, uuids: frozenset[str], timeout_s: float) -> list[DeviceEvent]:
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        real_clock = self._clock is time.monotonic
+        with self._cond:
+            while True:
+                if self._stop.is_set():
+                    raise BackendError("simulated backend is shut down")
+                if source.closed:
+                    return []
+                now = self.elapsed()
+                self._release_due(now)
+                out: list[DeviceEvent] = []
+                queue, self._queue = self._queue, []
+                for i, e in enumerate(queue):
+                    if e.gpu_uuid not in uuids:
+                        continue  # not registered in this event set: dropped, as NVML would
+                    if e.event_type == _LOST:
+                        if out:  # deliver what came before first; raise on the next call
+                            self._queue = queue[i:]
+                            return out
+                        self._queue = queue[i + 1:]
+                        raise DeviceLostError(e.gpu_uuid)
+                    out.append(e)
+                if out:
+                    return out
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                chunk = remaining
+                if self._schedule:
+                    until = self._schedule[0].at - now
+                    chunk = min(chunk, max(0.001, until) if real_clock else min(0.05, max(0.001, until)))
+                self._cond.wait(chunk)
+
+    def _close_events(self, source: SimulatedEventSource) -> None:
+        with self._cond:
+            source.closed = True
+            self._cond.notify_all()
+
+    def _nvlink_pairs(self) -> frozenset[tuple[str, str]]:
+        topo = self.model.nvlink
+        if topo == "none":
+            return frozenset()
+        pairs = set()
+        for a in self._gpus:
+            for b in self._gpus:
+                if a.index >= b.index or a.index // 8 != b.index // 8:
+                    continue
+                i, j = a.index % 8, b.index % 8
+                linked = topo == "all" or (i // 4 == j // 4) or (j == i + 4)
+                if linked:
+                    pairs.add((min(a.uuid, b.uuid), max(a.uuid, b.uuid)))
+        return frozenset(pairs)
+

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import threading
+import time
+
+from exporter.backend import BackendError, DeviceLostError
+from exporter.events import EventPump
+from exporter.model import EVENT_GPU_LOST, EVENT_XID, DeviceEvent, Inventory
+from tests.core.fakebackend import ScriptedBackend
+
+
+class FailingEvents(ScriptedBackend):
+    """open_events always fails, like a driver that refuses registration."""
+
+    def __init__(self) -> None:
+        super().__init__(gpus=1)
+        self.opens = 0
+
+    def open_events(self, inventory: Inventory):  # type: ignore[no-untyped-def,override]
+        self.opens += 1
+        raise BackendError("register failed")
+
+
+class LosingEvents(ScriptedBackend):
+    """Delivers one XID, then reports the GPU lost on every wait."""
+
+    def __init__(self) -> None:
+        super().__init__(gpus=1)
+        self.opens = 0
+
+    def open_events(self, inventory: Inventory):  # type: ignore[no-untyped-def,override]
+        self.opens += 1
+        backend = self
+
+        class Source:
+            delivered = False
+
+            def wait(self, timeout_s: float) -> list[DeviceEvent]:
+                if backend.opens == 1 and not self.delivered:
+                    self.delivered = True
+                    return [DeviceEvent("GPU-00000000", EVENT_XID, xid=79)]
+                raise DeviceLostError("GPU-00000000")
+
+            def close(self) -> None: ...
+
+        return Source()
+
+
+def test_failing_event_set_is_rebuilt_with_backoff_not_a_busy_loop() -> None:
+    backend = FailingEvents()
+    pump = EventPump(backend, lambda: backend.inventory, lambda: None)
+    pump.start()
+    time.sleep(2.5)
+    pump.stop()
+    assert 1 <= backend.opens <= 3  # 1 s, then 2 s: never a tight retry loop
+
+
+def test_gpu_lost_during_wait_is_delivered_and_triggers_rediscovery() -> None:
+    backend = LosingEvents()
+    got: list[DeviceEvent] = []
+    rediscover = threading.Event()
+    pump = EventPump(backend, lambda: backend.inventory, rediscover.set)
+    pump.add_listener(got.extend)
+    pump.start()
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and len(got) < 2:
+        time.sleep(0.02)
+    pump.stop()
+    assert [(e.event_type, e.xid) for e in got[:2]] == [(EVENT_XID, 79), (EVENT_GPU_LOST, 0)]
+    assert rediscover.is_set()
+
+
+def test_a_failing_listener_does_not_stop_delivery() -> None:
+    backend = LosingEvents()
+    got: list[DeviceEvent] = []
+
+    def broken(_events: list[DeviceEvent]) -> None:
+        raise RuntimeError("bug in a consumer")
+
+    pump = EventPump(backend, lambda: backend.inventory, lambda: None)
+    pump.add_listener(broken)
+    pump.add_listener(got.extend)
+    pump.start()
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and not got:
+        time.sleep(0.02)
+    pump.stop()
+    assert got and got[0].xid == 79
