@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import FakeNvmlBuild, load_scenario
 from tests.e2e.nvmlnode import NvmlNode, frozen, normalise
+from tests.e2e.test_cli_e2e import own_families
 
 GOLDEN = Path(__file__).parent / "golden"
 SCENARIOS = {"h100x8": False, "mig": False, "consumer": False, "olddriver": True}
@@ -39,6 +41,8 @@ def test_golden_exposition(scenario: str, fakenvml_build: FakeNvmlBuild, tmp_pat
     finally:
         assert exp.stop() == 0
     list(text_string_to_metric_families(text))  # parses as a whole
+    lint = subprocess.run(["promtool", "check", "metrics"], input=own_families(text), capture_output=True, text=True)
+    assert lint.returncode == 0 and not (lint.stdout + lint.stderr).strip(), lint.stdout + lint.stderr
     got = normalise(text)
     path = GOLDEN / f"{scenario}.prom"
     if os.environ.get("UPDATE_GOLDEN"):
@@ -67,6 +71,11 @@ def test_lost_gpu_goes_down_others_keep_serving(fakenvml_build: FakeNvmlBuild, t
         text = exp.wait_for(lambda t: node.value(t, "gpuhealth_health_state", gpu="1") == 2)
         assert 'signal="gpu_lost"' in text
         assert exp.get("/ready")[0] == 200  # one lost GPU degrades one part, not the exporter
+        # the GPU comes back (e.g. after a reset): collected again, but still fenced until an operator clears it
+        node.control("recover", gpu=1)
+        text = exp.wait_for(lambda t: node.value(t, "gpuhealth_device_up", gpu="1") == 1, timeout=30)
+        assert node.value(text, "DCGM_FI_DEV_GPU_TEMP", gpu="1") is not None
+        assert node.value(text, "gpuhealth_health_state", gpu="1") == 2
     finally:
         assert exp.stop() == 0
 
