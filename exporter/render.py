@@ -136,9 +136,11 @@ class Renderer:
             label_fields = f'DCGM_FI_DRIVER_VERSION="{escape_label_value(snapshot.inventory.driver_version)}"'
         values = {s.uuid: s.values for s in snapshot.samples if s.up}
         gpu_of = {s.uuid: s.gpu.uuid for s in snapshot.samples}
-        memo = self._value_text
-        if len(memo) > 65536:  # bounded: values that never repeat must not grow it forever
-            memo.clear()
+        # Formatted values of the previous cycle: constants (clocks, limits, zero error
+        # counts) repeat every cycle and skip float formatting. Only this cycle's values
+        # are kept, so counters that never repeat cannot grow it.
+        previous = self._value_text
+        memo: dict[float, str] = {}
         out: list[str] = []
         for fam in self._plan(snapshot, fields, label_fields):
             lines: list[str] = []
@@ -152,14 +154,16 @@ class Renderer:
                     value = values[uuid].get(name)
                     if value is None:
                         continue
-                    text = memo.get(value)
+                    text = memo.get(value) or previous.get(value)
                     if text is None:
-                        text = memo[value] = "} " + format_value(value) + "\n"
+                        text = "} " + format_value(value) + "\n"
+                    memo[value] = text
                     for p in prefixes:
                         lines.append(p + text)
             if lines:
                 out.append(fam.header)
                 out += lines
+        self._value_text = memo
         return "".join(out)
 
     # --- own families ---
