@@ -158,8 +158,10 @@ class Renderer:
                     if text is None:
                         text = "} " + format_value(value) + "\n"
                     memo[value] = text
-                    for p in prefixes:
-                        lines.append(p + text)
+                    if len(prefixes) == 1:  # the common case: no pod sharing the device
+                        lines.append(prefixes[0] + text)
+                    else:
+                        lines += [p + text for p in prefixes]
             if lines:
                 out.append(fam.header)
                 out += lines

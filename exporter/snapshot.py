@@ -23,10 +23,12 @@ class DeviceSample:
     stale: bool = False  # True: the read is hung/late; values are the last good ones
     age_s: float = 0.0
     error: str = ""  # why up is False or stale is True (NVML error name, "timeout", "lost")
+    # The device's own UUID (MIG- for a MIG device); derived, stored because the
+    # renderer and health look it up for every sample of every cycle.
+    uuid: str = field(init=False)
 
-    @property
-    def uuid(self) -> str:
-        return self.mig.uuid if self.mig is not None else self.gpu.uuid
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "uuid", self.mig.uuid if self.mig is not None else self.gpu.uuid)
 
 
 @dataclass(frozen=True)
