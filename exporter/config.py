@@ -104,7 +104,8 @@ FLAGS: tuple[Flag, ...] = (
     ),
     Flag(
         "kubernetes_gpu_id_type", ("--kubernetes-gpu-id-type",), "choice", "uid",
-        "How the device plugin names GPUs: uid (GPU-/MIG- UUIDs) or device-name (GKE nvidia<N>).",
+        "dcgm-exporter's switch between UUID ids (GPU-/MIG-) and GKE device names (nvidia<N>[/gi<M>]). "
+        "Accepted for compatibility: both forms are always recognised, so a wrong setting cannot lose labels.",
         PODS, choices=("uid", "device-name"),
     ),
     Flag(
