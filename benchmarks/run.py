@@ -207,8 +207,10 @@ def wrk(url: str, conns: int, seconds: int, headers: Sequence[str] = ()) -> tupl
 
 def start_nginx(body: bytes) -> tuple[subprocess.Popen[bytes], int, str]:
     root = tempfile.mkdtemp(prefix="ghe-nginx-")
-    (Path(root) / "metrics").write_bytes(body)
-    (Path(root) / "metrics.gz").write_bytes(gzip.compress(body, 6))
+    os.chmod(root, 0o755)  # nginx workers run unprivileged: a 0700 temp dir would answer 403
+    for name, data in (("metrics", body), ("metrics.gz", gzip.compress(body, 6))):
+        (Path(root) / name).write_bytes(data)
+        os.chmod(Path(root) / name, 0o644)
     port = free_port()
     conf = Path(root) / "nginx.conf"
     conf.write_text(f"""
@@ -235,6 +237,15 @@ http {{
                 break
         except OSError:
             time.sleep(0.1)
+    # Measure only a server that really serves the bytes (a misconfigured one answers fast 403s).
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        served = r.read()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        gz_ok = r.headers.get("Content-Encoding") == "gzip" and gzip.decompress(r.read()) == body
+    if served != body or not gz_ok:
+        proc.terminate()
+        raise RuntimeError(f"nginx did not serve the exposition ({len(served)} bytes, gzip ok: {gz_ok})")
     return proc, port, root
 
 

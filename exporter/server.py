@@ -17,6 +17,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import structlog
 
@@ -187,8 +188,7 @@ class _HttpProtocol(asyncio.Protocol):
         self._last_activity = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports don't subclass it
         sock = transport.get_extra_info("socket")
         if sock is not None:
             # A whole exposition (~100 KB) fits the kernel buffer in one send(), so asyncio
