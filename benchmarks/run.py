@@ -172,7 +172,8 @@ class Exporter:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "exporter", "-a", f"127.0.0.1:{self.port}", "--state-dir", self.state,
              "--log-level", "warning", *args],
-            env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            # Logs to a file, never an unread pipe: a full pipe would block the daemon's log writes.
+            env=full_env, stdout=subprocess.DEVNULL, stderr=open(Path(self.state) / "exporter.log", "wb"),  # noqa: SIM115
         )
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -406,8 +407,13 @@ def bench_health() -> None:
             m = re.search(r"^gpuhealth_collection_duration_seconds (\S+)$", text, re.M)
             return float(m.group(1)) if m else float("nan")
 
+        def cycles() -> float:
+            m = re.search(r"^gpuhealth_collections_total (\S+)$", exp.get().decode(), re.M)
+            return float(m.group(1)) if m else float("nan")
+
         quiet = scrape_ms()
         quiet_coll = collection_s()
+        cycles_before = cycles()
         rss0 = exp.rss_mb()
         with open(control, "a") as fh:  # a storm: 20 000 XIDs at once (NVML's queue drops the overflow)
             for i in range(20000):
@@ -415,6 +421,10 @@ def bench_health() -> None:
         storm = scrape_ms()
         time.sleep(2.5)
         storm_coll = collection_s()
+        storm_cycles = cycles() - cycles_before
+        if not storm_cycles >= 2:
+            raise RuntimeError(f"collection stalled during the storm ({storm_cycles} cycles)")
+        report("health", "collection cycles during the ~3 s storm window (1 s interval)", f"{storm_cycles:.0f}")
         report("health", "scrape latency quiet: p50 / p99 (ms)", f"{quiet[0]:.2f} / {quiet[1]:.2f}")
         report("health", "scrape latency during XID storm: p50 / p99 (ms)", f"{storm[0]:.2f} / {storm[1]:.2f}")
         report("health", "collection cycle quiet / during storm (ms)",
