@@ -48,6 +48,12 @@ def two_gpu_node(build: FakeNvmlBuild, tmp: Path, kubelet: FakeKubelet, *args: s
     )
 
 
+def mig_node(build: FakeNvmlBuild, tmp: Path, kubelet: FakeKubelet, *args: str) -> NvmlNode:
+    """The MIG scenario with the device plugin in mixed strategy (one resource per profile)."""
+    plugin = ["--device-plugin", "--device-plugin-dir", kubelet.plugin_dir, "--mig-strategy", "mixed"]
+    return NvmlNode(build, tmp, "mig", ["-c", "500", *plugin, *args])
+
+
 def health_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "exporter", "health", *args],
@@ -147,12 +153,7 @@ def test_kubelet_restart_reregisters_and_resends(
 def test_mig_instance_xid_fences_only_that_instance(
     fakenvml_build: FakeNvmlBuild, tmp_path: Path, kubelet: FakeKubelet
 ) -> None:
-    node = NvmlNode(
-        fakenvml_build,
-        tmp_path,
-        "mig",
-        ["-c", "500", "--device-plugin", "--device-plugin-dir", kubelet.plugin_dir, "--mig-strategy", "mixed"],
-    )
+    node = mig_node(fakenvml_build, tmp_path, kubelet)
     exp = node.exporter
     try:
         exp.wait_ready()
@@ -173,22 +174,7 @@ def test_mig_instance_xid_fences_only_that_instance(
 def test_mig_instance_fence_with_attributed_xid(
     fakenvml_build: FakeNvmlBuild, tmp_path: Path, kubelet: FakeKubelet
 ) -> None:
-    node = NvmlNode(
-        fakenvml_build,
-        tmp_path,
-        "mig",
-        [
-            "-c",
-            "500",
-            "--device-plugin",
-            "--device-plugin-dir",
-            kubelet.plugin_dir,
-            "--mig-strategy",
-            "mixed",
-            "--health-fence-xids",
-            "31",
-        ],
-    )
+    node = mig_node(fakenvml_build, tmp_path, kubelet, "--health-fence-xids", "31")
     exp = node.exporter
     try:
         exp.wait_ready()
