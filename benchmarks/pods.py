@@ -52,6 +52,16 @@ MIG_GIS = (7, 8, 9, 10, 11, 12, 13)  # the 7 GPU instance ids of 1g.10gb on an H
 Report = Callable[[str, str, str], Any]
 
 
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it does not exit within 10 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
 def _find_report() -> Report:
     """benchmarks/run.py's report (its RESULTS table), also when run.py is the running script."""
     main = sys.modules.get("__main__")
@@ -129,12 +139,7 @@ def kubelet_process(layout: dict[str, Any]) -> Iterator[str]:
             time.sleep(0.05)
         yield sock
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        _terminate(proc)
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -294,12 +299,7 @@ def measure_kubelet_calls(seconds: float = 20.0, scrape_hz: float = 5.0) -> None
         calls = {k: v - calls0.get(k, 0) for k, v in fake.calls.items()}
         cycles = _collections(text) - cycles0
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        _terminate(proc)
         fake.stop()
         shutil.rmtree(d, ignore_errors=True)
     lists = calls.get("List", 0)
