@@ -24,7 +24,6 @@ Design notes:
 from __future__ import annotations
 
 import ctypes
-import logging
 import re
 import threading
 import time
@@ -32,6 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pynvml
+import structlog
 
 from exporter.backend import BackendError, DeviceError, DeviceLostError
 from exporter.fields import ALL_LINKS, FieldSpec, to_exported
@@ -47,7 +47,7 @@ from exporter.model import (
     ReadResult,
 )
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger("exporter.nvml")
 
 WANTED_EVENTS = EVENT_XID | EVENT_DOUBLE_BIT_ECC | EVENT_SINGLE_BIT_ECC | EVENT_MIG_CONFIG_CHANGE
 
@@ -170,7 +170,7 @@ class NvmlBackend:
         try:
             self._driver_version = _text(pynvml.nvmlSystemGetDriverVersion())
         except pynvml.NVMLError as err:
-            log.warning("nvmlSystemGetDriverVersion failed: %s", err)
+            log.warning("nvml_driver_version_failed", error=str(err))
             self._driver_version = ""
 
     def _init_failure(self, err: BaseException) -> str:
@@ -196,7 +196,7 @@ class NvmlBackend:
         try:
             pynvml.nvmlShutdown()
         except pynvml.NVMLError as err:
-            log.warning("nvmlShutdown failed: %s", err)
+            log.warning("nvml_shutdown_failed", error=str(err))
         with self._lock:
             self._handles.clear()
             self._migs_of.clear()
@@ -224,7 +224,7 @@ class NvmlBackend:
         except pynvml.NVMLError as err:
             if _code(err) != _FUNCTION_NOT_FOUND:
                 raise
-            log.info("NVML symbol %s not found: using the older call", symbol)
+            log.info("nvml_symbol_fallback", missing=symbol, reason="older driver: using the older call")
             self._missing.add(symbol)
             return False, None
 
@@ -276,10 +276,10 @@ class NvmlBackend:
             except pynvml.NVMLError as err:
                 previous = self._known.get(index)
                 if previous is not None:
-                    log.warning("GPU %d (%s) unreadable during discovery: %s", index, previous.uuid, err)
+                    log.warning("gpu_unreadable_in_discovery", index=index, uuid=previous.uuid, error=str(err))
                     gpus.append(previous)
                 else:
-                    log.warning("GPU %d skipped: discovery failed: %s", index, err)
+                    log.warning("gpu_discovery_failed", index=index, error=str(err))
                 continue
             self._known[index] = gpu
             gpus.append(gpu)
@@ -456,7 +456,7 @@ class NvmlBackend:
             else:
                 if spec.reader not in self._warned_readers:
                     self._warned_readers.add(spec.reader)
-                    log.warning("field %s: reader %r not known to the NVML backend", spec.name, spec.reader)
+                    log.warning("unknown_reader", field=spec.name, reader=spec.reader)
                 result.unsupported.add(spec.name)
         if fv_specs or rate_specs:
             self._read_field_values(uuid, handle, fv_specs, rate_specs, result)
@@ -631,7 +631,7 @@ class NvmlBackend:
             return self._vgpu_license(handle)
         if what not in self._warned_readers:
             self._warned_readers.add(what)
-            log.warning("call:%s is not known to the NVML backend", what)
+            log.warning("unknown_call_reader", reader=f"call:{what}")
         raise _Unsupported(what)
 
     def _memory(self, handle: Any) -> tuple[int, int | None, int, int]:
@@ -682,7 +682,7 @@ class NvmlBackend:
             try:
                 handles.append((gpu.uuid, self._handle_for(gpu.uuid)))
             except (DeviceLostError, DeviceError) as err:
-                log.warning("events: GPU %s not registered: %s", gpu.uuid, err)
+                log.warning("event_registration_failed", uuid=gpu.uuid, error=str(err))
         return NvmlEventSource(self, handles)
 
     def _wait_function(self) -> tuple[Any, bool]:
@@ -721,18 +721,18 @@ class NvmlEventSource:
         try:
             supported = int(pynvml.nvmlDeviceGetSupportedEventTypes(handle))
         except pynvml.NVMLError as err:
-            log.warning("events: GPU %s: cannot read supported event types: %s", uuid, err)
+            log.warning("event_types_unreadable", uuid=uuid, error=str(err))
             return
         mask = WANTED_EVENTS & supported
         if not mask:
-            log.info("events: GPU %s supports none of the wanted events", uuid)
+            log.info("events_unsupported", uuid=uuid)
             return
         try:
             pynvml.nvmlDeviceRegisterEvents(handle, mask, self._set)
         except pynvml.NVMLError as err:
             code = _code(err)
             if code in (_GPU_IS_LOST, _NOT_SUPPORTED):
-                log.warning("events: GPU %s not registered: %s", uuid, err)
+                log.warning("event_registration_failed", uuid=uuid, error=str(err))
                 return
             # UNKNOWN and friends leave the set undefined: the caller rebuilds it.
             raise BackendError(f"nvmlDeviceRegisterEvents({uuid}) failed: {err}") from err
@@ -793,4 +793,4 @@ class NvmlEventSource:
         try:
             pynvml.nvmlEventSetFree(event_set)
         except pynvml.NVMLError as err:
-            log.warning("nvmlEventSetFree failed: %s", err)
+            log.warning("nvml_event_set_free_failed", error=str(err))

@@ -9,14 +9,15 @@ pod labels, pod UIDs or DRA do not pay for importing it.
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-log = logging.getLogger(__name__)
+import structlog
+
+log = structlog.get_logger("exporter.pods.kube")
 
 T = TypeVar("T")
 
@@ -169,7 +170,7 @@ class Reflector(Generic[T]):
                 if getattr(err, "status", None) == 410:  # ApiException from a watch ERROR event: re-list
                     continue
                 backoff = min(self._backoff_max_s, max(self._backoff_initial_s, backoff * 2))
-                log.warning("%s list/watch failed, retrying in %.0fs: %s", self.name, backoff, err)
+                log.warning("kube_watch_failed", resource=self.name, retry_in_s=round(backoff), error=str(err))
                 self._stop.wait(backoff)
 
     def _list(self) -> str:

@@ -9,7 +9,6 @@ The last good mapping stays in use while the kubelet is unreachable; its age is 
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import threading
@@ -17,6 +16,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import structlog
 
 from exporter.labels import PREFIX, RenderContext, format_labels
 from exporter.model import Inventory
@@ -40,7 +41,7 @@ from podresources.client import (
     PodResourcesError,
 )
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger("exporter.pods")
 
 LabelSet = tuple[tuple[str, str], ...]
 
@@ -252,12 +253,19 @@ class PodMapper:
         node = self.config.resolved_node_name()
         if node is None:
             # Watching every pod of the cluster from every node would hurt the API server.
-            log.warning("NODE_NAME is not set: pod labels, pod UIDs and DRA attribution are disabled")
+            log.warning(
+                "pod_api_features_disabled", reason="NODE_NAME is not set", disabled="pod labels, pod UIDs, DRA"
+            )
             return
         try:
             api = self._api_client_factory(self.config.kubeconfig)
         except Exception as err:
-            log.warning("no Kubernetes API access (%s): pod labels, pod UIDs and DRA attribution are disabled", err)
+            log.warning(
+                "pod_api_features_disabled",
+                reason="no Kubernetes API access",
+                error=str(err),
+                disabled="pod labels, pod UIDs, DRA",
+            )
             return
         kw = {"watch_timeout_s": self.config.watch_timeout_s}
         if self.config.needs_pod_metadata:
@@ -280,7 +288,7 @@ class PodMapper:
             try:
                 self._refresh_once(inventory)
             except Exception:  # never let one bad reply kill attribution for good
-                log.exception("pod mapping refresh failed")
+                log.exception("pod_mapping_refresh_failed")
                 self._refresh_ok = False
             finally:
                 with self._cond:
@@ -310,7 +318,7 @@ class PodMapper:
         self._last_pods = pods
         self._refresh_ok = True
         if self._last_error is not None:
-            log.info("kubelet PodResources reachable again")
+            log.info("kubelet_reachable_again")
             self._last_error = None
         self._mapping = self._build(self._index, pods, self._last_alloc)
 
@@ -322,7 +330,7 @@ class PodMapper:
     def _log_error(self, msg: str) -> None:
         # Log on change only: a dead kubelet would otherwise log every cycle.
         if msg != self._last_error:
-            log.warning("%s (keeping the last good pod mapping)", msg)
+            log.warning("pod_mapping_refresh_failed", error=msg, keeping="last good mapping")
             self._last_error = msg
 
     def _relevant(self, resource: str) -> bool:
