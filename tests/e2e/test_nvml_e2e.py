@@ -231,7 +231,8 @@ def test_vanished_gpu_is_fenced_and_stays_visible(fakenvml_build: FakeNvmlBuild,
     exp = node.exporter
     try:
         exp.wait_ready()
-        uuid1 = exp.metrics().split('gpu="1",UUID="')[1].split('"')[0]
+        devices = json.loads(exp.get("/gpus")[1])["devices"]
+        uuid1 = next(d["uuid"] for d in devices if d.get("index") == 1 and "parent" not in d)
         node.control("vanish", gpu=1)
         text = exp.wait_for(lambda t: node.value(t, "gpuhealth_health_state", uuid=uuid1) == 2, timeout=90)
         assert 'signal="vanished"' in text or 'signal="gpu_lost"' in text
