@@ -14,6 +14,10 @@ APT_PACKAGES = gcc make libcjson-dev prometheus nginx-light wrk
 .PHONY: demo test lint typecheck generated unit venv deps system-deps fakenvml bench docs clean
 
 $(VENV)/.installed: pyproject.toml
+	@# Debian/Ubuntu's system python3 ships venv without ensurepip: install python3-venv if needed.
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q python3-venv; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
