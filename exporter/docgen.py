@@ -26,6 +26,8 @@ def _how(reader: str, fi: tuple[int, ...]) -> str:
         return f"dedicated NVML call ({arg})"
     if kind == "rate":
         return f"rate of NVML byte counter NVML_FI {arg}"
+    if kind == "gpm":
+        return f"NVML GPM metric {arg} (Hopper and newer)"
     other = {"event": "NVML XID events", "label": "nvmlSystemGetDriverVersion", "dcp": "not available (needs DCGM)"}
     return other[kind]
 

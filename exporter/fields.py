@@ -12,6 +12,13 @@ Reading strategies (`FieldSpec.reader`):
   (avoids nvmlDeviceGetPcieThroughput, which blocks ~20 ms per call).
 - "event": filled from NVML events (XIDs), never polled.
 - "label": a label-type field (driver version).
+- "gpm:<id>": a DCGM profiling (DCP) field computed by NVML's GPM API (Hopper and
+  newer) as metric NVML_GPM_METRIC_<id> between the previous read's sample and this
+  one's (so the first read gives no value). GPM reports percent (scale 0.01 gives
+  DCGM's 0-1 ratio) or MiB/s (scale 2**20 gives bytes/s). Activity metrics have
+  scope "instance": NVML samples them per MIG GPU instance (nvmlGpmMigSampleGet on
+  the parent with the GPU instance id); NVLink rates are GPU-wide. GPUs without GPM
+  (pre-Hopper, old drivers) report them unsupported.
 - "dcp": a DCGM profiling field NVML cannot give; skipped with one warning.
 """
 
@@ -56,6 +63,8 @@ def _f(
 
 
 MIB = 1.0 / (1 << 20)
+PERCENT = 0.01  # GPM percent -> DCGM ratio; to_exported divides by 100 so 35 % is exactly 0.35
+MIB_PER_S = float(1 << 20)  # GPM MiB/s -> bytes/s
 
 CATALOGUE: tuple[FieldSpec, ...] = (
     # --- dcgm-exporter's default set (non-DCP) ---
@@ -191,22 +200,48 @@ CATALOGUE: tuple[FieldSpec, ...] = (
         "The rate of data received over the PCIe bus - including both protocol headers and data payloads - "
         "in bytes per second.", "rate:198", nvml_unit="bytes",
     ),
-    _f("DCGM_FI_PROF_GR_ENGINE_ACTIVE", 1001, "gauge", "Ratio of time the graphics engine is active.", "dcp"),
-    _f("DCGM_FI_PROF_SM_ACTIVE", 1002, "gauge", "The ratio of cycles an SM has at least 1 warp assigned.", "dcp"),
-    _f("DCGM_FI_PROF_SM_OCCUPANCY", 1003, "gauge", "The ratio of number of warps resident on an SM.", "dcp"),
+    _f(
+        "DCGM_FI_PROF_GR_ENGINE_ACTIVE", 1001, "gauge", "Ratio of time the graphics engine is active.", "gpm:1",
+        scale=PERCENT, scope="instance", nvml_unit="% (GPM GRAPHICS_UTIL)",
+    ),
+    _f(
+        "DCGM_FI_PROF_SM_ACTIVE", 1002, "gauge", "The ratio of cycles an SM has at least 1 warp assigned.", "gpm:2",
+        scale=PERCENT, scope="instance", nvml_unit="% (GPM SM_UTIL)",
+    ),
+    _f(
+        "DCGM_FI_PROF_SM_OCCUPANCY", 1003, "gauge", "The ratio of number of warps resident on an SM.", "gpm:3",
+        scale=PERCENT, scope="instance", nvml_unit="% (GPM SM_OCCUPANCY)",
+    ),
     _f(
         "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", 1004, "gauge",
-        "Ratio of cycles the tensor (HMMA) pipe is active.", "dcp",
+        "Ratio of cycles the tensor (HMMA) pipe is active.", "gpm:5",
+        scale=PERCENT, scope="instance", nvml_unit="% (GPM ANY_TENSOR_UTIL)",
     ),
     _f(
         "DCGM_FI_PROF_DRAM_ACTIVE", 1005, "gauge",
-        "Ratio of cycles the device memory interface is active sending or receiving data.", "dcp",
+        "Ratio of cycles the device memory interface is active sending or receiving data.", "gpm:10",
+        scale=PERCENT, scope="instance", nvml_unit="% (GPM DRAM_BW_UTIL)",
     ),
-    _f("DCGM_FI_PROF_PIPE_FP64_ACTIVE", 1006, "gauge", "Ratio of cycles the fp64 pipes are active.", "dcp"),
-    _f("DCGM_FI_PROF_PIPE_FP32_ACTIVE", 1007, "gauge", "Ratio of cycles the fp32 pipes are active.", "dcp"),
-    _f("DCGM_FI_PROF_PIPE_FP16_ACTIVE", 1008, "gauge", "Ratio of cycles the fp16 pipes are active.", "dcp"),
-    _f("DCGM_FI_PROF_NVLINK_TX_BYTES", 1011, "gauge", "The rate of data transmitted over NVLink (bytes/s).", "dcp"),
-    _f("DCGM_FI_PROF_NVLINK_RX_BYTES", 1012, "gauge", "The rate of data received over NVLink (bytes/s).", "dcp"),
+    _f(
+        "DCGM_FI_PROF_PIPE_FP64_ACTIVE", 1006, "gauge", "Ratio of cycles the fp64 pipes are active.", "gpm:11",
+        scale=PERCENT, scope="instance", nvml_unit="% (GPM FP64_UTIL)",
+    ),
+    _f(
+        "DCGM_FI_PROF_PIPE_FP32_ACTIVE", 1007, "gauge", "Ratio of cycles the fp32 pipes are active.", "gpm:12",
+        scale=PERCENT, scope="instance", nvml_unit="% (GPM FP32_UTIL)",
+    ),
+    _f(
+        "DCGM_FI_PROF_PIPE_FP16_ACTIVE", 1008, "gauge", "Ratio of cycles the fp16 pipes are active.", "gpm:13",
+        scale=PERCENT, scope="instance", nvml_unit="% (GPM FP16_UTIL)",
+    ),
+    _f(
+        "DCGM_FI_PROF_NVLINK_TX_BYTES", 1011, "gauge", "The rate of data transmitted over NVLink (bytes/s).",
+        "gpm:61", scale=MIB_PER_S, nvml_unit="MiB/s (GPM NVLINK_TOTAL_TX_PER_SEC)",
+    ),
+    _f(
+        "DCGM_FI_PROF_NVLINK_RX_BYTES", 1012, "gauge", "The rate of data received over NVLink (bytes/s).",
+        "gpm:60", scale=MIB_PER_S, nvml_unit="MiB/s (GPM NVLINK_TOTAL_RX_PER_SEC)",
+    ),
 )
 
 BY_NAME: dict[str, FieldSpec] = {spec.name: spec for spec in CATALOGUE}
@@ -217,7 +252,7 @@ ALIASES: dict[str, str] = {
 }
 
 # dcgm-exporter's default-counters.csv, in its order (DCP fields included: the
-# PCIe ones are derived from NVML counters, the others are skipped with a warning).
+# PCIe ones are derived from NVML counters, the others come from GPM on Hopper+).
 DCGM_DEFAULT_SET: tuple[str, ...] = (
     "DCGM_FI_DEV_SM_CLOCK",
     "DCGM_FI_DEV_MEM_CLOCK",
@@ -282,6 +317,8 @@ def to_exported(spec: FieldSpec, raw: float) -> float:
     """NVML's value in the exported unit. MiB values are whole MiB (bytes // 2**20), as DCGM reports them."""
     if spec.scale == MIB:
         return float(int(raw) >> 20)
+    if spec.scale == PERCENT:
+        return raw / 100.0
     return raw * spec.scale
 
 

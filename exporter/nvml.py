@@ -15,6 +15,14 @@ Design notes:
   symbol is remembered so it is not looked up again.
 - NOT_SUPPORTED is remembered per (device, field) and never asked again (reset
   for a GPU when its MIG mode changes, since MIG toggles what is supported).
+- GPM (DCP fields, reader "gpm:<metric id>"): support is queried once per GPU
+  (nvmlGpmQueryDeviceSupport; unsupported or FunctionNotFound -> the fields are
+  unsupported). Each GPU / MIG device keeps two GPM samples, allocated on first
+  use and freed at shutdown or when discovery drops the device (or its MIG mode
+  changes); every read takes a new sample (nvmlGpmMigSampleGet on the parent with
+  the GPU instance id for a MIG device) and computes all requested metrics
+  between the previous sample and it with one nvmlGpmMetricsGet call. The first
+  read (and the first after a sampling error) gives no value.
 - A GPU that becomes unreadable during discovery (e.g. GPU_IS_LOST) is kept in
   the inventory with its last known identity, so its reads raise
   DeviceLostError and it shows as down instead of silently disappearing.
@@ -73,6 +81,17 @@ _P2P_OK = getattr(pynvml, "NVML_P2P_STATUS_OK", 0)
 
 # nvmlValueType_t -> union member
 _VALUE_MEMBERS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
+
+
+class _GpmState:
+    """GPM samples of one GPU or MIG device. `busy`/`closed` are guarded by the backend's lock."""
+
+    def __init__(self) -> None:
+        self.samples: list[Any] = []  # [previous, current] once allocated
+        self.has_previous = False
+        self.busy = False
+        self.closed = False
+        self.request: Any = None  # c_nvmlGpmMetricsGet_t, reused (~19 KB)
 
 
 class _Unsupported(Exception):
@@ -149,6 +168,9 @@ class NvmlBackend:
         self._nvlink_pairs: frozenset[tuple[str, str]] = frozenset()
         self._missing: set[str] = set()
         self._warned_readers: set[str] = set()
+        self._gpm: dict[str, _GpmState] = {}
+        self._gpm_support: dict[str, bool] = {}  # GPU uuid -> nvmlGpmQueryDeviceSupport answer
+        self._mig_parent: dict[str, tuple[str, int]] = {}  # MIG uuid -> (parent uuid, GPU instance id)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -193,6 +215,11 @@ class NvmlBackend:
         if not self._started:
             return
         self._started = False
+        with self._lock:
+            states = list(self._gpm.values())
+            self._gpm.clear()
+            self._gpm_support.clear()
+        self._free_gpm(states)
         try:
             pynvml.nvmlShutdown()
         except pynvml.NVMLError as err:
@@ -285,6 +312,10 @@ class NvmlBackend:
             gpus.append(gpu)
         for index in [i for i in self._known if i >= count]:
             del self._known[index]
+        present = {g.uuid for g in gpus} | {m.uuid for g in gpus for m in g.migs}
+        with self._lock:
+            dropped = [self._gpm.pop(u) for u in [u for u in self._gpm if u not in present]]
+        self._free_gpm(dropped)
         pairs = self._nvlink(gpus)
         return Inventory(driver_version=self._driver_version, gpus=tuple(gpus), nvlink_pairs=pairs)
 
@@ -306,16 +337,25 @@ class NvmlBackend:
         name, bus_id, minor, numa = identity
         mig_enabled = self._mig_enabled(handle)
         migs = self._discover_migs(handle, index, uuid) if mig_enabled else ()
+        dropped: list[_GpmState] = []
         with self._lock:
             self._handles[uuid] = handle
             for stale in self._migs_of.get(uuid, frozenset()) - {m.uuid for m in migs}:
                 self._handles.pop(stale, None)
                 self._unsupported.pop(stale, None)
+                self._mig_parent.pop(stale, None)
+                if stale in self._gpm:
+                    dropped.append(self._gpm.pop(stale))
             self._migs_of[uuid] = frozenset(m.uuid for m in migs)
+            for mig in migs:
+                self._mig_parent[mig.uuid] = (uuid, mig.gpu_instance_id)
             previous_mode = self._mig_mode.get(uuid)
             if previous_mode is not None and previous_mode != mig_enabled:
                 self._unsupported.pop(uuid, None)
+                if uuid in self._gpm:  # GPU-wide samples from before the change are not comparable
+                    dropped.append(self._gpm.pop(uuid))
             self._mig_mode[uuid] = mig_enabled
+        self._free_gpm(dropped)
         return Gpu(
             index=index,
             uuid=uuid,
@@ -442,6 +482,7 @@ class NvmlBackend:
         fv_specs: list[FieldSpec] = []
         rate_specs: list[FieldSpec] = []
         call_specs: list[FieldSpec] = []
+        gpm_specs: list[FieldSpec] = []
         for spec in fields:
             if spec.reader in _SKIPPED_READERS:
                 continue
@@ -453,6 +494,8 @@ class NvmlBackend:
                 rate_specs.append(spec)
             elif spec.reader.startswith("call:"):
                 call_specs.append(spec)
+            elif spec.reader.startswith("gpm:"):
+                gpm_specs.append(spec)
             else:
                 if spec.reader not in self._warned_readers:
                     self._warned_readers.add(spec.reader)
@@ -462,6 +505,8 @@ class NvmlBackend:
             self._read_field_values(uuid, handle, fv_specs, rate_specs, result)
         if call_specs:
             self._read_calls(uuid, handle, call_specs, result)
+        if gpm_specs:
+            self._read_gpm(uuid, handle, gpm_specs, result)
         if result.unsupported - known_unsupported:
             with self._lock:
                 self._unsupported.setdefault(uuid, set()).update(result.unsupported)
@@ -566,6 +611,153 @@ class NvmlBackend:
         if now <= last_time or value < last_value:  # first read after a wrap/reset: new baseline
             return None
         return (value - last_value) / (now - last_time)
+
+    # ------------------------------------------------------------------ GPM
+
+    def _gpm_target(self, uuid: str, handle: Any) -> tuple[str, Any, int | None]:
+        """(GPU uuid, GPU handle, GPU instance id or None) to sample for a GPU or MIG device."""
+        if not uuid.startswith("MIG-"):
+            return uuid, handle, None
+        with self._lock:
+            known = self._mig_parent.get(uuid)
+        if known is not None:
+            parent_uuid, gi = known
+            return parent_uuid, self._handle_for(parent_uuid), gi
+        parent = pynvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle)
+        parent_uuid = _text(pynvml.nvmlDeviceGetUUID(parent))
+        gi = int(pynvml.nvmlDeviceGetGpuInstanceId(handle))
+        with self._lock:
+            self._mig_parent[uuid] = (parent_uuid, gi)
+        return parent_uuid, parent, gi
+
+    def _gpm_supported(self, gpu_uuid: str, gpu_handle: Any) -> bool:
+        with self._lock:
+            known = self._gpm_support.get(gpu_uuid)
+        if known is not None:
+            return known
+        if "nvmlGpmQueryDeviceSupport" in self._missing:
+            return False
+        try:
+            supported = bool(pynvml.nvmlGpmQueryDeviceSupport(gpu_handle).isSupportedDevice)
+        except pynvml.NVMLError as err:
+            code = _code(err)
+            if code == _FUNCTION_NOT_FOUND:
+                log.info("nvml_gpm_unavailable", reason="driver lacks the GPM API: DCP fields unsupported")
+                self._missing.add("nvmlGpmQueryDeviceSupport")
+                return False
+            if code in (_NOT_SUPPORTED, getattr(pynvml, "NVML_ERROR_ARGUMENT_VERSION_MISMATCH", 25)):
+                supported = False
+            else:
+                raise
+        with self._lock:
+            self._gpm_support[gpu_uuid] = supported
+        return supported
+
+    def _read_gpm(self, uuid: str, handle: Any, specs: Sequence[FieldSpec], result: ReadResult) -> None:
+        try:
+            gpu_uuid, gpu_handle, gi = self._gpm_target(uuid, handle)
+            supported = self._gpm_supported(gpu_uuid, gpu_handle)
+        except (pynvml.NVMLError, DeviceError) as err:
+            self._gpm_failed(uuid, err, specs, result)
+            return
+        if not supported:
+            result.unsupported.update(spec.name for spec in specs)
+            return
+        with self._lock:
+            state = self._gpm.get(uuid)
+            if state is None:
+                state = self._gpm[uuid] = _GpmState()
+            if state.busy or state.closed:  # a hung read of this device still owns the samples
+                return
+            state.busy = True
+        try:
+            self._sample_gpm(uuid, state, gpu_handle, gi, specs, result)
+        finally:
+            with self._lock:
+                state.busy = False
+                free_now = state.closed
+            if free_now:
+                self._free_gpm([state])
+
+    def _sample_gpm(
+        self, uuid: str, state: _GpmState, gpu_handle: Any, gi: int | None, specs: Sequence[FieldSpec],
+        result: ReadResult,
+    ) -> None:
+        try:
+            while len(state.samples) < 2:
+                state.samples.append(pynvml.nvmlGpmSampleAlloc())
+            current = state.samples[1]
+            if gi is None:
+                pynvml.nvmlGpmSampleGet(gpu_handle, current)
+            else:
+                pynvml.nvmlGpmMigSampleGet(gpu_handle, gi, current)
+        except pynvml.NVMLError as err:
+            state.has_previous = False
+            self._gpm_failed(uuid, err, specs, result)
+            return
+        previous = state.samples[0]
+        state.samples.reverse()  # this sample is the next read's previous one
+        if not state.has_previous:
+            state.has_previous = True
+            return  # metrics need two samples
+        ids = list(dict.fromkeys(int(spec.reader.split(":", 1)[1]) for spec in specs))
+        if state.request is None:
+            state.request = pynvml.c_nvmlGpmMetricsGet_t()
+        request = state.request
+        request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
+        request.numMetrics = len(ids)
+        request.sample1 = previous
+        request.sample2 = current
+        for i, metric_id in enumerate(ids):
+            request.metrics[i].metricId = metric_id
+            request.metrics[i].nvmlReturn = _SUCCESS
+            request.metrics[i].value = 0.0
+        try:
+            pynvml.nvmlGpmMetricsGet(request)
+        except pynvml.NVMLError as err:
+            self._gpm_failed(uuid, err, specs, result)
+            return
+        by_id: dict[int, float | int] = {}
+        for i, metric_id in enumerate(ids):
+            entry = request.metrics[i]
+            ret = int(entry.nvmlReturn)
+            by_id[metric_id] = float(entry.value) if ret == _SUCCESS else ret
+        for spec in specs:
+            value = by_id[int(spec.reader.split(":", 1)[1])]
+            if isinstance(value, float):
+                result.values[spec.name] = to_exported(spec, value)
+            elif value in (_NOT_SUPPORTED, _FUNCTION_NOT_FOUND):
+                result.unsupported.add(spec.name)
+            elif value == _GPU_IS_LOST:
+                raise DeviceLostError(uuid)
+            else:
+                result.errors[spec.name] = _error_name(value)
+
+    def _gpm_failed(self, uuid: str, err: BaseException, specs: Sequence[FieldSpec], result: ReadResult) -> None:
+        if isinstance(err, DeviceError):
+            raise err
+        code = _code(err)
+        if code == _GPU_IS_LOST:
+            raise DeviceLostError(uuid) from err
+        for spec in specs:
+            if code in (_NOT_SUPPORTED, _FUNCTION_NOT_FOUND):
+                result.unsupported.add(spec.name)
+            else:
+                result.errors[spec.name] = type(err).__name__
+
+    def _free_gpm(self, states: Sequence[_GpmState]) -> None:
+        """Free the samples of dropped devices (now, or when a read still using them ends)."""
+        for state in states:
+            with self._lock:
+                state.closed = True
+                if state.busy:
+                    continue
+                samples, state.samples = state.samples, []
+            for sample in samples:
+                try:
+                    pynvml.nvmlGpmSampleFree(sample)
+                except pynvml.NVMLError as err:
+                    log.warning("nvml_gpm_sample_free_failed", error=str(err))
 
     def _read_calls(self, uuid: str, handle: Any, specs: Sequence[FieldSpec], result: ReadResult) -> None:
         memo: dict[str, Any] = {}

@@ -33,7 +33,9 @@ from exporter.simulate.fieldnames import (
     MEM_CLOCK,
     MEM_COPY_UTIL,
     MEMORY_TEMP,
+    NVLINK_RX_BYTES,
     NVLINK_TOTAL,
+    NVLINK_TX_BYTES,
     PCIE_REPLAY,
     PCIE_RX,
     PCIE_TX,
@@ -60,7 +62,7 @@ from exporter.simulate.fieldnames import (
 )
 from exporter.simulate.hashing import _M64, _key, _mix, _Smooth, _u, _uuid
 from exporter.simulate.models import GpuModel, MigProfile
-from exporter.simulate.workload import _fb_used, _util
+from exporter.simulate.workload import _activity, _fb_used, _util
 
 # HGX-style PCI bus numbers for the 8 GPUs of one board.
 _PCI_BUSES = (0x18, 0x2A, 0x3A, 0x5D, 0x9A, 0xAB, 0xBA, 0xDB)
@@ -94,10 +96,13 @@ class _SimMig:
         if cache[0] != n:
             total = self.profile.memory_mib
             used = _fb_used(self.pattern, n, total, self.mem_frac, self.util(n), self.mem_noise)
-            cache = self._cache = (n, {
+            vals = {
                 FB_TOTAL: float(total), FB_USED: float(used), FB_RESERVED: 0.0, FB_FREE: float(total - used),
                 BAR1_USED: float(self.bar1 if used else 1),
-            })
+            }
+            if self.parent.model.gpm:  # GPM samples per GPU instance
+                vals.update(_activity(self.pattern, self.util(n)))
+            cache = self._cache = (n, vals)
         return cache[1]
 
 
@@ -309,6 +314,11 @@ class _SimGpu:
             g[RETIRED_SBE] = float(int(self.cor_remapped))
             g[RETIRED_DBE] = 0.0
             g[RETIRED_PENDING] = 0.0
+        if m.gpm:
+            g.update(_activity(self.pattern if not (self.migs or self.mig_enabled) else "train", u))
+            half = float(int(self.rates[1] * 512.0))  # KiB/s TX + RX -> bytes/s each way
+            g[NVLINK_TX_BYTES] = half
+            g[NVLINK_RX_BYTES] = half
         if self.mig_enabled:
             for name in _NOT_ON_MIG_PARENT:
                 g.pop(name, None)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from exporter.simulate.fieldnames import (
     _ALWAYS,
     _ECC,
+    _GPM,
     _REMAP,
     _RETIRED,
     FAN_SPEED,
@@ -79,6 +80,8 @@ class GpuModel:
     vgpu_license: bool
     idle_pstate: int
     mig: dict[str, MigProfile] = field(default_factory=dict)
+    gpm: bool = False  # Hopper+: NVML's GPM API gives the DCP activity fields
+
 
     def supported(self) -> frozenset[str]:
         s = set(_ALWAYS)
@@ -96,6 +99,8 @@ class GpuModel:
             s |= _RETIRED
         if self.vgpu_license:
             s.add(VGPU_LICENSE)
+        if self.gpm:
+            s |= _GPM
         return frozenset(s)
 
 
@@ -103,7 +108,7 @@ MODELS: dict[str, GpuModel] = {
     m.key: m
     for m in (
         GpuModel("h100", "NVIDIA H100 80GB HBM3", 81559, 532, 700.0, 70.0, 1980, 345, 2619, 2619, 30.0, 40.0, 6.0,
-                 False, "all", 8.8e8, 6.4e10, True, True, False, False, True, 0, _H100_MIG),
+                 False, "all", 8.8e8, 6.4e10, True, True, False, False, True, 0, _H100_MIG, gpm=True),
         GpuModel("a100", "NVIDIA A100-SXM4-80GB", 81920, 512, 400.0, 55.0, 1410, 210, 1593, 1593, 29.0, 36.0, 5.0,
                  False, "all", 5.9e8, 3.2e10, True, True, False, False, True, 0, _A100_MIG),
         GpuModel("v100", "Tesla V100-SXM2-32GB", 32768, 305, 300.0, 40.0, 1530, 135, 877, 877, 30.0, 35.0, 3.0,

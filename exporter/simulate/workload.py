@@ -27,6 +27,32 @@ def _util(pattern: str, key: int, n: int, period: int, noise: _Smooth, jitter: f
     return 0.0
 
 
+# Per pattern: SM active per graphics-active, occupancy / tensor / fp64 / fp32 / fp16 per SM active,
+# DRAM active per utilisation.
+_PROFILE = {
+    "train": (0.92, 0.45, 0.62, 0.0, 0.18, 0.08, 0.0065),
+    "infer": (0.7, 0.3, 0.4, 0.0, 0.12, 0.1, 0.0045),
+    "batch": (0.85, 0.5, 0.05, 0.35, 0.4, 0.02, 0.0055),
+}
+
+
+def _activity(pattern: str, util: float) -> dict[str, float]:
+    """The GPM activity ratios (0-1, DCGM field name -> value) of a pattern at utilisation `util` (0-100)."""
+    sm_per_gr, occ, tensor, fp64, fp32, fp16, dram = _PROFILE.get(pattern, _PROFILE["train"])
+    gr = util * 0.01
+    sm = gr * sm_per_gr
+    return {
+        "DCGM_FI_PROF_GR_ENGINE_ACTIVE": round(gr, 4),
+        "DCGM_FI_PROF_SM_ACTIVE": round(sm, 4),
+        "DCGM_FI_PROF_SM_OCCUPANCY": round(sm * occ, 4),
+        "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE": round(sm * tensor, 4),
+        "DCGM_FI_PROF_DRAM_ACTIVE": round(min(1.0, util * dram), 4),
+        "DCGM_FI_PROF_PIPE_FP64_ACTIVE": round(sm * fp64, 4),
+        "DCGM_FI_PROF_PIPE_FP32_ACTIVE": round(sm * fp32, 4),
+        "DCGM_FI_PROF_PIPE_FP16_ACTIVE": round(sm * fp16, 4),
+    }
+
+
 def _fb_used(pattern: str, n: int, usable: int, frac: float, util: float, noise: _Smooth) -> int:
     if pattern == "idle" or (pattern == "batch" and util == 0.0):
         return 0

@@ -77,10 +77,8 @@ ALLOWLIST = {
     "health-errors/NVML errors/A": "simulator reports no NVML errors",
 }
 # grafana.com 12239 panels that have no data with this exporter (see the notes in the file).
-COMPAT_ALLOWLIST = {
-    "Tensor Core Utilization": "DCP field DCGM_FI_PROF_PIPE_TENSOR_ACTIVE: NVML cannot provide it",
-    "Tensor Core Utilization (later revisions)": "same DCP field",
-}
+# (The Tensor Core panels have data since DCGM_FI_PROF_PIPE_TENSOR_ACTIVE comes from NVML GPM on Hopper.)
+COMPAT_ALLOWLIST: dict[str, str] = {}
 
 
 @dataclass

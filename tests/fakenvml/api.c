@@ -953,3 +953,158 @@ EXPORT nvmlReturn_t nvmlEventSetFree(void *set)
     pthread_cond_broadcast(&g_cv);
     OUT(NVML_SUCCESS);
 }
+
+/* ------------------------------------------------------------------ GPM */
+
+#ifndef FAKE_OLD_DRIVER
+#include <stdlib.h>
+
+#define GPM_MAGIC 0x47504D53u /* "GPMS" */
+
+/* What a sample buffer holds: the scenario's GPM values when it was taken. */
+struct nvmlGpmSample_st {
+    unsigned magic;
+    int filled;
+    unsigned epoch;
+    int gpu;
+    unsigned gi; /* NO_ID: whole GPU */
+    double t;
+    double val[GPM_N];
+    int ok[GPM_N];
+};
+
+static const struct {
+    unsigned id;
+    int src;
+    const char *short_name, *long_name, *unit;
+} GPM_METRICS[] = {
+    {1, S_GPM_GR, "gr_util", "graphics utilization", "%"},
+    {2, S_GPM_SM, "sm_util", "SM utilization", "%"},
+    {3, S_GPM_OCC, "sm_occupancy", "SM occupancy", "%"},
+    {5, S_GPM_TENSOR, "any_tensor_util", "any tensor utilization", "%"},
+    {10, S_GPM_DRAM, "dram_bw_util", "DRAM bandwidth utilization", "%"},
+    {11, S_GPM_FP64, "fp64_util", "FP64 utilization", "%"},
+    {12, S_GPM_FP32, "fp32_util", "FP32 utilization", "%"},
+    {13, S_GPM_FP16, "fp16_util", "FP16 utilization", "%"},
+    {60, S_GPM_NVL_RX, "nvlink_total_rx", "NVLink total RX bandwidth", "MiB/sec"},
+    {61, S_GPM_NVL_TX, "nvlink_total_tx", "NVLink total TX bandwidth", "MiB/sec"},
+};
+
+static unsigned long long g_gpm_live; /* allocated, not yet freed sample buffers */
+
+EXPORT unsigned long long fakenvml_gpm_samples_live(void)
+{
+    pthread_mutex_lock(&g_mu);
+    unsigned long long n = g_gpm_live;
+    pthread_mutex_unlock(&g_mu);
+    return n;
+}
+
+EXPORT nvmlReturn_t nvmlGpmQueryDeviceSupport(void *device, nvmlGpmSupport_t *support)
+{
+    ENTER(device, F_MIG_OK);
+    if (support == NULL)
+        OUT(NVML_ERROR_INVALID_ARGUMENT);
+    if (support->version != NVML_GPM_SUPPORT_VERSION)
+        OUT(NVML_ERROR_ARGUMENT_VERSION_MISMATCH);
+    support->isSupportedDevice = T.d->gpm_supported ? 1 : 0;
+    OUT(NVML_SUCCESS);
+}
+
+EXPORT nvmlReturn_t nvmlGpmSampleAlloc(nvmlGpmSample_t *sample)
+{
+    ENTER(NULL, F_NOHANDLE);
+    if (sample == NULL)
+        OUT(NVML_ERROR_INVALID_ARGUMENT);
+    struct nvmlGpmSample_st *p = calloc(1, sizeof(*p));
+    if (p == NULL)
+        OUT(NVML_ERROR_MEMORY);
+    p->magic = GPM_MAGIC;
+    *sample = p;
+    g_gpm_live++;
+    OUT(NVML_SUCCESS);
+}
+
+EXPORT nvmlReturn_t nvmlGpmSampleFree(nvmlGpmSample_t sample)
+{
+    ENTER(NULL, F_NOHANDLE);
+    if (sample == NULL || sample->magic != GPM_MAGIC)
+        OUT(NVML_ERROR_INVALID_ARGUMENT);
+    sample->magic = 0;
+    free(sample);
+    g_gpm_live--;
+    OUT(NVML_SUCCESS);
+}
+
+static nvmlReturn_t gpm_take(target *t, fake_mig *m, nvmlGpmSample_t sample)
+{
+    if (sample == NULL || sample->magic != GPM_MAGIC)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (!t->d->gpm_supported)
+        return NVML_ERROR_NOT_SUPPORTED;
+    sample->filled = 1;
+    sample->epoch = g_epoch;
+    sample->gpu = t->gpu;
+    sample->gi = m ? m->gi : NO_ID;
+    sample->t = now_mono();
+    for (int k = 0; k < GPM_N; k++) {
+        int src = S_GPM_FIRST + k;
+        const vspec *v = m && m->gpm_set[k] ? &m->gpm[k] : &t->d->v[src];
+        sample->ok[k] = v->kind != V_NONE && !(m && (src == S_GPM_NVL_TX || src == S_GPM_NVL_RX));
+        sample->val[k] = sample->ok[k] ? vs_eval(v) : 0;
+    }
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlGpmSampleGet(void *device, nvmlGpmSample_t sample)
+{
+    ENTER(device, 0);
+    OUT(gpm_take(&T, NULL, sample));
+}
+
+EXPORT nvmlReturn_t nvmlGpmMigSampleGet(void *device, unsigned int gpuInstanceId, nvmlGpmSample_t sample)
+{
+    ENTER(device, 0);
+    if (!T.d->mig_enabled)
+        OUT(NVML_ERROR_NOT_SUPPORTED);
+    for (int i = 0; i < T.d->nmig; i++)
+        if (T.d->migs[i]->gi == gpuInstanceId)
+            OUT(gpm_take(&T, T.d->migs[i], sample));
+    OUT(NVML_ERROR_NOT_FOUND);
+}
+
+EXPORT nvmlReturn_t nvmlGpmMetricsGet(nvmlGpmMetricsGet_t *mg)
+{
+    ENTER(NULL, F_NOHANDLE);
+    if (mg == NULL)
+        OUT(NVML_ERROR_INVALID_ARGUMENT);
+    if (mg->version != NVML_GPM_METRICS_GET_VERSION)
+        OUT(NVML_ERROR_ARGUMENT_VERSION_MISMATCH);
+    const struct nvmlGpmSample_st *s1 = mg->sample1, *s2 = mg->sample2;
+    if (mg->numMetrics > NVML_GPM_METRIC_MAX || s1 == NULL || s2 == NULL || s1->magic != GPM_MAGIC ||
+        s2->magic != GPM_MAGIC || !s1->filled || !s2->filled || s1->epoch != g_epoch || s2->epoch != g_epoch ||
+        s1->gpu != s2->gpu || s1->gi != s2->gi || !(s2->t > s1->t))
+        OUT(NVML_ERROR_INVALID_ARGUMENT);
+    if (g_dev[s2->gpu].lost || g_dev[s2->gpu].vanished)
+        OUT(NVML_ERROR_GPU_IS_LOST);
+    for (unsigned i = 0; i < mg->numMetrics; i++) {
+        nvmlGpmMetric_t *out = &mg->metrics[i];
+        out->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
+        out->value = 0;
+        out->metricInfo.shortName = out->metricInfo.longName = out->metricInfo.unit = NULL;
+        for (size_t k = 0; k < sizeof(GPM_METRICS) / sizeof(GPM_METRICS[0]); k++) {
+            if (GPM_METRICS[k].id != out->metricId)
+                continue;
+            int slot = GPM_METRICS[k].src - S_GPM_FIRST;
+            out->metricInfo.shortName = (char *)GPM_METRICS[k].short_name;
+            out->metricInfo.longName = (char *)GPM_METRICS[k].long_name;
+            out->metricInfo.unit = (char *)GPM_METRICS[k].unit;
+            if (s2->ok[slot]) {
+                out->nvmlReturn = NVML_SUCCESS;
+                out->value = s2->val[slot];
+            }
+        }
+    }
+    OUT(NVML_SUCCESS);
+}
+#endif

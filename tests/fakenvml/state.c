@@ -90,6 +90,16 @@ static const struct {
     {"DCGM_FI_DEV_PCIE_RX_THROUGHPUT", S_PCIE_RX},
     {"DCGM_FI_PROF_PCIE_RX_BYTES", S_PCIE_RX},
     {"DCGM_FI_DEV_GET_GPU_RECOVERY_ACTION", S_RECOVERY},
+    {"DCGM_FI_PROF_GR_ENGINE_ACTIVE", S_GPM_GR},
+    {"DCGM_FI_PROF_SM_ACTIVE", S_GPM_SM},
+    {"DCGM_FI_PROF_SM_OCCUPANCY", S_GPM_OCC},
+    {"DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", S_GPM_TENSOR},
+    {"DCGM_FI_PROF_DRAM_ACTIVE", S_GPM_DRAM},
+    {"DCGM_FI_PROF_PIPE_FP64_ACTIVE", S_GPM_FP64},
+    {"DCGM_FI_PROF_PIPE_FP32_ACTIVE", S_GPM_FP32},
+    {"DCGM_FI_PROF_PIPE_FP16_ACTIVE", S_GPM_FP16},
+    {"DCGM_FI_PROF_NVLINK_TX_BYTES", S_GPM_NVL_TX},
+    {"DCGM_FI_PROF_NVLINK_RX_BYTES", S_GPM_NVL_RX},
 };
 
 /* ------------------------------------------------------------------ time */
@@ -358,6 +368,17 @@ static void mig_apply(fake_dev *d, const cJSON *mig)
         m->bar1_total = cJSON_IsNumber(x) ? (unsigned long long)x->valuedouble : 32ULL << 30;
         x = cJSON_GetObjectItemCaseSensitive(bar1, "used");
         m->bar1_used = cJSON_IsNumber(x) ? (unsigned long long)x->valuedouble : 2ULL << 20;
+        const cJSON *f;
+        cJSON_ArrayForEach(f, cJSON_GetObjectItemCaseSensitive(it, "fields"))
+        {
+            int s = source_by_name(f->string);
+            if (s < S_GPM_FIRST) {
+                fprintf(stderr, "fakenvml: MIG instance field %s ignored (only GPM metrics)\n", f->string);
+                continue;
+            }
+            if (parse_vspec(f, &m->gpm[s - S_GPM_FIRST]) == 0)
+                m->gpm_set[s - S_GPM_FIRST] = 1;
+        }
         d->migs[d->nmig++] = m;
     }
 }
@@ -398,6 +419,8 @@ static void apply_device(fake_dev *d, const cJSON *j)
     }
     if ((x = cJSON_GetObjectItemCaseSensitive(j, "ecc")))
         d->ecc_enabled = cJSON_IsTrue(x);
+    if ((x = cJSON_GetObjectItemCaseSensitive(j, "gpm_supported")))
+        d->gpm_supported = cJSON_IsTrue(x);
     if ((x = cJSON_GetObjectItemCaseSensitive(j, "virtualization_mode")) && cJSON_IsNumber(x))
         d->virt_mode = x->valueint;
     if ((x = cJSON_GetObjectItemCaseSensitive(j, "supported_events")) && cJSON_IsNumber(x)) {

@@ -62,8 +62,21 @@ enum {
     S_PCIE_TX,
     S_PCIE_RX,
     S_RECOVERY,
+    /* GPM metrics (percent; NVLink: MiB/s), served by nvmlGpmMetricsGet */
+    S_GPM_GR,
+    S_GPM_SM,
+    S_GPM_OCC,
+    S_GPM_TENSOR,
+    S_GPM_DRAM,
+    S_GPM_FP64,
+    S_GPM_FP32,
+    S_GPM_FP16,
+    S_GPM_NVL_TX,
+    S_GPM_NVL_RX,
     S_COUNT
 };
+#define S_GPM_FIRST S_GPM_GR
+#define GPM_N (S_COUNT - S_GPM_FIRST)
 
 enum { V_NONE = 0, V_CONST, V_SINE, V_COUNTER };
 
@@ -81,6 +94,8 @@ typedef struct {
     char profile[32];
     char uuid[96];
     unsigned long long mem_total, mem_reserved, mem_used, bar1_total, bar1_used;
+    vspec gpm[GPM_N];    /* per GPU instance GPM values */
+    int gpm_set[GPM_N]; /* 0: use the parent's */
 } fake_mig;
 
 typedef struct {
@@ -93,6 +108,7 @@ typedef struct {
     int has_numa, numa;
     int ecc_enabled;
     int virt_mode;
+    int gpm_supported;
     unsigned long long supported_events;
     int supported_events_set;
     int mig_capable, mig_enabled, max_mig;

@@ -161,6 +161,17 @@ CONSTANTS: dict[str, tuple[float, float]] = {
     "DCGM_FI_DEV_FAN_SPEED": (55, 55),
     "DCGM_FI_DEV_BAR1_USED": (64 * (1 << 20), 64),
     "DCGM_FI_DEV_GET_GPU_RECOVERY_ACTION": (1, 1),
+    # GPM (percent -> ratio, MiB/s -> bytes/s); more in tests/nvml/test_gpm.py
+    "DCGM_FI_PROF_GR_ENGINE_ACTIVE": (90, 0.9),
+    "DCGM_FI_PROF_SM_ACTIVE": (80, 0.8),
+    "DCGM_FI_PROF_SM_OCCUPANCY": (40, 0.4),
+    "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE": (50, 0.5),
+    "DCGM_FI_PROF_DRAM_ACTIVE": (60, 0.6),
+    "DCGM_FI_PROF_PIPE_FP64_ACTIVE": (2, 0.02),
+    "DCGM_FI_PROF_PIPE_FP32_ACTIVE": (20, 0.2),
+    "DCGM_FI_PROF_PIPE_FP16_ACTIVE": (10, 0.1),
+    "DCGM_FI_PROF_NVLINK_TX_BYTES": (1000, 1000 * 1048576),
+    "DCGM_FI_PROF_NVLINK_RX_BYTES": (2000, 2000 * 1048576),
 }
 MEMORY = {"total": 81559 * (1 << 20), "reserved": 542 * (1 << 20), "used": 30000 * (1 << 20)}
 PCIE_TX_RATE = 2_000_000_000  # bytes/s
@@ -174,6 +185,7 @@ def constant_scenario(**device: Any) -> dict[str, Any]:
     fields["DCGM_FI_DEV_PCIE_RX_THROUGHPUT"] = {"start": 10**12, "rate": PCIE_RX_RATE}
     dev: dict[str, Any] = {"uuid": "GPU-c0000000-0000-4000-8000-000000000000", "memory": MEMORY, "fields": fields}
     dev["bar1"] = {"total": 128 << 30}
+    dev["gpm_supported"] = True
     dev.update(device)
     return {"driver_version": "560.35.03", "devices": [dev]}
 

@@ -134,13 +134,16 @@ RANGES = {
     "DCGM_FI_DEV_ROW_REMAP_FAILURE": (0, 0),
     "DCGM_FI_PROF_PCIE_TX_BYTES": (1, 64e9),
     "DCGM_FI_PROF_PCIE_RX_BYTES": (1, 64e9),
+    "DCGM_FI_PROF_GR_ENGINE_ACTIVE": (0, 1),
+    "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE": (0, 1),
+    "DCGM_FI_PROF_DRAM_ACTIVE": (0, 1),
 }
 
 
 def test_default_node_gives_every_non_dcp_default_field() -> None:
     expected = {f.name for f in DEFAULT_POLLED}
     assert "DCGM_FI_DEV_XID_ERRORS" not in expected and "DCGM_FI_DRIVER_VERSION" not in expected
-    assert len(expected) == 21  # 19 DEV fields + PCIe TX/RX bytes derived from NVML counters
+    assert len(expected) == 24  # 19 DEV fields + PCIe TX/RX bytes from NVML counters + 3 GPM fields (H100)
     b, clock = make()
     inv = b.discover()
     for _ in range(3):
