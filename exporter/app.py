@@ -30,7 +30,7 @@ from exporter.devices import parse_device_selector
 from exporter.events import EventPump
 from exporter.labels import RenderContext
 from exporter.logs import configure_logging
-from exporter.render import Exposition, Renderer
+from exporter.render import Renderer
 from exporter.server import HttpServer, Routes
 from exporter.snapshot import Snapshot
 from exporter.xid import XidTracker
@@ -271,9 +271,6 @@ class App:
             self.backend.shutdown()
         except Exception:
             log.exception("backend_shutdown_failed")
-
-    def exposition(self) -> Exposition:
-        return self.renderer.current
 
 
 def run(argv: Sequence[str]) -> int:

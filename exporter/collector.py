@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -305,6 +305,3 @@ class Collector:
                 next_at = time.monotonic()
                 delay = 0
             self._stop.wait(delay)
-
-    def dcp_fields(self) -> Sequence[FieldSpec]:
-        return tuple(f for f in self.counters.fields if f.reader == "dcp")

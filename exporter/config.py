@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -345,5 +345,3 @@ def config_fields_match_flags() -> bool:
         getattr(Config(), f.dest) == f.default for f in FLAGS
     )
 
-
-ParseFn = Callable[[Sequence[str]], Config]

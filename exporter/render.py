@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 import platform
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -242,9 +242,3 @@ class Renderer:
             self.renders += 1
         return expo
 
-
-def iter_lines(expo: Exposition) -> Iterable[str]:
-    return expo.plain.decode().splitlines()
-
-
-RenderHook = Callable[[Snapshot], None]
