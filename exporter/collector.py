@@ -177,6 +177,10 @@ class Collector:
         for gpu in inventory.gpus:
             self._ever_seen[gpu.uuid] = gpu
         if old is None or old.layout_key() != inventory.layout_key():
+            # What a device supports depends on its MIG mode (utilisation, remapped rows):
+            # forget what was learned and ask again once.
+            for state in self._devices.values():
+                state.unsupported.clear()
             log.info(
                 "inventory",
                 gpus=[g.uuid for g in inventory.gpus],

@@ -107,3 +107,20 @@ def test_a_failing_listener_does_not_stop_collection() -> None:
     c.add_listener(lambda s: seen.append(len(s.samples)))
     c.run_once()
     assert seen == [1]
+
+
+def test_unsupported_fields_are_asked_again_after_a_layout_change() -> None:
+    # GPU_UTIL is NOT_SUPPORTED while MIG is on; after MIG is turned off it must come back.
+    b = ScriptedBackend(gpus=1, mig_on=0)
+    b.unsupported = {"GPU-00000000": {"DCGM_FI_DEV_GPU_TEMP"}}
+    c = make(b)
+    c.run_once()
+    c.run_once()
+    gpu_asks = [names for uuid, names in b.asked if uuid == "GPU-00000000"]
+    assert "DCGM_FI_DEV_GPU_TEMP" not in gpu_asks[-1]
+    b.inventory = ScriptedBackend(gpus=1).inventory  # MIG off: a new layout
+    b.unsupported = {}
+    b.values = {"GPU-00000000": {"DCGM_FI_DEV_GPU_TEMP": 33}}
+    c.request_rediscovery()
+    snap = c.run_once()
+    assert snap.samples[0].values["DCGM_FI_DEV_GPU_TEMP"] == 33
