@@ -222,6 +222,10 @@ def test_mig_reconfiguration_is_rediscovered(fakenvml_build: FakeNvmlBuild, tmp_
         text = exp.wait_for(lambda t: node.value(t, "DCGM_FI_DEV_FB_USED", gpu="1", GPU_I_ID="1") == 2048)
         assert 'GPU_I_PROFILE="7g.80gb"' in text
         exp.wait_for(lambda t: node.value(t, "DCGM_FI_DEV_GPU_UTIL", gpu="1") is None)
+        # and back: with MIG off, utilisation (learned as NOT_SUPPORTED meanwhile) is asked for again
+        node.control("mig", gpu=1, enabled=False, instances=[])
+        text = exp.wait_for(lambda t: node.value(t, "DCGM_FI_DEV_GPU_UTIL", gpu="1") is not None)
+        assert node.value(text, "DCGM_FI_DEV_FB_USED", gpu="1", GPU_I_ID="1") is None
     finally:
         assert exp.stop() == 0
 
