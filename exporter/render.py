@@ -4,32 +4,63 @@ prometheus_client cannot serve DCGM's families (it appends `_total` to
 counters and sorts labels), and rendering per scrape is what makes
 dcgm-exporter slow. So the exposition is built here once per cycle, from
 label prefixes escaped once per device, and every scrape gets the same bytes.
+
+The exposition is made of parts (the DCGM block, the XID count family, the
+core families, each contributor), each rendered in isolation as node_exporter
+isolates its collectors: a part that raises is logged and its last good text
+served, so one broken contributor cannot freeze every other family.
+`gpuhealth_render_success{part=...}` says which parts are current.
 """
 
 from __future__ import annotations
 
 import gzip
 import platform
+import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import prometheus_client
+import structlog
 
 from exporter import __version__
 from exporter.fields import FieldSpec
 from exporter.labels import PREFIX, RenderContext, escape_help, escape_label_value, format_labels
+from exporter.logs import Reminder
 from exporter.snapshot import DeviceSample, Snapshot
 from exporter.xid import XidTracker
 
+log = structlog.get_logger("exporter.render")
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+RENDER_SUCCESS_HELP = (
+    "1 if this part of the exposition rendered in the last cycle; 0 if it failed and its last good output is served."
+)
 
 LabelSets = tuple[tuple[tuple[str, str], ...], ...]
 
 
 class Contributor(Protocol):
+    """A part of the exposition with its own families (docs/architecture.md, "Contributors").
+
+    A contributor may name itself with a `metrics_part: str` class attribute (the `part`
+    label of gpuhealth_render_success and of render_part_failed logs); without one the
+    name is derived from its class name (see part_name). Not part of the protocol's
+    signature, so that contributors without it still type-check."""
+
     def render_metrics(self, ctx: RenderContext) -> str: ...
+
+
+def part_name(contributor: object) -> str:
+    """The contributor's `metrics_part`, else its class name in snake_case (PodMapper -> pod_mapper):
+    stable across restarts, so alerts and dashboards can name it."""
+    name = getattr(contributor, "metrics_part", None)
+    if isinstance(name, str) and name:
+        return name
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", type(contributor).__name__).lower()
 
 
 class PodAttribution(Protocol):
@@ -38,7 +69,14 @@ class PodAttribution(Protocol):
 
 @dataclass(frozen=True)
 class Exposition:
-    """One cycle's rendering; swapped atomically, shared by every scrape."""
+    """One cycle's rendering; swapped atomically, shared by every scrape.
+
+    `rendered_at` is the snapshot time (Unix seconds) of the last render() that completed;
+    0.0 before the first. It only advances when a whole render succeeds: a render() that
+    raises leaves the previous Exposition in place, so the age of `rendered_at` tells how
+    stale the served bytes are (readiness is based on it). A render in which some parts
+    failed still completes: those parts serve their last good text and say so in
+    gpuhealth_render_success."""
 
     plain: bytes
     gzipped: bytes
@@ -85,6 +123,12 @@ class Renderer:
         self._lock = threading.Lock()
         self._current = Exposition(b"", gzip.compress(b""), 0.0)
         self.renders = 0
+        # Per part: the text of its last good rendering and how many cycles in a row it failed.
+        # Touched only by render(), which runs in the collection thread.
+        self._last_good: dict[str, bytes] = {}
+        self._failing: dict[str, int] = {}
+        # A part failing every cycle says so when it starts (with the traceback), then once a minute.
+        self.reminder = Reminder()
 
     @property
     def current(self) -> Exposition:
@@ -218,6 +262,52 @@ class Renderer:
         ]
         return out
 
+    # --- parts, each isolated ---
+    def _render_part(self, part: str, render: Callable[[], str], success: dict[str, bool]) -> bytes:
+        """`render()`'s text as UTF-8, or on failure the part's last good bytes (b"" if none yet)."""
+        try:
+            text = render()
+            if text and not text.endswith("\n"):
+                # It would glue its last line to the next part's first and break the whole exposition.
+                raise ValueError(f"output does not end with a newline: ...{text[-40:]!r}")
+            body = text.encode("utf-8")  # here, so that a lone surrogate fails this part only
+        except Exception as exc:
+            success[part] = False
+            streak = self._failing[part] = self._failing.get(part, 0) + 1
+            if self.reminder.due(part):
+                error = f"{type(exc).__name__}: {exc}"
+                if streak == 1:  # the traceback once per streak: the rest would repeat it
+                    log.error("render_part_failed", part=part, error=error, exc_info=True)
+                else:
+                    log.error("render_part_failed", part=part, error=error, failed_cycles=streak)
+            return self._last_good.get(part, b"")
+        success[part] = True
+        self._last_good[part] = body
+        streak = self._failing.pop(part, 0)
+        if streak:
+            self.reminder.clear(part)
+            log.info("render_part_recovered", part=part, failed_cycles=streak)
+        return body
+
+    def _contributor_parts(self) -> list[tuple[str, Contributor]]:
+        # Distinct names, or the success gauge would carry duplicate series.
+        seen: dict[str, int] = {}
+        parts = []
+        for c in self.contributors:
+            name = part_name(c)
+            seen[name] = seen.get(name, 0) + 1
+            parts.append((name if seen[name] == 1 else f"{name}_{seen[name]}", c))
+        return parts
+
+    @staticmethod
+    def render_success(success: dict[str, bool]) -> bytes:
+        """gpuhealth_render_success for every part of this cycle: rendered by the renderer
+        itself, outside the parts, so it is there even when every part failed."""
+        p = PREFIX
+        lines = [f"# HELP {p}render_success {RENDER_SUCCESS_HELP}", f"# TYPE {p}render_success gauge"]
+        lines += [f"{p}render_success{{{format_labels([('part', part)])}}} {int(ok)}" for part, ok in success.items()]
+        return ("\n".join(lines) + "\n").encode("utf-8")
+
     def render(
         self,
         snapshot: Snapshot,
@@ -225,15 +315,25 @@ class Renderer:
         nvml_errors: dict[tuple[str, str], int],
         collections: int,
     ) -> Exposition:
+        """Render the exposition and make it current. Raises (keeping the previous one
+        current) only when something all parts share fails; a failing part does not."""
         layout = snapshot.inventory.layout_key()
         if layout != self._layout:
             self.ctx.rebuild(snapshot.inventory)
             self._layout = layout
-        text = self.render_dcgm(snapshot, fields)
-        text += self.xids.render_count_family(self.ctx, [g.uuid for g in snapshot.inventory.gpus])
-        text += "\n".join(self.render_own(snapshot, nvml_errors, collections)) + "\n"
-        text += "".join(c.render_metrics(self.ctx) for c in self.contributors)
-        body = text.encode("utf-8")
+        success: dict[str, bool] = {}
+        gpu_uuids = [g.uuid for g in snapshot.inventory.gpus]
+        texts = [
+            self._render_part("dcgm", lambda: self.render_dcgm(snapshot, fields), success),
+            self._render_part("xid", lambda: self.xids.render_count_family(self.ctx, gpu_uuids), success),
+            self._render_part(
+                "core", lambda: "\n".join(self.render_own(snapshot, nvml_errors, collections)) + "\n", success
+            ),
+        ]
+        for name, contributor in self._contributor_parts():
+            texts.append(self._render_part(name, partial(contributor.render_metrics, self.ctx), success))
+        texts.append(self.render_success(success))
+        body = b"".join(texts)
         if self._process_registry is not None:
             body += prometheus_client.generate_latest(self._process_registry)
         expo = Exposition(body, gzip.compress(body, compresslevel=6), snapshot.taken_at)
@@ -241,4 +341,3 @@ class Renderer:
             self._current = expo
             self.renders += 1
         return expo
-

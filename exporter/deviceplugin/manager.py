@@ -53,6 +53,8 @@ class _Plugin:
 class DevicePluginManager:
     """Serves one device plugin per resource and keeps the kubelet's view in step with health."""
 
+    metrics_part = "device_plugin"  # the part label of gpuhealth_render_success
+
     def __init__(self, config: DevicePluginConfig, inventory: Callable[[], Inventory], health: HealthView) -> None:
         config.validate()
         self._config = config

@@ -51,6 +51,8 @@ _Structure = dict[str, tuple[HealthState, frozenset[tuple[str, str]]]]
 
 
 class HealthEngine:
+    metrics_part = "health"  # the part label of gpuhealth_render_success
+
     def __init__(
         self,
         policy: p.Policy,

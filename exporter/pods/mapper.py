@@ -123,6 +123,8 @@ def sanitize_label_name(key: str) -> str:
 class PodMapper:
     """Implements PodAttribution (labels_for) and the contributor protocol (render_metrics)."""
 
+    metrics_part = "pods"  # the part label of gpuhealth_render_success
+
     def __init__(
         self,
         config: PodMappingConfig,

@@ -3,12 +3,15 @@ from __future__ import annotations
 import re
 
 import prometheus_client
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from exporter.collector import Collector
 from exporter.counters import default_counters, parse_counters
 from exporter.devices import parse_device_selector
 from exporter.labels import RenderContext
+from exporter.logs import Reminder
 from exporter.model import EVENT_XID, DeviceEvent
 from exporter.render import Renderer
 from exporter.xid import XidTracker
@@ -124,3 +127,167 @@ def test_default_field_set_renders_faster_than_generate_latest_would_need() -> N
     text = r.render(c.run_once(), default_counters().fields, {}, 1).plain.decode()
     names = {f.name for f in text_string_to_metric_families(text)}
     assert {"DCGM_FI_DEV_GPU_TEMP", "process_resident_memory_bytes"} <= names
+
+
+# --- one failing part must not freeze /metrics ---
+
+
+class Flaky:
+    """A contributor that renders a counter until told to fail."""
+
+    metrics_part = "flaky"
+
+    def __init__(self) -> None:
+        self.fail = False
+        self.n = 0
+
+    def render_metrics(self, ctx: RenderContext) -> str:
+        if self.fail:
+            raise RuntimeError("boom")
+        self.n += 1
+        head = "# HELP gpuhealth_flaky_total Renders.\n# TYPE gpuhealth_flaky_total counter\n"
+        return f"{head}gpuhealth_flaky_total {self.n}\n"
+
+
+class Unnamed:
+    def render_metrics(self, ctx: RenderContext) -> str:
+        return ""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def flaky_renderer(clock: Clock | None = None) -> tuple[Renderer, Collector, Flaky]:
+    c = Collector(backend(), FIELDS, parse_device_selector("f"), 1.0, 0.5)
+    r = Renderer(RenderContext("Hostname", "n"), XidTracker(300, message=str), "scripted", process_registry=None)
+    if clock is not None:
+        r.reminder = Reminder(60.0, clock=clock)
+    flaky = Flaky()
+    r.contributors += [flaky, Unnamed()]
+    return r, c, flaky
+
+
+def cycle(r: Renderer, c: Collector) -> dict[str, float]:
+    """Render one cycle; the gpuhealth_render_success value per part."""
+    text = r.render(c.run_once(), FIELDS.fields, c.nvml_errors, c.collections).plain.decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    return {s.labels["part"]: s.value for s in families["gpuhealth_render_success"].samples}
+
+
+def value_of(r: Renderer, line_start: str) -> str:
+    lines = [x for x in r.current.plain.decode().splitlines() if x.startswith(line_start)]
+    assert len(lines) == 1, lines
+    return lines[0].rsplit(" ", 1)[1]
+
+
+def test_failing_contributor_serves_its_last_good_text_and_others_move_on() -> None:
+    r, c, flaky = flaky_renderer()
+    assert cycle(r, c) == {"dcgm": 1, "xid": 1, "core": 1, "flaky": 1, "unnamed": 1}
+    assert value_of(r, "gpuhealth_flaky_total") == "1"
+    assert value_of(r, "gpuhealth_collections_total") == "1"
+    first_at = r.current.rendered_at
+
+    flaky.fail = True
+    assert cycle(r, c) == {"dcgm": 1, "xid": 1, "core": 1, "flaky": 0, "unnamed": 1}
+    assert value_of(r, "gpuhealth_flaky_total") == "1"  # the last good text, not nothing
+    assert value_of(r, "gpuhealth_collections_total") == "2"  # the other parts are this cycle's
+    assert r.current.rendered_at >= first_at
+    cycle(r, c)
+    assert value_of(r, "gpuhealth_collections_total") == "3"
+
+    flaky.fail = False
+    assert cycle(r, c)["flaky"] == 1
+    assert value_of(r, "gpuhealth_flaky_total") == "2"
+
+
+def test_failing_part_with_no_good_text_yet_is_left_out() -> None:
+    r, c, flaky = flaky_renderer()
+    flaky.fail = True
+    assert cycle(r, c)["flaky"] == 0
+    assert "gpuhealth_flaky_total" not in r.current.plain.decode()
+
+
+def test_failing_builtin_part_is_isolated_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    r, c, _ = flaky_renderer()
+    cycle(r, c)
+    dcgm_before = [x for x in r.current.plain.decode().splitlines() if x.startswith("DCGM_FI_DEV_GPU_TEMP{")]
+
+    def broken(*args: object) -> str:
+        raise KeyError("uuid")
+
+    monkeypatch.setattr(r, "render_dcgm", broken)
+    monkeypatch.setattr(r.xids, "render_count_family", broken)
+    success = cycle(r, c)
+    assert success == {"dcgm": 0, "xid": 0, "core": 1, "flaky": 1, "unnamed": 1}
+    text = r.current.plain.decode()
+    assert [x for x in text.splitlines() if x.startswith("DCGM_FI_DEV_GPU_TEMP{")] == dcgm_before
+    assert "DCGM_EXP_XID_ERRORS_COUNT" not in text  # it had nothing to say before either
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        "gpuhealth_flaky_total 1",  # no newline: would glue its last line to the next part's first
+        'gpuhealth_flaky_info{name="\ud800"} 1\n',  # not encodable: would fail the whole render
+    ],
+)
+def test_output_that_would_break_the_exposition_counts_as_failure(output: str) -> None:
+    r, c, flaky = flaky_renderer()
+    flaky.render_metrics = lambda ctx: output  # type: ignore[method-assign]
+    assert cycle(r, c) == {"dcgm": 1, "xid": 1, "core": 1, "flaky": 0, "unnamed": 1}
+
+
+def test_duplicate_part_names_get_distinct_series() -> None:
+    r, c, _ = flaky_renderer()
+    r.contributors.append(Unnamed())
+    assert set(cycle(r, c)) == {"dcgm", "xid", "core", "flaky", "unnamed", "unnamed_2"}
+
+
+def test_part_failure_logs_traceback_once_then_once_a_minute_then_recovery() -> None:
+    clock = Clock()
+    r, c, flaky = flaky_renderer(clock)
+    cycle(r, c)
+    flaky.fail = True
+    with capture_logs() as logs:
+        for _ in range(10):
+            cycle(r, c)
+            clock.now += 1
+        clock.now += 60
+        for _ in range(10):
+            cycle(r, c)
+            clock.now += 1
+        flaky.fail = False
+        cycle(r, c)
+        cycle(r, c)
+    failed = [e for e in logs if e["event"] == "render_part_failed"]
+    assert [e["part"] for e in failed] == ["flaky", "flaky"]
+    assert failed[0]["log_level"] == "error" and failed[0].get("exc_info") is True
+    assert "RuntimeError: boom" in failed[0]["error"]
+    assert "exc_info" not in failed[1] and failed[1]["failed_cycles"] == 11
+    recovered = [e for e in logs if e["event"] == "render_part_recovered"]
+    assert len(recovered) == 1 and recovered[0]["part"] == "flaky"
+    # a new streak logs its traceback again
+    flaky.fail = True
+    with capture_logs() as logs:
+        cycle(r, c)
+    assert [e.get("exc_info") for e in logs if e["event"] == "render_part_failed"] == [True]
+
+
+def test_whole_render_failure_keeps_the_previous_exposition() -> None:
+    class Broken:
+        def collect(self) -> list[object]:
+            raise RuntimeError("registry broke")
+
+    registry = prometheus_client.CollectorRegistry()
+    c = Collector(backend(), FIELDS, parse_device_selector("f"), 1.0, 0.5)
+    r = Renderer(RenderContext("Hostname", "n"), XidTracker(300, message=str), "scripted", process_registry=registry)
+    good = r.render(c.run_once(), FIELDS.fields, c.nvml_errors, c.collections)
+    registry.register(Broken())  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError):
+        r.render(c.run_once(), FIELDS.fields, c.nvml_errors, c.collections)
+    assert r.current is good  # rendered_at did not advance: /ready can tell
