@@ -81,30 +81,41 @@ class HealthEngine:
         self._want_control = control_socket
         self._control: Any = None
         self._started = False
+        self._state_loaded = False  # set under the lock once the file's records are in memory
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Load persisted state, start the writer and (unless disabled) the control socket.
+        """Start the control socket (unless disabled), load persisted state, start the writer.
 
         Raises control.ControlError when the socket cannot be served (another daemon on this state
         dir, a non-socket in the way); a corrupt state file is not an error (moved aside, logged).
+        A start that fails writes nothing: only a loaded state is ever written back.
         """
-        doc = self._store.load()
-        with self._lock:
-            if doc is not None:
-                self._load(doc)
-        self._writer.start()
+        self._store.prepare()
         if self._want_control:
             from exporter.health.control import ControlServer
 
-            control = ControlServer(self.state_dir / CONTROL_SOCKET, self._handle_control)
-            try:
-                control.start()
-            except Exception:
-                self._writer.stop()  # leave nothing running behind a failed start
-                raise
+            def handle(req: dict[str, Any]) -> dict[str, Any]:
+                if not self._state_loaded:  # the socket is up a moment before the file is read
+                    return {"ok": False, "error": "starting: the health state is not loaded yet; retry"}
+                return self._handle_control(req)
+
+            # First, as the lock on the state dir: a second daemon fails here, before it reads,
+            # sweeps or writes anything in the first one's directory.
+            control = ControlServer(self.state_dir / CONTROL_SOCKET, handle)
+            control.start()
             self._control = control
+        try:
+            doc = self._store.load()
+            with self._lock:
+                if doc is not None:
+                    self._load(doc)
+                self._state_loaded = True
+        except BaseException:
+            self.stop()  # leave nothing running behind a failed start
+            raise
+        self._writer.start()
         self._started = True
         fenced = [u for u, v in self.verdicts().items() if v.state is HealthState.UNHEALTHY]
         log.info("health_engine_started", state_file=str(self._store.path), fenced_uuids=fenced)
@@ -113,7 +124,7 @@ class HealthEngine:
         if self._control is not None:
             self._control.stop()
             self._control = None
-        self._writer.stop()
+        self._writer.stop()  # flushes only if started: a failed or absent start writes nothing
         self._started = False
 
     @property

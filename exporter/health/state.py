@@ -96,15 +96,33 @@ class StateStore:
         self._lock = threading.Lock()
         self._written_gen = -1
         self._failing = False
+        # False until load() has read (or ruled out) the file: until then memory holds nothing worth
+        # writing, and writing it would replace every fence on disk with an empty document.
+        self._loaded = False
         self.file_errors = 0  # corrupt/unreadable files moved aside (the metric)
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    def prepare(self) -> None:
+        """Create the state dir (private to the daemon) if it is missing."""
+        try:
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            log.error("health_state_dir_unusable", path=str(self.dir), error=str(e))
 
     def load(self) -> dict[str, Any] | None:
         """The stored document, or None when there is none (first start, or it was moved aside)."""
         try:
-            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._remove_stale_temps()
         except OSError as e:
             log.error("health_state_dir_unusable", path=str(self.dir), error=str(e))
+        doc = self._read()
+        self._loaded = True
+        return doc
+
+    def _read(self) -> dict[str, Any] | None:
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
@@ -145,6 +163,10 @@ class StateStore:
     def write(self, doc: dict[str, Any], generation: int) -> bool:
         """Atomically replace the file with `doc` unless a newer generation is already on disk."""
         with self._lock:
+            if not self._loaded:
+                # A bug if it happens (the engine writes only once started); refuse rather than lose fences.
+                log.error("health_state_write_refused", path=str(self.path), reason="state file never loaded")
+                return False
             if generation <= self._written_gen:
                 return True
             data = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
@@ -215,8 +237,11 @@ class CoalescingWriter:
         self._store.write(doc, gen)
 
     def stop(self) -> None:
+        """Stop the thread; flush what it had not written yet, but only if it was ever started."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return  # never started (a start that failed): there is nothing of ours to write
         self._stopping.set()
         self._dirty.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        thread.join(timeout=5)
         self.flush()  # counts since the last coalesced write must not be lost on a clean stop
