@@ -346,10 +346,19 @@ def xid_new(window: str) -> str:
 
 
 def state_mappings() -> list[dict[str, Any]]:
+    """gpuhealth_health_state values. 3 (unknown: the monitor cannot judge the GPU, NVML unusable) is not
+    a GPU fault, so it gets a neutral colour."""
     return [{"type": "value", "options": {
         "0": {"text": "healthy", "color": "green", "index": 0},
         "1": {"text": "degraded", "color": "yellow", "index": 1},
-        "2": {"text": "unhealthy", "color": "red", "index": 2}}}]
+        "2": {"text": "unhealthy", "color": "red", "index": 2},
+        "3": {"text": "unknown", "color": "blue", "index": 3}}}]
+
+
+def state_thresholds() -> dict[str, Any]:
+    """Colours of gpuhealth_health_state where no mapping applies; the same as state_mappings()."""
+    return {"mode": "absolute", "steps": [{"color": "green", "value": None}, {"color": "yellow", "value": 1},
+                                          {"color": "red", "value": 2}, {"color": "blue", "value": 3}]}
 
 
 def fleet() -> dict[str, Any]:
@@ -390,10 +399,12 @@ def fleet() -> dict[str, Any]:
     b.row("Power and health")
     b.add("timeseries", "Power by node", [
         target(f"sum by (Hostname) (max by ({DEV}) (DCGM_FI_DEV_POWER_USAGE{{{N}}}))", "{{Hostname}}")], "watt")
-    b.add("timeseries", "Unhealthy and degraded GPUs", [
+    b.add("timeseries", "Unhealthy, degraded and unknown GPUs", [
         target(f"count(gpuhealth_health_state{{{NO}}} == 2) or vector(0)", "unhealthy"),
         target(f"count(gpuhealth_health_state{{{NO}}} == 1) or vector(0)", "degraded"),
-    ], "none")
+        target(f"count(gpuhealth_health_state{{{NO}}} == 3) or vector(0)", "unknown"),
+    ], "none", description="Unknown: the exporter cannot judge the GPU (NVML unusable for the monitor); "
+        "not a GPU fault, and it does not change what is allocatable.")
     b.add("table", "Unhealthy GPUs and reasons", [target(
         f"gpuhealth_health_reason{{{NO}}} and on (job, instance, uuid, gpu_i_id) (gpuhealth_health_state{{{NO}}} == 2)",
         instant=True)], "none", w=24,
@@ -455,9 +466,7 @@ def node_detail() -> dict[str, Any]:
         target(f'max by ({DEV_OWN}, gpu_i_id, gpu_i_profile) (gpuhealth_health_state{{{fo}, gpu_i_id!=""}})',
                MIG_LEGEND_OWN),
     ], "none", defaults={"mappings": state_mappings(), "color": {"mode": "thresholds"},
-                         "thresholds": {"mode": "absolute", "steps": [{"color": "green", "value": None},
-                                                                      {"color": "yellow", "value": 1},
-                                                                      {"color": "red", "value": 2}]}})
+                         "thresholds": state_thresholds()})
     b.add("table", "Pods on these GPUs", [target(f'gpuhealth_gpu_allocation_info{{{fo}, pod!=""}}', instant=True)],
           "none", transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True, "Value": True,
                                                                                      "__name__": True}}}])
@@ -525,9 +534,7 @@ def health() -> dict[str, Any]:
         target(f'max by ({DEV_OWN}, gpu_i_id, gpu_i_profile) (gpuhealth_health_state{{{NO}, gpu_i_id!=""}})',
                MIG_LEGEND_OWN),
     ], "none", w=24, h=10, defaults={"mappings": state_mappings(), "color": {"mode": "thresholds"},
-                                     "thresholds": {"mode": "absolute", "steps": [
-                                         {"color": "green", "value": None}, {"color": "yellow", "value": 1},
-                                         {"color": "red", "value": 2}]}})
+                                     "thresholds": state_thresholds()})
     b.add("table", "Active health reasons", [target(f"gpuhealth_health_reason{{{NO}}} == 1", instant=True)], "none",
           w=24, transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True, "Value": True,
                                                                                    "__name__": True}}}])
@@ -543,6 +550,15 @@ def health() -> dict[str, Any]:
         "{{hostname}} GPU {{gpu}} XID {{xid}}")], "none")
     b.add("table", "Last XID (dcgm-exporter gauge)", [target(
         f"max by (Hostname, gpu, err_code, err_msg) (DCGM_FI_DEV_XID_ERRORS{{{N}}}) > 0", instant=True)], "none")
+    b.add("state-timeline", "XID monitoring", [target(
+        f"min by ({DEV_OWN}) (gpuhealth_xid_monitoring_up{{{NO}}})", GPU_LEGEND_OWN)], "bool", w=24,
+        description="Whether the GPU's NVML XID events are registered and the event wait loop runs. While a GPU is "
+        "not monitored its XIDs are missed (alert GpuXidMonitoringDown).",
+        defaults={"mappings": [{"type": "value", "options": {
+            "0": {"text": "not monitored", "color": "red", "index": 0},
+            "1": {"text": "monitored", "color": "green", "index": 1}}}],
+            "color": {"mode": "thresholds"}, "thresholds": {
+                "mode": "absolute", "steps": [{"color": "red", "value": None}, {"color": "green", "value": 1}]}})
     b.row("Memory errors")
     b.add("timeseries", "ECC errors (volatile)", [
         target(f"max by ({DEV}) (increase(DCGM_FI_DEV_ECC_DBE_VOL_TOTAL{{{N}}}[$__rate_interval]))",
