@@ -186,6 +186,8 @@ class _HttpProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._idle: asyncio.TimerHandle | None = None
         self._last_activity = 0.0
+        self._peer = ""
+        self._gone_logged = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's transports don't subclass it
@@ -194,6 +196,8 @@ class _HttpProtocol(asyncio.Protocol):
             # A whole exposition (~100 KB) fits the kernel buffer in one send(), so asyncio
             # never has to copy the remainder into its own buffer and wait for writability.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        peer = transport.get_extra_info("peername")
+        self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else ""
         self._last_activity = self._loop.time()
         self._idle = self._loop.call_later(IDLE_TIMEOUT_S, self._check_idle)
 
@@ -201,6 +205,20 @@ class _HttpProtocol(asyncio.Protocol):
         if self._idle is not None:
             self._idle.cancel()
         self._transport = None
+        # asyncio hands over the socket error that ended the connection (a reset seen by recv,
+        # or by a send of the rest of a response); it logs nothing itself for OSErrors.
+        if isinstance(exc, OSError):
+            self._client_gone(exc)
+
+    def _client_gone(self, exc: OSError) -> None:
+        """The client reset or half-closed the connection mid-response: a scraper's timeout, an
+        interrupted curl. Its business, not an error of ours: one debug line, no traceback."""
+        transport, self._transport = self._transport, None  # no more answers for pipelined requests
+        if transport is not None:
+            transport.abort()  # drop whatever is still queued for it
+        if not self._gone_logged:
+            self._gone_logged = True
+            log.debug("http_client_gone", peer=self._peer, error=f"{type(exc).__name__}: {exc}")
 
     def _check_idle(self) -> None:
         # One timer per connection, re-armed lazily: cheaper than re-arming per request.
@@ -222,7 +240,9 @@ class _HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._buf = self._buf + data if self._buf else data
         self._last_activity = self._loop.time()
-        while self._transport is not None:
+        # Nothing more once closing (Connection: close, an error answer): asyncio would drop the
+        # answers to pipelined requests anyway, and log a plain-text warning for each from the fifth.
+        while self._transport is not None and not self._transport.is_closing():
             end = self._buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(self._buf) > MAX_HEADER_BYTES:
@@ -262,6 +282,9 @@ class _HttpProtocol(asyncio.Protocol):
             sent = os.sendfile(sock.fileno(), resp.fd, 0, size)
         except (BlockingIOError, InterruptedError):
             sent = 0
+        except ConnectionError as exc:  # reset (or shut down) before we could answer
+            self._client_gone(exc)
+            return
         if sent < size:
             transport.write(memoryview(resp.data)[sent:])
 
@@ -356,9 +379,7 @@ class HttpServer:
                 # connection to whichever loop accepts first.
                 shared = socket.socket(fileno=os.dup(sock.fileno()))
                 self._servers.append(
-                    loop.run_until_complete(
-                        loop.create_server(self._factory(loop), sock=shared, backlog=1024)
-                    )
+                    loop.run_until_complete(loop.create_server(self._factory(loop), sock=shared, backlog=1024))
                 )
         for i, loop in enumerate(self._loops):
             t = threading.Thread(target=loop.run_forever, name=f"http-{i}", daemon=True)
@@ -375,3 +396,8 @@ class HttpServer:
             loop.call_soon_threadsafe(loop.stop)
         for t in self._threads:
             t.join(timeout=5)
+        for loop, t in zip(self._loops, self._threads, strict=False):  # no threads if start() failed
+            # Closed here, not left to the garbage collector: collected in a cycle with its
+            # transports, a loop may find its self-pipe already closed and raise from __del__.
+            if not t.is_alive():
+                loop.close()

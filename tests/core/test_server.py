@@ -3,12 +3,16 @@ from __future__ import annotations
 import gzip
 import http.client
 import socket
-from collections.abc import Iterator
+import struct
+import time
+from collections.abc import Iterator, MutableMapping
+from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from exporter.render import CONTENT_TYPE, Exposition
-from exporter.server import HttpServer, Routes
+from exporter.server import SENDFILE_MIN_BYTES, HttpServer, Routes
 
 BODY = b'# TYPE x gauge\nx{a="1"} 1\n'
 
@@ -150,3 +154,61 @@ def test_large_bodies_pipelined_to_a_slow_reader_arrive_intact() -> None:
         assert data.count(body) == n
     finally:
         srv.stop()
+
+
+def reset_after(srv: HttpServer, request: bytes) -> None:
+    """Send `request` and close with SO_LINGER (on, 0 s) at once: the kernel sends RST, not FIN."""
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+    s.sendall(request)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def wait_for_events(
+    logs: list[MutableMapping[str, Any]], name: str, count: int, timeout: float = 5.0
+) -> list[MutableMapping[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [e for e in logs if e["event"] == name]
+        if len(found) >= count:
+            return found
+        time.sleep(0.01)
+    raise AssertionError(f"{name}: fewer than {count} in {timeout}s: {logs}")
+
+
+def test_client_reset_is_a_debug_event_not_a_handler_failure() -> None:
+    # Keep-alive requests over the sendfile threshold, on both paths (fast and general): the
+    # server never closes first, so each reset reaches it, either in sendfile (the RST arrived
+    # before the answer) or as the connection's error afterwards. Either way one debug line.
+    body = b"x 1\n" * (SENDFILE_MIN_BYTES // 2)
+    expo = Exposition(body, gzip.compress(body), 1.0)
+    srv = HttpServer("127.0.0.1", 0, Routes(lambda: expo, lambda: (True, "ok"), lambda: (True, "ok")))
+    srv.start()
+    requests = [
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",
+    ]
+    try:
+        with capture_logs() as logs:
+            for _ in range(5):
+                for request in requests:
+                    reset_after(srv, request)
+            gone = wait_for_events(logs, "http_client_gone", 10)
+            status = get(srv, "/metrics").status
+        assert status == 200
+        assert {e["log_level"] for e in gone} == {"debug"}
+        assert all(e["error"].startswith(("ConnectionResetError", "BrokenPipeError")) for e in gone), gone
+        assert not [e for e in logs if e["event"] == "http_handler_failed" or e["log_level"] == "error"]
+    finally:
+        srv.stop()
+
+
+def test_nothing_is_answered_after_connection_close(
+    server: tuple[HttpServer, State], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Writes to a closing transport are dropped by asyncio, and from the fifth on it logs
+    # "socket.send() raised exception." (plain text, outside our JSON logs) for each one.
+    srv, _ = server
+    out = raw(srv, b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n" + b"GET /metrics HTTP/1.1\r\n\r\n" * 8)
+    assert out.count(b"HTTP/1.1 ") == 1 and out.startswith(b"HTTP/1.1 200 OK")
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
