@@ -43,6 +43,7 @@ import structlog
 
 from exporter.backend import BackendError, DeviceError, DeviceLostError
 from exporter.fields import ALL_LINKS, FieldSpec, to_exported
+from exporter.logs import Reminder
 from exporter.model import (
     EVENT_DOUBLE_BIT_ECC,
     EVENT_MIG_CONFIG_CHANGE,
@@ -171,6 +172,10 @@ class NvmlBackend:
         self._gpm: dict[str, _GpmState] = {}
         self._gpm_support: dict[str, bool] = {}  # GPU uuid -> nvmlGpmQueryDeviceSupport answer
         self._mig_parent: dict[str, tuple[str, int]] = {}  # MIG uuid -> (parent uuid, GPU instance id)
+        # Discovery runs every few seconds while a GPU stays unreadable: say it when it starts, then
+        # once a minute (replaceable, e.g. with a test clock). index -> the Reminder key of its trouble.
+        self.discovery_log = Reminder()
+        self._discovery_trouble: dict[int, tuple[object, ...]] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -302,22 +307,41 @@ class NvmlBackend:
                 gpu = self._discover_gpu(index)
             except pynvml.NVMLError as err:
                 previous = self._known.get(index)
+                key: tuple[object, ...]
                 if previous is not None:
-                    log.warning("gpu_unreadable_in_discovery", index=index, uuid=previous.uuid, error=str(err))
+                    key = ("gpu_unreadable_in_discovery", index, previous.uuid)
+                    if self._discovery_trouble_due(index, key):
+                        log.warning("gpu_unreadable_in_discovery", index=index, uuid=previous.uuid, error=str(err))
                     gpus.append(previous)
                 else:
-                    log.warning("gpu_discovery_failed", index=index, error=str(err))
+                    key = ("gpu_discovery_failed", index)
+                    if self._discovery_trouble_due(index, key):
+                        log.warning("gpu_discovery_failed", index=index, error=str(err))
                 continue
+            trouble = self._discovery_trouble.pop(index, None)
+            if trouble is not None:
+                self.discovery_log.clear(trouble)
+                log.info("gpu_readable_again", index=index, uuid=gpu.uuid)
             self._known[index] = gpu
             gpus.append(gpu)
         for index in [i for i in self._known if i >= count]:
             del self._known[index]
+        for index in [i for i in self._discovery_trouble if i >= count]:
+            self.discovery_log.clear(self._discovery_trouble.pop(index))  # gone from the count: not a condition
         present = {g.uuid for g in gpus} | {m.uuid for g in gpus for m in g.migs}
         with self._lock:
             dropped = [self._gpm.pop(u) for u in [u for u in self._gpm if u not in present]]
         self._free_gpm(dropped)
         pairs = self._nvlink(gpus)
         return Inventory(driver_version=self._driver_version, gpus=tuple(gpus), nvlink_pairs=pairs)
+
+    def _discovery_trouble_due(self, index: int, key: tuple[object, ...]) -> bool:
+        """Whether discovery's trouble `key` at `index` is to be logged now (it started, or a minute passed)."""
+        previous = self._discovery_trouble.get(index)
+        if previous is not None and previous != key:  # another kind of trouble: a new condition
+            self.discovery_log.clear(previous)
+        self._discovery_trouble[index] = key
+        return self.discovery_log.due(key)
 
     def _discover_gpu(self, index: int) -> Gpu:
         handle = self._handle_by_index(index)
