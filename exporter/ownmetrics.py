@@ -77,6 +77,13 @@ OWN_METRICS: tuple[OwnMetric, ...] = (
         "Corrupt or unreadable state files moved aside.",
         "health",
     ),
+    OwnMetric(
+        "gpuhealth_health_state_write_failures_total",
+        "counter",
+        "",
+        "Failed writes of the health state file; the newest verdicts are retried until they are on disk.",
+        "health",
+    ),
     OwnMetric("gpuhealth_health_clears_total", "counter", "", "Explicit health clears.", "health"),
     OwnMetric("gpuhealth_pod_mapping_refresh_success", "gauge", "", "1 if the last kubelet List worked.", "pods"),
     OwnMetric("gpuhealth_pod_mapping_age_seconds", "gauge", "", "Age of the pod mapping in use.", "pods"),

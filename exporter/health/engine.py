@@ -131,6 +131,13 @@ class HealthEngine:
     def state_file_errors(self) -> int:
         return self._store.file_errors
 
+    def durability_problem(self) -> str | None:
+        """Why the newest verdict is not on disk yet (writes failing, being retried), or None.
+
+        A fence that is only in memory is forgotten by a restart, so /ready reports this.
+        """
+        return self._store.problem()
+
     def subscribe(self, callback: Callable[[], None]) -> None:
         with self._lock:
             self._subscribers.append(callback)
@@ -422,7 +429,7 @@ class HealthEngine:
             views = [d for d in self.devices() if d.uuid in present or d.own_reasons]
             counts = dict(self._xid_counts)
             clears = self._clears_total
-        return expose.render(ctx, views, counts, self._store.file_errors, clears)
+        return expose.render(ctx, views, counts, self._store.file_errors, clears, self._store.write_failures)
 
     # ---- control socket --------------------------------------------------------------------------
 

@@ -59,6 +59,7 @@ def render(
     xid_counts: dict[tuple[str, int, str], int],
     file_errors: int,
     clears: int,
+    write_failures: int = 0,
 ) -> str:
     lines: list[str] = []
     name = PREFIX + "health_state"
@@ -80,6 +81,12 @@ def render(
     name = PREFIX + "health_state_file_errors_total"
     lines += [f"# HELP {name} Corrupt or unreadable health state files moved aside.", f"# TYPE {name} counter",
               f"{name} {file_errors}"]
+    name = PREFIX + "health_state_write_failures_total"
+    lines += [
+        f"# HELP {name} Failed writes of the health state file; the newest verdicts are retried until they are on disk.",
+        f"# TYPE {name} counter",
+        f"{name} {write_failures}",
+    ]
     name = PREFIX + "health_clears_total"
     lines += [f"# HELP {name} Explicit and automatic health clears.", f"# TYPE {name} counter", f"{name} {clears}"]
     return "\n".join(lines) + "\n"

@@ -4,6 +4,10 @@ Write protocol: temp file in the same directory, fsync it, rename over state.jso
 directory. A reader therefore sees either the old or the new file, never a torn one. A file we
 cannot parse is moved aside (never deleted: it may hold the only record of a fence) and we start
 empty rather than crash-looping on it.
+
+A write that fails (disk full, out of file descriptors, something in the way) leaves the newest
+state in memory only; the writer thread retries it with backoff until it is on disk, and
+StateStore.problem() says so meanwhile (for /ready and the write-failures counter).
 """
 
 from __future__ import annotations
@@ -19,9 +23,15 @@ from typing import Any
 
 import structlog
 
+from exporter.logs import Reminder
+
 SCHEMA_VERSION = 1
 STATE_FILE = "state.json"
 _TMP_PREFIX = ".state.json.tmp-"
+# Retries of a failed write: quick at first (a transient EMFILE, a blip on a network volume), then
+# no more than one attempt every 30 s for a lasting fault (disk full) so as not to spin.
+RETRY_FIRST_S = 0.25
+RETRY_MAX_S = 30.0
 
 log = structlog.get_logger()
 
@@ -95,7 +105,15 @@ class StateStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._written_gen = -1
-        self._failing = False
+        # The current streak of failed writes: since when (store clock) and the latest error.
+        self._failing_since: float | None = None
+        self._failing_error = ""
+        self._streak = 0
+        self._reminder = Reminder(60.0)
+        self.write_failures = 0  # failed write attempts, retries included (the metric)
+        # Called after a failed write so that the writer thread retries it: a fence written by the
+        # engine's own thread would otherwise stay in memory only until the next unrelated change.
+        self.on_write_failed: Callable[[], None] | None = None
         # False until load() has read (or ruled out) the file: until then memory holds nothing worth
         # writing, and writing it would replace every fence on disk with an empty document.
         self._loaded = False
@@ -104,6 +122,13 @@ class StateStore:
     @property
     def loaded(self) -> bool:
         return self._loaded
+
+    def problem(self) -> str | None:
+        """Why the newest state is not on disk (a failure streak is going on), or None."""
+        since, error = self._failing_since, self._failing_error
+        if since is None:
+            return None
+        return f"health state not on disk since {max(0.0, self._clock() - since):.0f}s: {error}"
 
     def prepare(self) -> None:
         """Create the state dir (private to the daemon) if it is missing."""
@@ -161,7 +186,11 @@ class StateStore:
         )
 
     def write(self, doc: dict[str, Any], generation: int) -> bool:
-        """Atomically replace the file with `doc` unless a newer generation is already on disk."""
+        """Atomically replace the file with `doc` unless a newer generation is already on disk.
+
+        False when the write failed: the caller keeps the state in memory and the writer thread
+        (told through on_write_failed) retries with a newer rendering.
+        """
         with self._lock:
             if not self._loaded:
                 # A bug if it happens (the engine writes only once started); refuse rather than lose fences.
@@ -183,17 +212,46 @@ class StateStore:
                 os.replace(tmp, self.path)
                 _fsync_dir(self.dir)
             except OSError as e:
-                if not self._failing:  # once per failure streak, not once per write
-                    log.error("health_state_write_failed", path=str(self.path), error=str(e))
-                self._failing = True
                 with contextlib.suppress(OSError):
                     tmp.unlink()
-                return False
-            if self._failing:
-                log.info("health_state_write_recovered", path=str(self.path))
-                self._failing = False
-            self._written_gen = generation
-            return True
+                self._failed(e)
+                hook = self.on_write_failed
+            else:
+                self._succeeded(generation)
+                return True
+        if hook is not None:
+            hook()
+        return False
+
+    def _failed(self, e: OSError) -> None:
+        self.write_failures += 1
+        self._streak += 1
+        now = self._clock()
+        if self._failing_since is None:
+            self._failing_since = now
+        self._failing_error = f"{e.strerror or e} ({self.path})"
+        # Once when the streak starts, then once a minute while it lasts: not once per retry.
+        if self._reminder.due("failing"):
+            log.error(
+                "health_state_write_failed",
+                path=str(self.path),
+                error=str(e),
+                failures=self._streak,
+                not_durable_s=round(now - self._failing_since, 1),
+                consequence="the newest verdicts are in memory only (a restart now would forget them); retrying",
+            )
+
+    def _succeeded(self, generation: int) -> None:
+        if self._failing_since is not None:
+            log.info(
+                "health_state_write_recovered",
+                path=str(self.path),
+                failures=self._streak,
+                not_durable_s=round(self._clock() - self._failing_since, 1),
+            )
+            self._reminder.clear("failing")
+        self._failing_since, self._failing_error, self._streak = None, "", 0
+        self._written_gen = generation
 
 
 class CoalescingWriter:
@@ -208,13 +266,20 @@ class CoalescingWriter:
         store: StateStore,
         render: Callable[[], tuple[dict[str, Any], int]],
         max_per_s: float = 4.0,
+        *,
+        retry_first_s: float = RETRY_FIRST_S,
+        retry_max_s: float = RETRY_MAX_S,
     ) -> None:
         self._store = store
         self._render = render
         self._interval = 1.0 / max_per_s
+        self._retry_first_s = retry_first_s
+        self._retry_max_s = retry_max_s
         self._dirty = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        # Any failed write, the engine's synchronous ones included, is retried from this thread.
+        store.on_write_failed = self.mark_dirty
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="health-state-writer", daemon=True)
@@ -224,17 +289,24 @@ class CoalescingWriter:
         self._dirty.set()
 
     def _run(self) -> None:
+        backoff = self._retry_first_s
         while not self._stopping.is_set():
             self._dirty.wait()
             if self._stopping.is_set():
                 break
             self._dirty.clear()
-            self.flush()
-            self._stopping.wait(self._interval)  # the rate limit; stop() cuts it short
+            if self.flush():
+                backoff = self._retry_first_s
+                pause = self._interval  # the rate limit
+            else:
+                # Still not on disk: go again after the backoff, with a fresh rendering of memory.
+                self._dirty.set()
+                pause, backoff = backoff, min(backoff * 2, self._retry_max_s)
+            self._stopping.wait(pause)  # stop() cuts it short
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
         doc, gen = self._render()
-        self._store.write(doc, gen)
+        return self._store.write(doc, gen)
 
     def stop(self) -> None:
         """Stop the thread; flush what it had not written yet, but only if it was ever started."""
@@ -244,4 +316,12 @@ class CoalescingWriter:
         self._stopping.set()
         self._dirty.set()
         thread.join(timeout=5)
-        self.flush()  # counts since the last coalesced write must not be lost on a clean stop
+        # Counts since the last coalesced write must not be lost on a clean stop; one last try if
+        # writes are failing (we are exiting: there is no later retry).
+        if not self.flush():
+            log.error(
+                "health_state_not_durable_at_exit",
+                path=str(self._store.path),
+                problem=self._store.problem(),
+                consequence="verdicts since the last successful write are lost; a fence among them is forgotten",
+            )

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import shutil
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,13 +44,14 @@ def eventually(what: str, check: Callable[[], bool], timeout: float = 15.0, logs
     raise AssertionError(f"not within {timeout}s: {what}\n{logs()}")
 
 
-def fenced_on_disk(path: Path, xid: str = "79") -> bool:
+def fenced_on_disk(path: Path, reason: str = "xid") -> bool:
+    """Does the file at `path` fence a device for `reason` (XID 79 for "xid")?"""
     try:
         doc: dict[str, Any] = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return False
     return any(
-        r.get("signal") == "xid" and r.get("code") == xid and r.get("state") == 2
+        r.get("signal") == reason and (reason != "xid" or r.get("code") == "79") and r.get("state") == 2
         for dev in doc.get("devices", {}).values()
         for r in dev.get("reasons", [])
     )
@@ -104,5 +108,96 @@ def test_failed_start_leaves_the_state_file_untouched(fakenvml_build: FakeNvmlBu
     assert fingerprint(state_file(node)) == before
     assert sorted(os.listdir(node.state_dir)) == listing  # nothing moved aside, no temp left
 
+    exp = assert_fenced_after_restart(node)
+    assert exp.stop() == 0
+
+
+# ---- 2. a write that fails is retried until it is durable --------------------------------------------
+
+
+def metric(text: str, name: str) -> float | None:
+    """The value of an unlabelled family."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split(" ", 1)[1])
+    return None
+
+
+def log_lines(exp: ExporterProcess, event: str) -> list[dict[str, Any]]:
+    out = []
+    for line in exp.log_path.read_text(errors="replace").splitlines():
+        if f'"{event}"' in line:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
+
+
+def test_emfile_on_a_fence_write_is_retried_and_the_fence_survives_kill_9(
+    fakenvml_build: FakeNvmlBuild, tmp_path: Path
+) -> None:
+    # The fence comes from hung reads on GPU 1 outlasting the grace period, not from an XID: with
+    # RLIMIT_NOFILE at 3 the fake NVML cannot open its control file, so an XID injected then would
+    # never arrive. The hang is in place before the limit drops; the fence follows on its own.
+    node = two_gpu_node(fakenvml_build, tmp_path, "--device-timeout", "300", "--health-nvml-timeout-grace", "4")
+    exp = node.exporter
+    exp.wait_ready()
+    pid = exp.proc.pid
+    node.control("hang", gpu=1, call="nvmlDeviceGetFieldValues", seconds=3600)
+    eventually("GPU 1 reads hang", lambda: bool(log_lines(exp, "device_read_late")), logs=exp.logs)
+    old = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (3, old[1]))
+    try:
+        eventually(
+            "health_state_write_failed with EMFILE",
+            lambda: any("Too many open files" in e["error"] for e in log_lines(exp, "health_state_write_failed")),
+            logs=exp.logs,
+        )
+        assert [e for e in log_lines(exp, "health_transition") if e["state"] == "unhealthy"]
+        # Released as soon as the fake can read its control file again, so that no later count
+        # change of the hang rewrites the file by chance: only a retry of the failed write can.
+        node.control("clear", gpu=1)
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, old)
+    eventually(
+        "the retry puts the fence on disk", lambda: fenced_on_disk(state_file(node), "nvml_timeout"), logs=exp.logs
+    )
+    eventually(
+        "health_state_write_recovered", lambda: bool(log_lines(exp, "health_state_write_recovered")), logs=exp.logs
+    )
+    failures = metric(exp.metrics(), "gpuhealth_health_state_write_failures_total")
+    assert failures is not None and failures >= 1
+    exp.stop(signal.SIGKILL)
+    exp = assert_fenced_after_restart(node)
+    assert exp.stop() == 0
+
+
+def test_a_directory_in_the_way_is_retried_until_the_fence_lands(fakenvml_build: FakeNvmlBuild, tmp_path: Path) -> None:
+    node = two_gpu_node(fakenvml_build, tmp_path)
+    exp = node.exporter
+    exp.wait_ready()
+    sf = state_file(node)
+    sf.unlink(missing_ok=True)
+    sf.mkdir()
+    (sf / "keep").write_text("rename(2) cannot replace a non-empty directory")
+    node.control("xid", gpu=1, xid=79)
+    # The verdict is served from memory at once; only the file is behind.
+    exp.wait_for(lambda t: node.value(t, "gpuhealth_health_state", gpu="1") == 2)
+    text = exp.wait_for(lambda t: (metric(t, "gpuhealth_health_state_write_failures_total") or 0) >= 1)
+    assert "# HELP gpuhealth_health_state_write_failures_total Failed writes of the health state file" in text
+    failed = log_lines(exp, "health_state_write_failed")
+    assert failed and failed[0]["path"] == str(sf), exp.logs()
+    # Still failing a while later: retried, with backoff, and logged once per streak rather than per try.
+    exp.wait_for(lambda t: (metric(t, "gpuhealth_health_state_write_failures_total") or 0) >= 3)
+    assert len(log_lines(exp, "health_state_write_failed")) == 1
+    assert not fenced_on_disk(sf)
+
+    shutil.rmtree(sf)
+    eventually("the retry puts the fence on disk", lambda: fenced_on_disk(sf), logs=exp.logs)
+    eventually(
+        "health_state_write_recovered", lambda: bool(log_lines(exp, "health_state_write_recovered")), logs=exp.logs
+    )
+    exp.stop(signal.SIGKILL)
     exp = assert_fenced_after_restart(node)
     assert exp.stop() == 0

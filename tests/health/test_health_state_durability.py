@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from exporter.health.control import ControlError
 from exporter.health.engine import CONTROL_SOCKET, HealthEngine
 from exporter.health.policy import Policy
-from exporter.health.state import STATE_FILE
+from exporter.health.state import RETRY_FIRST_S, RETRY_MAX_S, STATE_FILE, CoalescingWriter, StateStore
 from exporter.health.verdict import HealthState
+from exporter.labels import RenderContext
 from exporter.model import EVENT_XID, DeviceEvent
 
 from .conftest import GPU0, Clock, EngineFactory
@@ -73,3 +79,124 @@ def test_engine_started_then_stopped_keeps_the_fence(make_engine: EngineFactory,
     again = make_engine(state_dir=sd)
     again.stop()
     assert make_engine(state_dir=sd).verdict(GPU0).state is U
+
+
+# ---- 2. a write that fails is retried until it is durable --------------------------------------------
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(0.01)
+
+
+def fenced_on_disk(sd: Path) -> bool:
+    try:
+        doc = json.loads((sd / STATE_FILE).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return any(r["code"] == "79" for r in doc["devices"].get(GPU0, {}).get("reasons", []))
+
+
+def block_state_file(sd: Path) -> None:
+    """A non-empty directory where state.json goes: rename(2) over it fails with EISDIR (even as root)."""
+    (sd / STATE_FILE).unlink(missing_ok=True)
+    (sd / STATE_FILE).mkdir()
+    (sd / STATE_FILE / "x").write_text("in the way")
+
+
+def failures(eng: HealthEngine) -> int:
+    text = eng.render_metrics(RenderContext(None, ""))
+    (line,) = [x for x in text.splitlines() if x.startswith("gpuhealth_health_state_write_failures_total ")]
+    return int(line.split()[1])
+
+
+def test_a_failed_fence_write_is_retried_until_it_is_on_disk(
+    make_engine: EngineFactory, tmp_path: Path, clock: Clock
+) -> None:
+    sd = tmp_path / "state"
+    eng = make_engine(state_dir=sd)
+    assert eng.durability_problem() is None
+    block_state_file(sd)
+    with capture_logs() as logs:
+        eng.on_events([xid(79)])
+        assert eng.verdict(GPU0).state is U  # served from memory even though the file is behind
+        clock.t += 12
+        problem = eng.durability_problem()
+        assert problem is not None
+        assert problem.startswith("health state not on disk since 12s: Is a directory"), problem
+        wait_until("retries", lambda: failures(eng) >= 3)  # 0.25 s, then 0.5 s, ...
+        assert not fenced_on_disk(sd)
+        shutil.rmtree(sd / STATE_FILE)
+        wait_until("the retry lands the fence", lambda: fenced_on_disk(sd))
+        wait_until("durable again", lambda: eng.durability_problem() is None)
+    failed = [e for e in logs if e["event"] == "health_state_write_failed"]
+    assert len(failed) == 1 and failed[0]["log_level"] == "error"  # once per streak, not per retry
+    assert "Is a directory" in failed[0]["error"]
+    recovered = [e for e in logs if e["event"] == "health_state_write_recovered"]
+    assert len(recovered) == 1 and recovered[0]["failures"] >= 3
+    assert failures(eng) >= 3  # a counter: it never goes back
+    eng.stop()
+    assert make_engine(state_dir=sd).verdict(GPU0).state is U
+
+
+def test_retries_back_off_from_a_quarter_second_to_thirty(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.prepare()
+    store.load()
+    attempts: list[float] = []
+
+    def failing_write(doc: dict[str, object], gen: int) -> bool:
+        attempts.append(time.monotonic())
+        return False
+
+    store.write = failing_write  # type: ignore[method-assign]
+    writer = CoalescingWriter(store, lambda: ({}, len(attempts)), retry_first_s=0.005, retry_max_s=0.04)
+    writer.start()
+    writer.mark_dirty()
+    wait_until("ten attempts", lambda: len(attempts) >= 10)
+    with capture_logs() as logs:
+        writer.stop()
+    gaps = [b - a for a, b in itertools.pairwise(attempts[:10])]
+    # 0.005, 0.01, 0.02, 0.04 (the cap), 0.04, ...: each at least its backoff; without the cap the
+    # last would be 0.005 * 2**8 = 1.28 s
+    for gap, want in zip(gaps, (0.005, 0.01, 0.02, 0.04, 0.04, 0.04, 0.04, 0.04, 0.04), strict=True):
+        assert gap >= want * 0.9, gaps
+    assert gaps[-1] < 0.6, gaps
+    assert [e for e in logs if e["event"] == "health_state_not_durable_at_exit"]
+    assert (RETRY_FIRST_S, RETRY_MAX_S) == (0.25, 30.0)
+
+
+def test_a_failed_count_write_is_retried_too(make_engine: EngineFactory, tmp_path: Path) -> None:
+    sd = tmp_path / "state"
+    eng = make_engine(state_dir=sd)
+    eng.on_events([xid(79)])
+    block_state_file(sd)
+    eng.on_events([xid(79)] * 5)  # counts only: the coalescing writer's job
+    wait_until("a failure", lambda: eng.durability_problem() is not None)
+    shutil.rmtree(sd / STATE_FILE)
+
+    def count_on_disk() -> int:
+        try:
+            doc = json.loads((sd / STATE_FILE).read_bytes())
+        except (OSError, ValueError):
+            return 0
+        return sum(c["count"] for c in doc["xid_counts"] if c["xid"] == 79)
+
+    wait_until("the counts land", lambda: count_on_disk() == 6)
+    assert eng.durability_problem() is None
+
+
+def test_the_write_failures_counter_is_rendered_next_to_the_file_errors(make_engine: EngineFactory) -> None:
+    text = make_engine().render_metrics(RenderContext(None, ""))
+    assert (
+        "# HELP gpuhealth_health_state_file_errors_total Corrupt or unreadable health state files moved aside.\n"
+        "# TYPE gpuhealth_health_state_file_errors_total counter\n"
+        "gpuhealth_health_state_file_errors_total 0\n"
+        "# HELP gpuhealth_health_state_write_failures_total Failed writes of the health state file; the newest "
+        "verdicts are retried until they are on disk.\n"
+        "# TYPE gpuhealth_health_state_write_failures_total counter\n"
+        "gpuhealth_health_state_write_failures_total 0\n"
+    ) in text
