@@ -216,11 +216,14 @@ class App:
         self.backend.start()
         self.backend_ready = True
         from exporter.health.control import ControlError
+        from exporter.health.state import StateError
 
         try:
             self.health.start()
         except ControlError as exc:
             raise BackendError(f"health control socket: {exc}") from None
+        except StateError as exc:  # a newer version's file, a dir that is not ours: left untouched
+            raise BackendError(str(exc)) from None
         if self.cfg.kubernetes_node_status:
             from exporter.health.nodestatus import NodeStatusReporter
 

@@ -75,6 +75,8 @@ class HealthEngine:
         # Bumped on every count change so _mutate can tell "counts only" from "nothing".
         self._gen_counts = 0
         self._subscribers: list[Callable[[], None]] = []
+        # Health fields GPUs of each model (and MIG mode) have reported: persisted (schema 2).
+        self.signals_seen: dict[str, set[str]] = {}
         self._listeners: list[Callable[[list[Transition]], None]] = []
         self._store = StateStore(self.state_dir, clock)
         self._writer = CoalescingWriter(self._store, self._render_doc, max_writes_per_s)
@@ -374,6 +376,7 @@ class HealthEngine:
                 "xid_counts": [{"gpu": g, "xid": x, "class": c, "count": n}
                                for (g, x, c), n in sorted(self._xid_counts.items())],
                 "clears_total": self._clears_total,
+                "signals_seen": {m: sorted(f) for m, f in sorted(self.signals_seen.items())},
             }
             return doc, self._gen
 
@@ -384,6 +387,17 @@ class HealthEngine:
             self._xid_counts[(c["gpu"], c["xid"], c["class"])] = c["count"]
         clears = doc.get("clears_total", 0)
         self._clears_total = clears if isinstance(clears, int) else 0
+        # validate() brought any older schema to the current one: signals_seen is always there.
+        self.signals_seen = {m: set(f) for m, f in doc.get("signals_seen", {}).items()}
+
+    def note_signals_seen(self, model: str, fields: Iterable[str]) -> None:
+        """Record health fields that GPUs of `model` report; persisted (coalesced) when one is new."""
+        with self._lock:
+            new = set(fields) - self.signals_seen.get(model, set())
+            if not new:
+                return
+            self.signals_seen.setdefault(model, set()).update(new)
+        self._writer.mark_dirty()
 
     # ---- HealthView ------------------------------------------------------------------------------
 

@@ -5,6 +5,10 @@ directory. A reader therefore sees either the old or the new file, never a torn 
 cannot parse is moved aside (never deleted: it may hold the only record of a fence) and we start
 empty rather than crash-looping on it.
 
+Versions: an older schema is migrated on load (and written back as the current one with the next
+write); a newer one (a rollback) is left exactly as it is and start-up stops with StateError, since
+guessing at a format we do not know would mean dropping the fences in it.
+
 A write that fails (disk full, out of file descriptors, something in the way) leaves the newest
 state in memory only; the writer thread retries it with backoff until it is on disk, and
 StateStore.problem() says so meanwhile (for /ready and the write-failures counter).
@@ -25,7 +29,8 @@ import structlog
 
 from exporter.logs import Reminder
 
-SCHEMA_VERSION = 1
+# 2: adds "signals_seen": {"<GPU model>": ["DCGM_FI_...", ...]} (health fields that model reports).
+SCHEMA_VERSION = 2
 STATE_FILE = "state.json"
 _TMP_PREFIX = ".state.json.tmp-"
 # Retries of a failed write: quick at first (a transient EMFILE, a blip on a network volume), then
@@ -40,6 +45,18 @@ class StateFormatError(ValueError):
     """The state file exists but is not a state document we understand."""
 
 
+class StateError(Exception):
+    """The state dir or file must not be used or touched: start-up stops with this message (exit 1)."""
+
+
+class StateVersionError(StateError, ValueError):
+    """The file was written by a newer version (a ValueError too, for readers that report and go on)."""
+
+    def __init__(self, found: int) -> None:
+        super().__init__(f"state file has schema {found}, this version reads up to {SCHEMA_VERSION}")
+        self.found = found
+
+
 def _expect(cond: bool, what: str) -> None:
     if not cond:
         raise StateFormatError(what)
@@ -50,10 +67,18 @@ def _num(v: object) -> bool:
 
 
 def validate(doc: object) -> dict[str, Any]:
-    """Check the shape of a loaded document; raise StateFormatError naming the first problem."""
+    """Check a loaded document and bring it to the current schema (a new dict; `doc` is unchanged).
+
+    Raises StateVersionError for a newer schema (judge nothing else of it) and StateFormatError
+    naming the first problem of a document that is not a state file at all.
+    """
     _expect(isinstance(doc, dict), "top level is not an object")
     assert isinstance(doc, dict)
-    _expect(doc.get("schema") == SCHEMA_VERSION, f"schema is {doc.get('schema')!r}, expected {SCHEMA_VERSION}")
+    schema = doc.get("schema")
+    _expect(isinstance(schema, int) and not isinstance(schema, bool) and schema >= 1, f"schema is {schema!r}")
+    assert isinstance(schema, int)
+    if schema > SCHEMA_VERSION:
+        raise StateVersionError(schema)
     devices = doc.get("devices", {})
     _expect(isinstance(devices, dict), "devices is not an object")
     for uuid, dev in devices.items():
@@ -85,7 +110,40 @@ def validate(doc: object) -> dict[str, Any]:
             and c["count"] >= 0,
             f"bad xid_counts entry {c!r}",
         )
+    return _migrate(dict(doc))
+
+
+def _migrate(doc: dict[str, Any]) -> dict[str, Any]:
+    if doc["schema"] == 1:
+        doc["signals_seen"] = {}  # unknown before 2: learnt again from the GPUs
+        doc["schema"] = 2
+    doc["signals_seen"] = _signals_seen(doc.get("signals_seen"))
     return doc
+
+
+def _signals_seen(raw: object) -> dict[str, list[str]]:
+    """The well-formed part of signals_seen. Advisory data: a bad entry is dropped with a warning,
+    never a reason to move the file (and its fences) aside."""
+    out: dict[str, list[str]] = {}
+    dropped: list[str] = []
+    if isinstance(raw, dict):
+        for model, fields in raw.items():
+            if isinstance(fields, list):
+                good = [f for f in fields if isinstance(f, str)]
+                if len(good) != len(fields):
+                    dropped.append(model)
+                out[model] = sorted(set(good))
+            else:
+                dropped.append(model)
+    elif raw is not None:
+        dropped.append("*")
+    if dropped:
+        log.warning(
+            "health_state_signals_seen_ignored",
+            models=sorted(dropped),
+            consequence="these models' health fields are learnt again from the GPUs",
+        )
+    return out
 
 
 def _fsync_dir(path: Path) -> None:
@@ -138,12 +196,16 @@ class StateStore:
             log.error("health_state_dir_unusable", path=str(self.dir), error=str(e))
 
     def load(self) -> dict[str, Any] | None:
-        """The stored document, or None when there is none (first start, or it was moved aside)."""
+        """The stored document, or None when there is none (first start, or it was moved aside).
+
+        Raises StateError, having changed nothing in the dir, when the file is a newer version's.
+        """
+        doc = self._read()
+        # Only now that the dir is known to be ours to write: a newer version's temps stay too.
         try:
             self._remove_stale_temps()
         except OSError as e:
             log.error("health_state_dir_unusable", path=str(self.dir), error=str(e))
-        doc = self._read()
         self._loaded = True
         return doc
 
@@ -157,6 +219,13 @@ class StateStore:
             return None
         try:
             return validate(json.loads(raw))
+        except StateVersionError as e:
+            raise StateError(
+                f"{self.path} has schema {e.found}, this version reads up to {SCHEMA_VERSION}; it was written "
+                "by a newer gpu-health-exporter and may hold fences. Run that version (or newer) again; to "
+                "start this one with empty health state instead, move the file away first (its fences are "
+                "then forgotten)"
+            ) from None
         except (ValueError, RecursionError) as e:  # JSONDecodeError and StateFormatError are ValueErrors
             self._move_aside(str(e))
             return None

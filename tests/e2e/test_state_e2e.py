@@ -201,3 +201,84 @@ def test_a_directory_in_the_way_is_retried_until_the_fence_lands(fakenvml_build:
     exp.stop(signal.SIGKILL)
     exp = assert_fenced_after_restart(node)
     assert exp.stop() == 0
+
+
+# ---- 3. a state file from another version is never discarded ----------------------------------------
+
+GPU1_UUID = load_scenario("h100x8")["devices"][1]["uuid"]
+
+
+def schema_1_doc() -> dict[str, Any]:
+    """A state file as version 1 of the exporter wrote it: GPU 1 fenced by XID 79."""
+    t = time.time() - 3600
+    reason = {
+        "signal": "xid",
+        "code": "79",
+        "message": "GPU has fallen off the bus",
+        "first_seen": t,
+        "last_seen": t,
+        "count": 1,
+        "action": "reboot_node",
+        "state": 2,
+        "level": False,
+        "class": "fence",
+    }
+    return {
+        "schema": 1,
+        "written_at": t,
+        "devices": {
+            GPU1_UUID: {
+                "meta": {"kind": "gpu", "parent": None, "index": 1, "gi": None},
+                "reasons": [reason],
+                "baseline": {},
+            }
+        },
+        "xid_counts": [{"gpu": GPU1_UUID, "xid": 79, "class": "fence", "count": 1}],
+        "clears_total": 0,
+    }
+
+
+def seeded_node(build: FakeNvmlBuild, tmp: Path, content: bytes) -> NvmlNode:
+    """A node whose state dir holds `content` as state.json before the daemon (re)starts on it."""
+    node = two_gpu_node(build, tmp)
+    node.exporter.wait_ready()
+    assert node.exporter.stop() == 0
+    state_file(node).write_bytes(content)
+    return node
+
+
+def test_a_schema_1_file_is_migrated_and_keeps_its_fence(fakenvml_build: FakeNvmlBuild, tmp_path: Path) -> None:
+    node = seeded_node(fakenvml_build, tmp_path, json.dumps(schema_1_doc()).encode())
+    exp = node.restart()
+    exp.wait_ready()
+    text = exp.metrics()
+    assert node.value(text, "gpuhealth_health_state", gpu="1") == 2, exp.logs()
+    assert node.value(text, "gpuhealth_xid_errors_total", gpu="1", xid="79") == 1
+    assert not list(node.state_dir.glob("state.json.corrupt-*"))
+    node.control("xid", gpu=0, xid=13)  # an application XID: counted only, written by the coalescing writer
+
+    def migrated() -> bool:
+        doc = json.loads(state_file(node).read_bytes())
+        return bool(doc["schema"] == 2 and doc["xid_counts"] != schema_1_doc()["xid_counts"])
+
+    eventually("the file is rewritten as schema 2", migrated, logs=exp.logs)
+    doc = json.loads(state_file(node).read_bytes())
+    assert isinstance(doc["signals_seen"], dict)
+    assert fenced_on_disk(state_file(node))
+    assert {(c["xid"], c["count"]) for c in doc["xid_counts"]} == {(79, 1), (13, 1)}
+    assert exp.stop() == 0
+
+
+def test_a_newer_schema_refuses_to_start_and_keeps_the_file(fakenvml_build: FakeNvmlBuild, tmp_path: Path) -> None:
+    newer = {**schema_1_doc(), "schema": 3, "something_new": {"we": "cannot judge"}}
+    node = seeded_node(fakenvml_build, tmp_path, json.dumps(newer, indent=1).encode())
+    before = fingerprint(state_file(node))
+    listing = sorted(os.listdir(node.state_dir))
+    args = ["-a", f"127.0.0.1:{free_port()}", "--state-dir", str(node.state_dir), *node.args]
+    proc = run_exporter(args, env=node.env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    message = [line for line in proc.stderr.splitlines() if line.startswith("gpu-health-exporter: ")]
+    assert message, proc.stderr
+    assert str(state_file(node)) in message[0] and "schema 3" in message[0] and "up to 2" in message[0], message
+    assert fingerprint(state_file(node)) == before
+    assert sorted(os.listdir(node.state_dir)) == listing

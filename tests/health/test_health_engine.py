@@ -114,7 +114,7 @@ def test_state_survives_a_new_engine(make_engine: EngineFactory, tmp_path: Path,
     assert doc["schema"] == state_mod.SCHEMA_VERSION
 
 
-@pytest.mark.parametrize("content", [b"{not json", b'{"schema": 99}', b"[]", b'{"schema":1,"devices":{"x":[]}}'])
+@pytest.mark.parametrize("content", [b"{not json", b'{"schema": "1"}', b"[]", b'{"schema":1,"devices":{"x":[]}}'])
 def test_corrupt_state_file_is_moved_aside(make_engine: EngineFactory, tmp_path: Path, content: bytes) -> None:
     sd = tmp_path / "state"
     sd.mkdir()

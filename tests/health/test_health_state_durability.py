@@ -15,7 +15,16 @@ from structlog.testing import capture_logs
 from exporter.health.control import ControlError
 from exporter.health.engine import CONTROL_SOCKET, HealthEngine
 from exporter.health.policy import Policy
-from exporter.health.state import RETRY_FIRST_S, RETRY_MAX_S, STATE_FILE, CoalescingWriter, StateStore
+from exporter.health.state import (
+    RETRY_FIRST_S,
+    RETRY_MAX_S,
+    SCHEMA_VERSION,
+    STATE_FILE,
+    CoalescingWriter,
+    StateError,
+    StateStore,
+    validate,
+)
 from exporter.health.verdict import HealthState
 from exporter.labels import RenderContext
 from exporter.model import EVENT_XID, DeviceEvent
@@ -186,7 +195,8 @@ def test_a_failed_count_write_is_retried_too(make_engine: EngineFactory, tmp_pat
         return sum(c["count"] for c in doc["xid_counts"] if c["xid"] == 79)
 
     wait_until("the counts land", lambda: count_on_disk() == 6)
-    assert eng.durability_problem() is None
+    # The file is visible a moment before the store records the success (it fsyncs the dir first).
+    wait_until("durable again", lambda: eng.durability_problem() is None)
 
 
 def test_the_write_failures_counter_is_rendered_next_to_the_file_errors(make_engine: EngineFactory) -> None:
@@ -200,3 +210,132 @@ def test_the_write_failures_counter_is_rendered_next_to_the_file_errors(make_eng
         "# TYPE gpuhealth_health_state_write_failures_total counter\n"
         "gpuhealth_health_state_write_failures_total 0\n"
     ) in text
+
+
+# ---- 3. a state file from another version is never discarded ----------------------------------------
+
+
+def schema_1(sd: Path) -> bytes:
+    """A version-1 file fencing GPU0 (XID 79, count 4), as the previous release wrote it."""
+    reason = {
+        "signal": "xid",
+        "code": "79",
+        "message": "GPU has fallen off the bus",
+        "first_seen": 1.0,
+        "last_seen": 2.0,
+        "count": 4,
+        "action": "reboot_node",
+        "state": 2,
+        "level": False,
+        "class": "fence",
+    }
+    doc = {
+        "schema": 1,
+        "written_at": 2.0,
+        "devices": {
+            GPU0: {"meta": {"kind": "gpu", "parent": None, "index": 0, "gi": None}, "reasons": [reason], "baseline": {}}
+        },
+        "xid_counts": [{"gpu": GPU0, "xid": 79, "class": "fence", "count": 4}],
+        "clears_total": 2,
+    }
+    sd.mkdir(mode=0o700, exist_ok=True)
+    data = json.dumps(doc).encode()
+    (sd / STATE_FILE).write_bytes(data)
+    return data
+
+
+def test_schema_1_is_migrated_with_every_fence_and_count(make_engine: EngineFactory, tmp_path: Path) -> None:
+    sd = tmp_path / "state"
+    schema_1(sd)
+    eng = make_engine(state_dir=sd)
+    assert eng.state_file_errors == 0 and not list(sd.glob("*.corrupt-*"))
+    v = eng.verdict(GPU0)
+    assert v.state is U and v.reasons[0].count == 4
+    assert eng.signals_seen == {}
+    eng.on_events([xid(13)])  # counts only: the coalescing writer rewrites the file
+    eng.stop()
+    doc = validate(json.loads((sd / STATE_FILE).read_bytes()))
+    assert doc["schema"] == SCHEMA_VERSION == 2
+    assert doc["signals_seen"] == {}
+    assert doc["clears_total"] == 2
+    assert {(c["xid"], c["count"]) for c in doc["xid_counts"]} == {(79, 4), (13, 1)}
+
+
+def test_validate_migrates_schema_1_without_changing_its_input() -> None:
+    doc = {"schema": 1, "devices": {}, "xid_counts": []}
+    assert validate(doc) == {"schema": 2, "devices": {}, "xid_counts": [], "signals_seen": {}}
+    assert doc == {"schema": 1, "devices": {}, "xid_counts": []}
+
+
+def test_signals_seen_round_trip_sorted(make_engine: EngineFactory, tmp_path: Path) -> None:
+    sd = tmp_path / "state"
+    eng = make_engine(state_dir=sd)
+    marks: list[None] = []
+    real_mark = eng._writer.mark_dirty
+
+    def counting_mark() -> None:
+        marks.append(None)
+        real_mark()
+
+    eng._writer.mark_dirty = counting_mark  # type: ignore[method-assign]
+    eng.note_signals_seen("NVIDIA H100 80GB HBM3", ["DCGM_FI_DEV_XID_ERRORS", "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL"])
+    assert len(marks) == 1
+    eng.note_signals_seen("NVIDIA H100 80GB HBM3", ["DCGM_FI_DEV_ECC_DBE_VOL_TOTAL"])  # nothing new
+    eng.note_signals_seen("NVIDIA H100 80GB HBM3", [])
+    assert len(marks) == 1
+    eng.note_signals_seen("NVIDIA A100-SXM4-80GB", iter(["DCGM_FI_DEV_ROW_REMAP_FAILURE"]))
+    assert len(marks) == 2
+    eng.stop()
+    doc = json.loads((sd / STATE_FILE).read_bytes())
+    assert doc["signals_seen"] == {
+        "NVIDIA A100-SXM4-80GB": ["DCGM_FI_DEV_ROW_REMAP_FAILURE"],
+        "NVIDIA H100 80GB HBM3": ["DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "DCGM_FI_DEV_XID_ERRORS"],
+    }
+    again = make_engine(state_dir=sd)
+    assert again.signals_seen == {
+        "NVIDIA A100-SXM4-80GB": {"DCGM_FI_DEV_ROW_REMAP_FAILURE"},
+        "NVIDIA H100 80GB HBM3": {"DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "DCGM_FI_DEV_XID_ERRORS"},
+    }
+
+
+def test_a_malformed_signals_seen_costs_no_fence(make_engine: EngineFactory, tmp_path: Path) -> None:
+    sd = tmp_path / "state"
+    schema_1(sd)
+    doc = json.loads((sd / STATE_FILE).read_bytes())
+    doc["schema"] = 2
+    doc["signals_seen"] = {"NVIDIA H100 80GB HBM3": ["DCGM_FI_DEV_XID_ERRORS", 7], "bad": "x"}
+    (sd / STATE_FILE).write_text(json.dumps(doc))
+    with capture_logs() as logs:
+        eng = make_engine(state_dir=sd)
+    assert eng.verdict(GPU0).state is U and eng.state_file_errors == 0
+    assert eng.signals_seen == {"NVIDIA H100 80GB HBM3": {"DCGM_FI_DEV_XID_ERRORS"}}
+    assert [e for e in logs if e["event"] == "health_state_signals_seen_ignored"]
+
+
+@pytest.mark.parametrize("schema", [3, 99])
+def test_a_newer_schema_refuses_to_start_and_is_kept(tmp_path: Path, clock: Clock, schema: int) -> None:
+    sd = tmp_path / "state"
+    sd.mkdir(mode=0o700)
+    (sd / STATE_FILE).write_text(json.dumps({"schema": schema, "whatever": ["comes", "next"]}))
+    (sd / ".state.json.tmp-left-by-the-newer-one").write_text("x")
+    before = fingerprint(sd / STATE_FILE)
+    listing = sorted(p.name for p in sd.iterdir())
+    eng = HealthEngine(Policy.build(), sd, clock)
+    with pytest.raises(StateError) as err:
+        eng.start()
+    msg = str(err.value)
+    assert msg.startswith(f"{sd / STATE_FILE} has schema {schema}, this version reads up to {SCHEMA_VERSION};"), msg
+    eng.stop()
+    assert fingerprint(sd / STATE_FILE) == before
+    assert sorted(p.name for p in sd.iterdir()) == listing  # no socket left, nothing swept or moved aside
+
+
+@pytest.mark.parametrize("content", [b'{"schema": 0}', b'{"schema": "2"}', b'{"schema": true}', b"{}"])
+def test_an_unknowable_schema_is_moved_aside(make_engine: EngineFactory, tmp_path: Path, content: bytes) -> None:
+    sd = tmp_path / "state"
+    sd.mkdir(mode=0o700)
+    (sd / STATE_FILE).write_bytes(content)
+    eng = make_engine(state_dir=sd)
+    assert eng.state_file_errors == 1
+    (aside,) = sd.glob(f"{STATE_FILE}.corrupt-*")
+    assert aside.read_bytes() == content
