@@ -9,6 +9,10 @@ Versions: an older schema is migrated on load (and written back as the current o
 write); a newer one (a rollback) is left exactly as it is and start-up stops with StateError, since
 guessing at a format we do not know would mean dropping the fences in it.
 
+The state dir is the daemon's alone: it must be owned by our euid (else start-up stops) and is kept
+at mode 0700. Temp files get unpredictable names and are created with O_EXCL|O_NOFOLLOW relative
+to the directory's fd, so a planted symlink is never followed, and never written through.
+
 A write that fails (disk full, out of file descriptors, something in the way) leaves the newest
 state in memory only; the writer thread retries it with backoff until it is on disk, and
 StateStore.problem() says so meanwhile (for /ready and the write-failures counter).
@@ -19,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +43,10 @@ _TMP_PREFIX = ".state.json.tmp-"
 # no more than one attempt every 30 s for a lasting fault (disk full) so as not to spin.
 RETRY_FIRST_S = 0.25
 RETRY_MAX_S = 30.0
+DIR_MODE = 0o700
+_TMP_TRIES = 16  # fresh names to try when one is taken (EEXIST): only a planted file does that
+_O_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+_O_TMP = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 log = structlog.get_logger()
 
@@ -146,12 +156,8 @@ def _signals_seen(raw: object) -> dict[str, list[str]]:
     return out
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _octal(mode: int) -> str:
+    return f"{mode:04o}"
 
 
 class StateStore:
@@ -189,11 +195,34 @@ class StateStore:
         return f"health state not on disk since {max(0.0, self._clock() - since):.0f}s: {error}"
 
     def prepare(self) -> None:
-        """Create the state dir (private to the daemon) if it is missing."""
+        """Create the state dir if it is missing; make sure it is ours alone.
+
+        Raises StateError, changing nothing, when another user owns it: whoever owns it can plant
+        files in it or read the verdicts, and chmod-ing their directory is not ours to do either.
+        """
         try:
-            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            st = self.dir.stat()
         except OSError as e:
             log.error("health_state_dir_unusable", path=str(self.dir), error=str(e))
+            return
+        euid = os.geteuid()
+        if st.st_uid != euid:
+            raise StateError(
+                f"state dir {self.dir} is owned by uid {st.st_uid}, not by this daemon (euid {euid}); refusing to "
+                f"use it, since its owner could plant files in it. chown it to uid {euid} (with its files) or "
+                "point --state-dir at a directory of this user"
+            )
+        mode = stat.S_IMODE(st.st_mode)
+        if mode != DIR_MODE:
+            try:
+                os.chmod(self.dir, DIR_MODE)
+            except OSError as e:
+                log.error("health_state_dir_unusable", path=str(self.dir), error=f"chmod {_octal(DIR_MODE)}: {e}")
+                return
+            log.warning(
+                "health_state_dir_mode_fixed", path=str(self.dir), old_mode=_octal(mode), new_mode=_octal(DIR_MODE)
+            )
 
     def load(self) -> dict[str, Any] | None:
         """The stored document, or None when there is none (first start, or it was moved aside).
@@ -231,10 +260,18 @@ class StateStore:
             return None
 
     def _remove_stale_temps(self) -> None:
-        # Left behind by a kill -9 between create and rename; never the live file.
-        for p in self.dir.glob(_TMP_PREFIX + "*"):
-            with contextlib.suppress(OSError):
-                p.unlink()
+        # Left behind by a kill -9 between create and rename; never the live file. unlink(2) on a
+        # symlink removes the link, never what it points to; a directory is not ours and stays.
+        dfd = os.open(self.dir, _O_DIR)
+        try:
+            with os.scandir(dfd) as entries:
+                stale = [e.name for e in entries if e.name.startswith(_TMP_PREFIX)]
+            for name in stale:
+                with contextlib.suppress(OSError):
+                    if not stat.S_ISDIR(os.lstat(name, dir_fd=dfd).st_mode):
+                        os.unlink(name, dir_fd=dfd)
+        finally:
+            os.close(dfd)
 
     def _move_aside(self, why: str) -> None:
         self.file_errors += 1
@@ -268,21 +305,9 @@ class StateStore:
             if generation <= self._written_gen:
                 return True
             data = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
-            tmp = self.dir / f"{_TMP_PREFIX}{os.getpid()}-{threading.get_ident()}"
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, self.path)
-                _fsync_dir(self.dir)
+                self._replace(data)
             except OSError as e:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
                 self._failed(e)
                 hook = self.on_write_failed
             else:
@@ -291,6 +316,43 @@ class StateStore:
         if hook is not None:
             hook()
         return False
+
+    def _replace(self, data: bytes) -> None:
+        # Everything relative to one fd of the directory: the temp file, the rename and the fsync
+        # all concern the same directory, whatever happens to its path meanwhile.
+        dfd = os.open(self.dir, _O_DIR)
+        try:
+            name, fd = self._create_temp(dfd)
+            try:
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(name, STATE_FILE, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=dfd)
+                raise
+            os.fsync(dfd)  # the rename itself is durable only once the directory is
+        finally:
+            os.close(dfd)
+
+    @staticmethod
+    def _create_temp(dfd: int) -> tuple[str, int]:
+        """A new temp file: an unguessable name, O_EXCL (never an existing file, never through a
+        symlink, dangling or not), mode 0600. A name in use (planted?) is skipped for another."""
+        taken: FileExistsError | None = None
+        for _ in range(_TMP_TRIES):
+            name = _TMP_PREFIX + secrets.token_hex(16)
+            try:
+                return name, os.open(name, _O_TMP, 0o600, dir_fd=dfd)
+            except FileExistsError as e:
+                taken = e
+        assert taken is not None
+        raise taken  # a failed write like any other: retried, and reported
 
     def _failed(self, e: OSError) -> None:
         self.write_failures += 1

@@ -7,6 +7,7 @@ import os
 import resource
 import shutil
 import signal
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -282,3 +283,35 @@ def test_a_newer_schema_refuses_to_start_and_keeps_the_file(fakenvml_build: Fake
     assert str(state_file(node)) in message[0] and "schema 3" in message[0] and "up to 2" in message[0], message
     assert fingerprint(state_file(node)) == before
     assert sorted(os.listdir(node.state_dir)) == listing
+
+
+# ---- 4. the state directory is ours alone -----------------------------------------------------------
+
+
+def test_a_group_readable_state_dir_is_made_private(fakenvml_build: FakeNvmlBuild, tmp_path: Path) -> None:
+    node = seeded_node(fakenvml_build, tmp_path, json.dumps(schema_1_doc()).encode())
+    node.state_dir.chmod(0o755)
+    exp = node.restart()
+    exp.wait_ready()
+    assert stat.S_IMODE(node.state_dir.stat().st_mode) == 0o700
+    (fixed,) = log_lines(exp, "health_state_dir_mode_fixed")
+    assert fixed["level"] == "warning"
+    assert (fixed["path"], fixed["old_mode"], fixed["new_mode"]) == (str(node.state_dir), "0755", "0700")
+    assert node.value(exp.metrics(), "gpuhealth_health_state", gpu="1") == 2
+    assert exp.stop() == 0
+
+
+def test_a_state_dir_owned_by_another_user_refuses_to_start(fakenvml_build: FakeNvmlBuild, tmp_path: Path) -> None:
+    node = seeded_node(fakenvml_build, tmp_path, json.dumps(schema_1_doc()).encode())
+    os.chown(node.state_dir, 65534, 65534)
+    before = fingerprint(state_file(node))
+    listing = sorted(os.listdir(node.state_dir))
+    mode = node.state_dir.stat().st_mode
+    args = ["-a", f"127.0.0.1:{free_port()}", "--state-dir", str(node.state_dir), *node.args]
+    proc = run_exporter(args, env=node.env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    message = [line for line in proc.stderr.splitlines() if line.startswith("gpu-health-exporter: ")]
+    assert message and str(node.state_dir) in message[0] and "uid 65534" in message[0], proc.stderr
+    assert fingerprint(state_file(node)) == before
+    assert sorted(os.listdir(node.state_dir)) == listing  # no control socket, nothing swept or written
+    assert node.state_dir.stat().st_mode == mode and node.state_dir.stat().st_uid == 65534

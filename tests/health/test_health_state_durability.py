@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
+import stat
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +15,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from exporter.health import state as state_mod
 from exporter.health.control import ControlError
 from exporter.health.engine import CONTROL_SOCKET, HealthEngine
 from exporter.health.policy import Policy
@@ -339,3 +343,97 @@ def test_an_unknowable_schema_is_moved_aside(make_engine: EngineFactory, tmp_pat
     assert eng.state_file_errors == 1
     (aside,) = sd.glob(f"{STATE_FILE}.corrupt-*")
     assert aside.read_bytes() == content
+
+
+# ---- 4. the state directory is ours alone -----------------------------------------------------------
+
+
+def test_an_existing_dir_is_made_private(make_engine: EngineFactory, tmp_path: Path) -> None:
+    sd = tmp_path / "state"
+    sd.mkdir(mode=0o755)
+    sd.chmod(0o755)
+    with capture_logs() as logs:
+        make_engine(state_dir=sd)
+    assert stat.S_IMODE(sd.stat().st_mode) == 0o700
+    (fixed,) = [e for e in logs if e["event"] == "health_state_dir_mode_fixed"]
+    assert (fixed["log_level"], fixed["old_mode"], fixed["new_mode"]) == ("warning", "0755", "0700")
+    with capture_logs() as logs:
+        make_engine(state_dir=sd).stop()
+    assert not [e for e in logs if e["event"] == "health_state_dir_mode_fixed"]  # said only when fixed
+
+
+def test_a_dir_owned_by_another_user_is_refused_untouched(make_engine: EngineFactory, tmp_path: Path) -> None:
+    sd = tmp_path / "state"
+    fenced_state_dir(make_engine, sd)
+    sd.chmod(0o755)
+    os.chown(sd, 65534, 65534)
+    before = fingerprint(sd / STATE_FILE)
+    eng = HealthEngine(Policy.build(), sd)
+    with pytest.raises(StateError) as err:
+        eng.start()
+    eng.stop()
+    assert str(sd) in str(err.value) and "uid 65534" in str(err.value)
+    assert fingerprint(sd / STATE_FILE) == before
+    assert stat.S_IMODE(sd.stat().st_mode) == 0o755  # not ours to chmod either
+    assert sorted(p.name for p in sd.iterdir()) == [STATE_FILE]
+
+
+def plant(link: Path, target: Path) -> None:
+    link.symlink_to(target)
+    assert link.is_symlink()
+
+
+def test_a_symlink_at_the_old_predictable_temp_name_is_not_followed(make_engine: EngineFactory, tmp_path: Path) -> None:
+    sd = tmp_path / "state"
+    eng = make_engine(state_dir=sd)
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    # The name the writer used to pick: pid and thread id, both guessable by anyone on the node.
+    plant(sd / f".state.json.tmp-{os.getpid()}-{threading.get_ident()}", victim)
+    eng.on_events([xid(79)])  # written synchronously from this thread
+    assert victim.read_text() == "precious"
+    assert fenced_on_disk(sd) and not (sd / STATE_FILE).is_symlink()
+
+
+def test_a_symlink_at_the_chosen_temp_name_is_skipped_for_a_new_name(
+    make_engine: EngineFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sd = tmp_path / "state"
+    eng = make_engine(state_dir=sd)
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    names = iter(["guessed", "taken", "fresh"])
+    monkeypatch.setattr(state_mod.secrets, "token_hex", lambda n=None: next(names))
+    plant(sd / ".state.json.tmp-guessed", victim)
+    plant(sd / ".state.json.tmp-taken", tmp_path / "dangling")  # a dangling link: O_CREAT would create it
+    eng.on_events([xid(79)])
+    assert victim.read_text() == "precious" and not (tmp_path / "dangling").exists()
+    assert fenced_on_disk(sd) and eng.durability_problem() is None
+    assert next(names, None) is None  # three tries: two names in use, the third free
+
+
+def test_stale_temp_cleanup_unlinks_symlinks_without_following_them(make_engine: EngineFactory, tmp_path: Path) -> None:
+    sd = tmp_path / "state"
+    fenced_state_dir(make_engine, sd)
+    victim_file = tmp_path / "victim"
+    victim_file.write_text("precious")
+    victim_dir = tmp_path / "victim-dir"
+    victim_dir.mkdir()
+    (victim_dir / "inside").write_text("precious too")
+    plant(sd / ".state.json.tmp-file-link", victim_file)
+    plant(sd / ".state.json.tmp-dir-link", victim_dir)
+    plant(sd / ".state.json.tmp-dangling", tmp_path / "nothing")
+    (sd / ".state.json.tmp-left-by-kill-9").write_text("{")
+    eng = make_engine(state_dir=sd)
+    assert eng.verdict(GPU0).state is U
+    assert sorted(p.name for p in sd.iterdir()) == [STATE_FILE]
+    assert victim_file.read_text() == "precious"
+    assert (victim_dir / "inside").read_text() == "precious too"
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_the_state_file_is_private(make_engine: EngineFactory, tmp_path: Path) -> None:
+    sd = tmp_path / "state"
+    fenced_state_dir(make_engine, sd)
+    assert stat.S_IMODE((sd / STATE_FILE).stat().st_mode) == 0o600
+    assert stat.S_IMODE(sd.stat().st_mode) == 0o700
