@@ -170,6 +170,8 @@ class App:
         return True, "ok"
 
     def readiness(self) -> tuple[bool, str]:
+        """Ready only while what we serve can be trusted: fresh bytes, GPUs collected, XIDs
+        watched, verdicts judged and on disk. The reason names the first thing that is not."""
         if not self.backend_ready:
             return False, "NVML not initialised"
         snap = self.collector.last_snapshot
@@ -177,9 +179,14 @@ class App:
             return False, "no collection yet"
         if not snap.inventory.gpus:
             return False, "no GPUs found"
-        age = time.time() - snap.taken_at
+        if not snap.samples:
+            return False, f"no GPU selected by --devices {self.cfg.devices!r}: nothing is collected"
+        age = time.time() - self.renderer.current.rendered_at
         if age > 3 * self.interval_s:
-            return False, f"last collection {age:.0f}s old (more than 3 intervals)"
+            return False, f"served metrics are {age:.0f}s old (more than 3 collection intervals)"
+        for problem in (self.events.problem(), self.health.monitor_problem(), self.health.durability_problem()):
+            if problem:
+                return False, problem
         return True, "ok"
 
     # --- per-cycle work, in the collector thread ---
@@ -235,22 +242,25 @@ class App:
         self.collector.add_listener(self.on_snapshot)
         self.events.add_listener(self.xids.on_events)
         self.events.add_listener(self.health.on_events)
+        self.events.add_status_listener(self.health.set_xid_monitoring)
         if self.pods is not None:
             self.renderer.contributors.append(self.pods)
             start = getattr(self.pods, "start", None)
             if start is not None:
                 start()
         self.renderer.contributors.append(self.health)
+        self.renderer.contributors.append(self.events)
         self.server.start()
-        # First cycle before the loop, so /ready turns green as soon as possible.
+        # First cycle before the loop, so /ready turns green as soon as possible; /ready waits
+        # for the event thread's registration too, so no XID after it turns green is missed.
         self.collector.run_once()
+        self.events.start()
         if self.cfg.device_plugin:
             self.plugin = self._make_plugin()
             self.collector.add_layout_listener(lambda _inv: self.plugin.on_inventory_change())
             self.renderer.contributors.append(self.plugin)
             self.plugin.start()
         self.collector.start()
-        self.events.start()
         log.info(
             "started",
             address=self.cfg.address,

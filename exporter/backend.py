@@ -22,10 +22,29 @@ class DeviceLostError(Exception):
 
 
 class DeviceError(Exception):
-    """The device failed as a whole this time (not one field); it may recover."""
+    """The device failed as a whole this time (not one field); it may recover.
+
+    `error` names the failure (the NVML error name, e.g. "NVMLError_Unknown") so that the
+    health engine can tell the same error on every GPU (our fault) from one GPU's fault.
+    """
+
+    def __init__(self, message: str, error: str = "") -> None:
+        super().__init__(message)
+        self.error = error or type(self).__name__
+
+
+class MonitorError(DeviceError):
+    """The read failed for a reason of ours, not the device's: NVML not initialised, the driver
+    not loaded or of another version than the library, no permission on the device node. Such a
+    failure says nothing about the GPU's health and must never fence it."""
 
 
 class EventSource(Protocol):
+    @property
+    def registered(self) -> tuple[str, ...]:
+        """UUIDs of the GPUs whose events this set receives (registration may fail for some)."""
+        ...
+
     def wait(self, timeout_s: float) -> list[DeviceEvent]:
         """Block up to timeout_s; return the events that arrived (possibly none).
 

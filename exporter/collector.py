@@ -4,6 +4,13 @@ Each device is read by its own worker thread with a deadline: NVML calls
 cannot be interrupted, so a wedged GPU only ties up its own thread while the
 others (and the HTTP server, which never calls NVML) carry on. A device whose
 read misses the deadline is served with its last good values, marked stale.
+A read still outstanding from an earlier cycle is not waited for again: the
+other devices keep their interval while one is hung.
+
+Fields a device answers NOT_SUPPORTED for are not asked again for
+UNSUPPORTED_RETRY_S (nor until the next layout change), then asked once more:
+support can change (ECC or MIG mode toggled, a driver update), and a health
+field must not stay unread for good because of one odd answer.
 """
 
 from __future__ import annotations
@@ -19,10 +26,11 @@ from typing import Any, TypeVar
 
 import structlog
 
-from exporter.backend import Backend, DeviceLostError
+from exporter.backend import Backend, DeviceError, DeviceLostError, MonitorError
 from exporter.counters import CounterSet
 from exporter.devices import DeviceSelector
 from exporter.fields import FieldSpec
+from exporter.logs import Reminder
 from exporter.model import Gpu, Inventory, MigDevice, ReadResult
 from exporter.snapshot import DeviceSample, Snapshot
 
@@ -33,6 +41,9 @@ T = TypeVar("T")
 # Re-enumerate at least this often even without a MIG-change event, so a
 # GPU that vanished or came back is noticed.
 REDISCOVER_EVERY_S = 60.0
+
+# How long a NOT_SUPPORTED answer is trusted before the field is asked for again.
+UNSUPPORTED_RETRY_S = 300.0
 
 # Readers the collector never asks the backend for.
 _NOT_POLLED = ("dcp", "event", "label")
@@ -79,8 +90,11 @@ class Worker:
 class _DeviceState:
     last_values: dict[str, float] = field(default_factory=dict)
     last_good: float | None = None  # time.time() of the last successful read
-    unsupported: set[str] = field(default_factory=set)
+    # field name -> when it was last answered NOT_SUPPORTED (collector clock)
+    unsupported: dict[str, float] = field(default_factory=dict)
+    unsupported_names: frozenset[str] = frozenset()  # the keys, shared by every sample until they change
     pending: Future[ReadResult] | None = None
+    pending_since_cycle: int = 0  # the cycle that submitted `pending`
 
 
 @dataclass(frozen=True)
@@ -117,10 +131,12 @@ class Collector:
         self.inventory: Inventory | None = None
         self._discovery = Worker("discovery")
         self._discovery_pending: Future[Inventory] | None = None
+        self._discovery_hung = False
         self._last_discovery = 0.0
         self._rediscover = threading.Event()
         self._ever_seen: dict[str, Gpu] = {}
         self.nvml_errors: dict[tuple[str, str], int] = {}
+        self._said = Reminder()  # lasting per-device conditions, logged once then once a minute
         self.collections = 0
         self.last_snapshot: Snapshot | None = None
         self.heartbeat = time.monotonic()
@@ -152,15 +168,22 @@ class Collector:
         if self._discovery_pending is None:
             self._discovery_pending = self._discovery.submit(self.backend.discover)
         try:
-            inventory = self._discovery_pending.result(timeout=self.device_timeout_s)
+            # A discovery already hung in an earlier cycle is not waited for again.
+            timeout = self.device_timeout_s if not self._discovery_hung else 0.0
+            inventory = self._discovery_pending.result(timeout=timeout)
         except FutureTimeout:
-            log.warning("discovery_timeout", timeout_s=self.device_timeout_s)
+            self._discovery_hung = True
+            if self._said.due("discovery_timeout"):
+                log.warning("discovery_timeout", timeout_s=self.device_timeout_s)
             return None
         except Exception as exc:
             self._discovery_pending = None
             log.error("discovery_failed", error=repr(exc))
             return None
         self._discovery_pending = None
+        self._discovery_hung = False
+        if self._said.clear("discovery_timeout"):
+            log.info("discovery_recovered")
         self._last_discovery = time.monotonic()
         return inventory
 
@@ -181,6 +204,7 @@ class Collector:
             # forget what was learned and ask again once.
             for state in self._devices.values():
                 state.unsupported.clear()
+                state.unsupported_names = frozenset()
             log.info(
                 "inventory",
                 gpus=[g.uuid for g in inventory.gpus],
@@ -239,44 +263,74 @@ class Collector:
         worker = self._workers.get(t.uuid)
         if worker is None:
             worker = self._workers[t.uuid] = Worker(t.uuid)
-        wanted = tuple(f for f in t.fields if f.name not in state.unsupported)
+        wanted = t.fields
+        if state.unsupported:
+            retry_before = self._clock() - UNSUPPORTED_RETRY_S
+            skip = state.unsupported
+            wanted = tuple(f for f in t.fields if skip.get(f.name, retry_before) <= retry_before)
         backend, uuid = self.backend, t.uuid
         state.pending = worker.submit(lambda: backend.read(uuid, wanted))
+        state.pending_since_cycle = self.collections
 
     def _collect(self, t: _Target, deadline: float) -> DeviceSample:
         state = self._devices[t.uuid]
         fut = state.pending
         assert fut is not None
         now = self._clock()
+        uuid = t.uuid
+        # Only a read submitted this cycle is waited for; one hung since an earlier cycle is
+        # merely looked at, so a wedged GPU cannot stretch every cycle to the deadline.
+        fresh = state.pending_since_cycle == self.collections
         try:
-            result = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            result = fut.result(timeout=max(0.0, deadline - time.monotonic()) if fresh else 0.0)
         except FutureTimeout:
             age = now - state.last_good if state.last_good is not None else 0.0
-            log.warning("device_read_late", uuid=t.uuid, timeout_s=self.device_timeout_s, stale_for_s=round(age, 1))
-            return DeviceSample(t.gpu, t.mig, dict(state.last_values), up=True, stale=True, age_s=age, error="timeout")
+            if self._said.due((uuid, "late")):
+                log.warning("device_read_late", uuid=uuid, timeout_s=self.device_timeout_s, stale_for_s=round(age, 1))
+            return DeviceSample(t.gpu, t.mig, dict(state.last_values), up=True, stale=True, age_s=age, error="timeout",
+                                unsupported=state.unsupported_names)
         except DeviceLostError as exc:
             state.pending = None
             state.last_values = {}
             self._count_error("*", "GpuIsLost")
-            log.error("device_lost", uuid=t.uuid, error=str(exc))
+            if self._said.due((uuid, "lost")):
+                log.error("device_lost", uuid=uuid, error=str(exc))
             self.request_rediscovery()
             return DeviceSample(t.gpu, t.mig, {}, up=False, error="lost")
         except Exception as exc:
             state.pending = None
-            name = type(exc).__name__
+            name = exc.error if isinstance(exc, DeviceError) else type(exc).__name__
+            monitor = isinstance(exc, MonitorError)
             self._count_error("*", name)
-            log.warning("device_read_failed", uuid=t.uuid, error=name, detail=str(exc))
+            if self._said.due((uuid, "failed")):
+                log.warning("device_read_failed", uuid=uuid, error=name, detail=str(exc), ours=monitor)
             age = now - state.last_good if state.last_good is not None else 0.0
-            return DeviceSample(t.gpu, t.mig, {}, up=False, age_s=age, error=name)
+            return DeviceSample(t.gpu, t.mig, {}, up=False, age_s=age, error=name, monitor_fault=monitor)
         state.pending = None
-        if result.unsupported - state.unsupported:
-            log.info("fields_unsupported", uuid=t.uuid, fields=sorted(result.unsupported - state.unsupported))
-            state.unsupported |= result.unsupported
+        ended = [what for what in ("late", "lost", "failed") if self._said.clear((uuid, what))]
+        if ended:
+            log.info("device_readable_again", uuid=uuid, after=ended)
+        self._learn_support(uuid, state, result, now)
         for field_name, error in result.errors.items():
             self._count_error(field_name, error)
         state.last_values = dict(result.values)
         state.last_good = now
-        return DeviceSample(t.gpu, t.mig, state.last_values, up=True)
+        return DeviceSample(t.gpu, t.mig, state.last_values, up=True, unsupported=state.unsupported_names)
+
+    def _learn_support(self, uuid: str, state: _DeviceState, result: ReadResult, now: float) -> None:
+        unsupported = state.unsupported
+        new = sorted(result.unsupported.difference(unsupported))
+        if new:
+            log.info("fields_unsupported", uuid=uuid, fields=new, retry_in_s=UNSUPPORTED_RETRY_S)
+        for name in result.unsupported:
+            unsupported[name] = now  # learned, or confirmed by a retry
+        back = [name for name in unsupported if name in result.values or name in result.errors]
+        if back:
+            log.info("fields_supported_again", uuid=uuid, fields=sorted(back))
+            for name in back:
+                del unsupported[name]
+        if new or back:
+            state.unsupported_names = frozenset(unsupported)
 
     def _count_error(self, field_name: str, error: str) -> None:
         key = (field_name, error)

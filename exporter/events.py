@@ -5,6 +5,10 @@ here. Events fan out to listeners (XID tracker, health engine). When the set
 breaks (GPU lost, driver error) it is rebuilt with backoff, 1 s doubling to
 30 s, never in a busy loop; a layout change (MIG reconfiguration) rebuilds it
 too, because handles become invalid.
+
+Whether XIDs are watched at all is visible: `monitored` holds the GPUs whose events are
+registered while the wait loop runs, `gpuhealth_xid_monitoring_up` exports it per GPU, and
+status listeners (the health engine) hear every change, so a dead pipeline is never silent.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Callable
 import structlog
 
 from exporter.backend import Backend, DeviceLostError, EventSource
+from exporter.labels import PREFIX, RenderContext
 from exporter.model import EVENT_GPU_LOST, EVENT_MIG_CONFIG_CHANGE, DeviceEvent, Inventory
 
 log = structlog.get_logger("exporter.events")
@@ -26,6 +31,8 @@ BACKOFF_MAX_S = 30.0
 
 
 class EventPump:
+    metrics_part = "events"
+
     def __init__(
         self,
         backend: Backend,
@@ -38,12 +45,59 @@ class EventPump:
         self._listeners: list[Callable[[list[DeviceEvent]], None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._status_listeners: list[Callable[[frozenset[str]], None]] = []
         self.rebuilds = 0
         self.events_total = 0
-        self.healthy = False  # event set open and waiting
+        # GPUs whose events are registered in the set the loop waits on; empty while it is down.
+        self.monitored: frozenset[str] = frozenset()
+        self.attempted = False  # the first registration attempt has finished (either way)
+        self.last_error = ""
+
+    @property
+    def healthy(self) -> bool:
+        return bool(self.monitored)
 
     def add_listener(self, fn: Callable[[list[DeviceEvent]], None]) -> None:
         self._listeners.append(fn)
+
+    def add_status_listener(self, fn: Callable[[frozenset[str]], None]) -> None:
+        """`fn(monitored)` after each registration attempt and whenever the set goes down."""
+        self._status_listeners.append(fn)
+
+    def problem(self) -> str | None:
+        """Why XIDs may be missed on every GPU right now (for /ready), or None."""
+        if not self.attempted:
+            return "XID event registration not done yet"
+        if not self.monitored:
+            why = f": {self.last_error}" if self.last_error else ""
+            return f"no GPU is monitored for XID events{why}"
+        return None
+
+    def _set_monitored(self, uuids: frozenset[str], *, attempted: bool = True) -> None:
+        changed = uuids != self.monitored or (attempted and not self.attempted)
+        self.monitored = uuids
+        self.attempted = self.attempted or attempted
+        if not changed:
+            return
+        for fn in self._status_listeners:
+            try:
+                fn(uuids)
+            except Exception:
+                log.exception("event_status_listener_failed")
+
+    def render_metrics(self, ctx: RenderContext) -> str:
+        inventory = self._inventory()
+        if inventory is None or not inventory.gpus:
+            return ""
+        monitored = self.monitored
+        name = f"{PREFIX}xid_monitoring_up"
+        lines = [
+            f"# HELP {name} 1 when the GPU's XID events are registered and the event wait loop runs; "
+            "0 when XIDs on it would be missed.",
+            f"# TYPE {name} gauge",
+        ]
+        lines += [f"{name}{{{ctx.device_labels(g.uuid)}}} {int(g.uuid in monitored)}" for g in inventory.gpus]
+        return "\n".join(lines) + "\n"
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="nvml-events", daemon=True)
@@ -72,7 +126,12 @@ class EventPump:
             source: EventSource | None = None
             try:
                 source = self._backend.open_events(inventory)
-                self.healthy = True
+                registered = frozenset(source.registered)
+                self.last_error = "" if registered else "registration failed on every GPU"
+                self._set_monitored(registered)
+                if registered != {g.uuid for g in inventory.gpus}:
+                    log.warning("event_registration_incomplete", unmonitored=sorted(
+                        g.uuid for g in inventory.gpus if g.uuid not in registered))
                 layout = inventory.layout_key()
                 while not self._stop.is_set():
                     events = source.wait(WAIT_S)
@@ -86,7 +145,8 @@ class EventPump:
                         log.info("event_set_rebuild", reason="layout changed")
                         break
             except DeviceLostError as exc:
-                self.healthy = False
+                self.last_error = "event wait reported a lost GPU"
+                self._set_monitored(frozenset())
                 uuid = str(exc.args[0]) if exc.args else ""
                 log.error("event_wait_gpu_lost", uuid=uuid)
                 if uuid:
@@ -95,7 +155,8 @@ class EventPump:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
             except Exception as exc:
-                self.healthy = False
+                self.last_error = str(exc) or type(exc).__name__
+                self._set_monitored(frozenset())
                 log.error("event_set_failed", error=repr(exc), retry_in_s=backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)

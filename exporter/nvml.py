@@ -13,8 +13,13 @@ Design notes:
   (FunctionNotFound), the older symbol is called directly through
   `pynvml._nvmlGetFunctionPointer` with pynvml's own structs, and the missing
   symbol is remembered so it is not looked up again.
-- NOT_SUPPORTED is remembered per (device, field) and never asked again (reset
-  for a GPU when its MIG mode changes, since MIG toggles what is supported).
+- A per-field NOT_SUPPORTED is reported in ReadResult.unsupported; the collector
+  owns the memory of it (and when to ask again). A whole nvmlDeviceGetFieldValues
+  call that fails, NOT_SUPPORTED included, is an error of each field, never a
+  verdict on their support.
+- A read in which every field failed is a failure of the device as a whole
+  (DeviceError), or of the monitor (MonitorError) when the error is one of ours:
+  NVML uninitialised, driver not loaded or of another version, no permission.
 - GPM (DCP fields, reader "gpm:<metric id>"): support is queried once per GPU
   (nvmlGpmQueryDeviceSupport; unsupported or FunctionNotFound -> the fields are
   unsupported). Each GPU / MIG device keeps two GPM samples, allocated on first
@@ -41,7 +46,7 @@ from typing import Any
 import pynvml
 import structlog
 
-from exporter.backend import BackendError, DeviceError, DeviceLostError
+from exporter.backend import BackendError, DeviceError, DeviceLostError, MonitorError
 from exporter.fields import ALL_LINKS, FieldSpec, to_exported
 from exporter.logs import Reminder
 from exporter.model import (
@@ -148,6 +153,30 @@ def _memo(memo: dict[str, Any], key: str, fn: Callable[[], Any]) -> Any:
     return value
 
 
+# Failures of ours, not the device's: they never fence a GPU (exporter/health/blindspots.py).
+_MONITOR_ERRORS = frozenset(
+    _error_name(code)
+    for code in (
+        pynvml.NVML_ERROR_UNINITIALIZED,
+        pynvml.NVML_ERROR_DRIVER_NOT_LOADED,
+        getattr(pynvml, "NVML_ERROR_LIB_RM_VERSION_MISMATCH", 18),
+        pynvml.NVML_ERROR_NO_PERMISSION,
+    )
+)
+
+
+def _raise_whole_device_failure(uuid: str, result: ReadResult) -> None:
+    """Every field of the read failed: the device (or we) failed as a whole."""
+    counts: dict[str, int] = {}
+    for error in result.errors.values():
+        counts[error] = counts.get(error, 0) + 1
+    error = max(sorted(counts), key=lambda e: counts[e])
+    message = f"{uuid}: every field failed ({error})"
+    if error in _MONITOR_ERRORS:
+        raise MonitorError(message, error)
+    raise DeviceError(message, error)
+
+
 class NvmlBackend:
     """`exporter.backend.Backend` over NVML."""
 
@@ -163,7 +192,6 @@ class NvmlBackend:
         self._identity: dict[str, tuple[str, str, int, int | None]] = {}
         self._mig_mode: dict[str, bool] = {}
         self._known: dict[int, Gpu] = {}
-        self._unsupported: dict[str, set[str]] = {}
         self._previous: dict[tuple[str, int], tuple[float, float]] = {}
         self._nvlink_key: tuple[str, ...] | None = None
         self._nvlink_pairs: frozenset[tuple[str, str]] = frozenset()
@@ -366,7 +394,6 @@ class NvmlBackend:
             self._handles[uuid] = handle
             for stale in self._migs_of.get(uuid, frozenset()) - {m.uuid for m in migs}:
                 self._handles.pop(stale, None)
-                self._unsupported.pop(stale, None)
                 self._mig_parent.pop(stale, None)
                 if stale in self._gpm:
                     dropped.append(self._gpm.pop(stale))
@@ -374,10 +401,9 @@ class NvmlBackend:
             for mig in migs:
                 self._mig_parent[mig.uuid] = (uuid, mig.gpu_instance_id)
             previous_mode = self._mig_mode.get(uuid)
-            if previous_mode is not None and previous_mode != mig_enabled:
-                self._unsupported.pop(uuid, None)
-                if uuid in self._gpm:  # GPU-wide samples from before the change are not comparable
-                    dropped.append(self._gpm.pop(uuid))
+            # GPU-wide samples from before a MIG mode change are not comparable
+            if previous_mode is not None and previous_mode != mig_enabled and uuid in self._gpm:
+                dropped.append(self._gpm.pop(uuid))
             self._mig_mode[uuid] = mig_enabled
         self._free_gpm(dropped)
         return Gpu(
@@ -491,7 +517,10 @@ class NvmlBackend:
             code = _code(err)
             if code in (_NOT_FOUND, _GPU_IS_LOST):
                 raise DeviceLostError(uuid) from err
-            raise DeviceError(f"{uuid}: {err}") from err
+            name = type(err).__name__
+            if name in _MONITOR_ERRORS:
+                raise MonitorError(f"{uuid}: {err}", name) from err
+            raise DeviceError(f"{uuid}: {err}", name) from err
         with self._lock:
             self._handles[uuid] = handle
         return handle
@@ -501,8 +530,6 @@ class NvmlBackend:
         handle = self._handle_for(uuid)
         is_mig = uuid.startswith("MIG-")
         result = ReadResult()
-        with self._lock:
-            known_unsupported = frozenset(self._unsupported.get(uuid, ()))
         fv_specs: list[FieldSpec] = []
         rate_specs: list[FieldSpec] = []
         call_specs: list[FieldSpec] = []
@@ -510,7 +537,7 @@ class NvmlBackend:
         for spec in fields:
             if spec.reader in _SKIPPED_READERS:
                 continue
-            if spec.name in known_unsupported or (is_mig and spec.scope != "instance"):
+            if is_mig and spec.scope != "instance":
                 result.unsupported.add(spec.name)
             elif spec.reader == "fv":
                 fv_specs.append(spec)
@@ -531,9 +558,8 @@ class NvmlBackend:
             self._read_calls(uuid, handle, call_specs, result)
         if gpm_specs:
             self._read_gpm(uuid, handle, gpm_specs, result)
-        if result.unsupported - known_unsupported:
-            with self._lock:
-                self._unsupported.setdefault(uuid, set()).update(result.unsupported)
+        if len(result.errors) >= 2 and not result.values:  # one field failing says nothing of the device
+            _raise_whole_device_failure(uuid, result)
         return result
 
     def _read_field_values(
@@ -558,7 +584,10 @@ class NvmlBackend:
             if code == _GPU_IS_LOST:
                 raise DeviceLostError(uuid) from err
             for spec in (*fv_specs, *rate_specs):
-                if code in (_NOT_SUPPORTED, _FUNCTION_NOT_FOUND):
+                # Only a driver without the call says nothing can be read this way. A whole-call
+                # NOT_SUPPORTED is one odd answer: an error of each field, asked again next cycle,
+                # or one answer would blind every health field of the batch.
+                if code == _FUNCTION_NOT_FOUND:
                     result.unsupported.add(spec.name)
                 else:
                     result.errors[spec.name] = type(err).__name__
@@ -879,7 +908,9 @@ class NvmlBackend:
         try:
             mode = pynvml.nvmlDeviceGetVirtualizationMode(handle)
         except pynvml.NVMLError as err:
-            if _code(err) == _GPU_IS_LOST:
+            # No virtualization support: not a vGPU guest, so no license to hold. Any other error
+            # is an error, not a reading.
+            if _code(err) not in (_NOT_SUPPORTED, _FUNCTION_NOT_FOUND):
                 raise
             return 0.0
         if mode != _VGPU_GUEST:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from exporter.render import DEVICE_UP_HELP
+
 
 class OwnMetric(NamedTuple):
     name: str
@@ -21,7 +23,7 @@ OWN_METRICS: tuple[OwnMetric, ...] = (
     OwnMetric("gpuhealth_build_info", "gauge", "version, backend, driver_version, python_version", "Always 1.", "core"),
     OwnMetric("gpuhealth_gpus", "gauge", "", "GPUs found by the last discovery.", "core"),
     OwnMetric(
-        "gpuhealth_device_up", "gauge", _DEV, "1 if the device was collected this cycle; 0 lost or failing.", "core"
+        "gpuhealth_device_up", "gauge", _DEV, DEVICE_UP_HELP, "core"
     ),
     OwnMetric(
         "gpuhealth_device_data_age_seconds",
@@ -55,7 +57,30 @@ OWN_METRICS: tuple[OwnMetric, ...] = (
         "cycle; 0 if it failed and its last good output is served.",
         "core",
     ),
-    OwnMetric("gpuhealth_health_state", "gauge", _DEV, "0 healthy, 1 degraded, 2 unhealthy (fenced).", "health"),
+    OwnMetric(
+        "gpuhealth_health_state",
+        "gauge",
+        _DEV,
+        "Health verdict: 0 healthy, 1 degraded, 2 unhealthy (fenced), 3 unknown (the monitor cannot judge the "
+        "device; allocation unchanged).",
+        "health",
+    ),
+    OwnMetric(
+        "gpuhealth_health_signal_missing",
+        "gauge",
+        f"{_DEV}, field",
+        "1 while a health field that GPUs of this model reported before is not supported on this GPU: that "
+        "health check is blind on it. Only served while 1.",
+        "health",
+    ),
+    OwnMetric(
+        "gpuhealth_xid_monitoring_up",
+        "gauge",
+        _DEV,
+        "1 when the GPU's XID events are registered and the event wait loop runs; 0 when XIDs on it would be "
+        "missed.",
+        "core",
+    ),
     OwnMetric(
         "gpuhealth_health_reason",
         "gauge",

@@ -35,6 +35,11 @@ from exporter.xid import XidTracker
 
 log = structlog.get_logger("exporter.render")
 
+DEVICE_UP_HELP = (
+    "1 if the device's values were read this cycle; 0 if it is lost, failing, or its read is hung past "
+    "the deadline (its last good values are served then, see device_data_age_seconds)."
+)
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RENDER_SUCCESS_HELP = (
     "1 if this part of the exposition rendered in the last cycle; 0 if it failed and its last good output is served."
@@ -231,10 +236,11 @@ class Renderer:
             f"# HELP {p}gpus GPUs found by the last discovery.",
             f"# TYPE {p}gpus gauge",
             f"{p}gpus {len(snapshot.inventory.gpus)}",
-            f"# HELP {p}device_up Whether the device was collected this cycle (0: lost or failing).",
+            f"# HELP {p}device_up {DEVICE_UP_HELP}",
             f"# TYPE {p}device_up gauge",
         ]
-        out += [f"{p}device_up{{{ctx.device_labels(s.uuid)}}} {int(s.up)}" for s in snapshot.samples]
+        # A read hung past its deadline is not "collected": the values served are the last good ones.
+        out += [f"{p}device_up{{{ctx.device_labels(s.uuid)}}} {int(s.up and not s.stale)}" for s in snapshot.samples]
         out += [
             f"# HELP {p}device_data_age_seconds Age of the values served for the device; grows while its reads hang.",
             f"# TYPE {p}device_data_age_seconds gauge",

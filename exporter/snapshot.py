@@ -23,6 +23,10 @@ class DeviceSample:
     stale: bool = False  # True: the read is hung/late; values are the last good ones
     age_s: float = 0.0
     error: str = ""  # why up is False or stale is True (NVML error name, "timeout", "lost")
+    # The failure is the monitor's (NVML unusable for a reason of ours), not the device's.
+    monitor_fault: bool = False
+    # Fields the device answered NOT_SUPPORTED for (not asked again for a while).
+    unsupported: frozenset[str] = frozenset()
     # The device's own UUID (MIG- for a MIG device); derived, stored because the
     # renderer and health look it up for every sample of every cycle.
     uuid: str = field(init=False)

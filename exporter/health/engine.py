@@ -19,12 +19,12 @@ from typing import Any
 
 import structlog
 
-from exporter.health import expose
+from exporter.health import blindspots, expose
 from exporter.health import policy as p
 from exporter.health.records import MAX_REASONS_PER_DEVICE, DeviceRecord, ReasonRecord
 from exporter.health.signals import Finding, evaluate
 from exporter.health.state import SCHEMA_VERSION, CoalescingWriter, StateStore
-from exporter.health.verdict import HealthState, Verdict
+from exporter.health.verdict import HealthState, Reason, Verdict, combine
 from exporter.labels import RenderContext
 from exporter.model import EVENT_DOUBLE_BIT_ECC, EVENT_GPU_LOST, EVENT_XID, DeviceEvent, Inventory
 from exporter.snapshot import Snapshot
@@ -75,6 +75,11 @@ class HealthEngine:
         # Bumped on every count change so _mutate can tell "counts only" from "nothing".
         self._gen_counts = 0
         self._subscribers: list[Callable[[], None]] = []
+        # What we cannot see (exporter/health/blindspots.py): recomputed every cycle, never persisted.
+        self._coverage = blindspots.XidCoverage()
+        self._overlay: dict[str, tuple[Reason, ...]] = {}
+        self._monitor_faults: dict[str, str] = {}
+        self._missing: dict[str, frozenset[str]] = {}
         # Health fields GPUs of each model (and MIG mode) have reported: persisted (schema 2).
         self.signals_seen: dict[str, set[str]] = {}
         self._listeners: list[Callable[[list[Transition]], None]] = []
@@ -217,10 +222,14 @@ class HealthEngine:
 
     def _structure(self) -> _Structure:
         out: _Structure = {}
+        overlay = self._overlay
         for uuid, dev in self._devs.items():
-            if dev.reasons or self._parent_state(dev) is not HealthState.HEALTHY:
-                state = max(dev.own_state, self._parent_state(dev))
-                out[uuid] = (state, frozenset(dev.reasons))
+            extra = overlay.get(uuid, ())
+            if dev.parent is not None:
+                extra += overlay.get(dev.parent, ())
+            if dev.reasons or extra or self._parent_state(dev) is not HealthState.HEALTHY:
+                state = combine([dev.own_state, self._parent_state(dev), *(r.state for r in extra)])
+                out[uuid] = (state, frozenset(dev.reasons) | {(r.signal, r.code) for r in extra})
         return out
 
     def _parent_state(self, dev: DeviceRecord) -> HealthState:
@@ -292,8 +301,29 @@ class HealthEngine:
         if self._inventory is None or self._inventory.layout_key() != snap.inventory.layout_key():
             self._set_inventory(snap.inventory)
         self._inventory = snap.inventory
+        faults = blindspots.monitor_faults(snap)
+        self._note_monitor_faults(faults)
+        overlay: dict[str, tuple[Reason, ...]] = {
+            u: (blindspots.monitor_fault_reason(e, now),) for u, e in faults.items()
+        }
+        for uuid, since in self._coverage.unmonitored(snap.inventory.gpus, now).items():
+            overlay[uuid] = (*overlay.get(uuid, ()), blindspots.unmonitored_reason(since, now))
+        self._overlay = overlay
+        missing: dict[str, frozenset[str]] = {}
         for sample in snap.samples:
             dev = self._dev(sample.uuid)
+            if sample.uuid in faults:
+                # Not the device's fault: judge nothing, and let its grace periods start afresh.
+                dev.tracker.failing_since = None
+                dev.tracker.slowdown_since = None
+                continue
+            if sample.mig is None and sample.up and not sample.stale:
+                new, lost = blindspots.signal_coverage(sample, self.signals_seen)
+                if new:
+                    self.signals_seen.setdefault(blindspots.model_key(sample.gpu), set()).update(new)
+                    self._gen_counts += 1
+                if lost:
+                    missing[sample.uuid] = lost
             ev = evaluate(sample, dev.tracker, now, self.policy)
             if ev.reset_detected:
                 self._on_reset(dev, ev.findings)
@@ -307,6 +337,44 @@ class HealthEngine:
         for uuid in snap.vanished:
             self._upsert(uuid, Finding("gpu_vanished", "", HealthState.UNHEALTHY, p.REBOOT_NODE,
                                        "GPU no longer enumerated by NVML"), now)
+        self._note_missing(missing)
+
+    def _note_monitor_faults(self, faults: dict[str, str]) -> None:
+        gpus = sorted(u for u in faults if not u.startswith("MIG-"))
+        before = sorted(u for u in self._monitor_faults if not u.startswith("MIG-"))
+        if gpus != before:
+            if gpus:
+                log.warning("monitor_fault", uuids=gpus, errors=sorted({faults[u] for u in gpus}),
+                            consequence="verdicts unknown until NVML reads again; nothing is fenced for it")
+            else:
+                log.info("monitor_recovered", uuids=before)
+        self._monitor_faults = faults
+
+    def _note_missing(self, missing: dict[str, frozenset[str]]) -> None:
+        for uuid, fields in missing.items():
+            new = fields - self._missing.get(uuid, frozenset())
+            if new:
+                log.warning("health_signal_missing", uuid=uuid, fields=sorted(new),
+                            consequence="this GPU's health checks for these fields are blind")
+        for uuid, fields in self._missing.items():
+            back = fields - missing.get(uuid, frozenset())
+            if back:
+                log.info("health_signal_back", uuid=uuid, fields=sorted(back))
+        self._missing = missing
+
+    def set_xid_monitoring(self, monitored: frozenset[str]) -> None:
+        """From the event thread: the GPUs whose XID events are registered now."""
+        with self._lock:
+            self._coverage.update(monitored)
+
+    def monitor_problem(self) -> str | None:
+        """Why verdicts cannot be trusted right now (for /ready), or None."""
+        with self._lock:
+            faults = {u: e for u, e in self._monitor_faults.items() if not u.startswith("MIG-")}
+        if not faults:
+            return None
+        errors = ", ".join(sorted(set(faults.values())))
+        return f"monitor fault: NVML fails for a reason of ours ({errors}) on {len(faults)} GPU(s); verdicts unknown"
 
     def _on_reset(self, dev: DeviceRecord, findings: list[Finding]) -> None:
         targets = [dev.uuid, *(u for u, d in self._devs.items() if d.parent == dev.uuid)]
@@ -407,10 +475,12 @@ class HealthEngine:
             if dev is None:
                 return Verdict(uuid, HealthState.HEALTHY)
             reasons = [r.freeze() for r in dev.reasons.values()]
+            reasons += self._overlay.get(uuid, ())
             parent = self._devs.get(dev.parent) if dev.parent else None
             if parent is not None:  # GPU-wide faults reach every MIG device of the GPU
                 reasons += [r.freeze() for r in parent.reasons.values()]
-            state = max((r.state for r in reasons), default=HealthState.HEALTHY)
+                reasons += self._overlay.get(parent.uuid, ())
+            state = combine(r.state for r in reasons)
             return Verdict(uuid, state, tuple(sorted(reasons, key=lambda r: (-r.state, r.first_seen))))
 
     def verdicts(self) -> Mapping[str, Verdict]:
@@ -425,8 +495,10 @@ class HealthEngine:
             for uuid, dev in self._devs.items():
                 v = self.verdict(uuid)
                 own = tuple(sorted((r for r in dev.reasons.values()), key=lambda r: (-r.state, r.first_seen)))
+                # Blind spots are the monitor's, recorded on no device: shown with class "monitor".
+                mine = (*((r.freeze(), r.cls) for r in own), *((r, "monitor") for r in self._overlay.get(uuid, ())))
                 views.append(expose.DeviceView(uuid, dev.kind, dev.index, dev.parent, dev.gpu_instance_id,
-                                               v.state, v.reasons, tuple((r.freeze(), r.cls) for r in own)))
+                                               v.state, v.reasons, mine))
             return sorted(views, key=lambda d: (d.index if d.index is not None else 1 << 30, d.kind, d.uuid))
 
     def list(self) -> list[dict[str, Any]]:
@@ -443,7 +515,9 @@ class HealthEngine:
             views = [d for d in self.devices() if d.uuid in present or d.own_reasons]
             counts = dict(self._xid_counts)
             clears = self._clears_total
-        return expose.render(ctx, views, counts, self._store.file_errors, clears, self._store.write_failures)
+            missing = {u: f for u, f in self._missing.items() if u in present}
+        return (expose.render(ctx, views, counts, self._store.file_errors, clears, self._store.write_failures)
+                + blindspots.render_signal_missing(ctx, missing))
 
     # ---- control socket --------------------------------------------------------------------------
 

@@ -63,7 +63,8 @@ def render(
 ) -> str:
     lines: list[str] = []
     name = PREFIX + "health_state"
-    lines += [f"# HELP {name} Health verdict: 0 healthy, 1 degraded, 2 unhealthy (fenced).", f"# TYPE {name} gauge"]
+    lines += [f"# HELP {name} Health verdict: 0 healthy, 1 degraded, 2 unhealthy (fenced), 3 unknown (the monitor "
+              "cannot judge the device; allocation unchanged).", f"# TYPE {name} gauge"]
     lines += [f"{name}{{{_labels(ctx, d.uuid)}}} {int(d.state)}" for d in views]
     name = PREFIX + "health_reason"
     lines += [f"# HELP {name} 1 per active health reason recorded on the device.", f"# TYPE {name} gauge"]
@@ -83,7 +84,8 @@ def render(
               f"{name} {file_errors}"]
     name = PREFIX + "health_state_write_failures_total"
     lines += [
-        f"# HELP {name} Failed writes of the health state file; the newest verdicts are retried until they are on disk.",
+        f"# HELP {name} Failed writes of the health state file; the newest verdicts are retried until they are "
+        "on disk.",
         f"# TYPE {name} counter",
         f"{name} {write_failures}",
     ]

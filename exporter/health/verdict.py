@@ -3,17 +3,37 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 
 class HealthState(enum.IntEnum):
-    """Ordered by severity; the metric value is the int."""
+    """HEALTHY < DEGRADED < UNHEALTHY are ordered by severity; the metric value is the int.
+
+    UNKNOWN is outside that order: the monitor itself cannot judge the device (NVML failing for
+    a reason of ours). It never changes what is allocatable, is never persisted, and gives way to
+    UNHEALTHY: a fenced device stays fenced while we cannot look at it.
+    """
 
     HEALTHY = 0
     DEGRADED = 1
     UNHEALTHY = 2
+    UNKNOWN = 3
+
+
+def combine(states: Iterable[HealthState]) -> HealthState:
+    """The verdict of a set of reasons: the worst judged state, or UNKNOWN over anything but a fence."""
+    worst = HealthState.HEALTHY
+    unknown = False
+    for state in states:
+        if state is HealthState.UNKNOWN:
+            unknown = True
+        elif state > worst:
+            worst = state
+    if unknown and worst is not HealthState.UNHEALTHY:
+        return HealthState.UNKNOWN
+    return worst
 
 
 @dataclass(frozen=True)

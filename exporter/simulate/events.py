@@ -17,7 +17,8 @@ class SimulatedEventSource:
 
     def __init__(self, backend: SimulatedBackend, gpu_uuids: Iterable[str]) -> None:
         self._backend = backend
-        self._uuids = frozenset(gpu_uuids)
+        self.registered = tuple(gpu_uuids)
+        self._uuids = frozenset(self.registered)
         self.closed = False
 
     def wait(self, timeout_s: float) -> list[DeviceEvent]:

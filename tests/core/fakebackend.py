@@ -70,10 +70,13 @@ class ScriptedBackend:
         return res
 
     def open_events(self, inventory: Inventory) -> NoEvents:
-        return NoEvents()
+        return NoEvents(tuple(g.uuid for g in inventory.gpus))
 
 
 class NoEvents:
+    def __init__(self, registered: tuple[str, ...] = ()) -> None:
+        self.registered = registered
+
     def wait(self, timeout_s: float) -> list[DeviceEvent]:
         threading.Event().wait(timeout_s)
         return []

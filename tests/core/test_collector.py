@@ -124,3 +124,41 @@ def test_unsupported_fields_are_asked_again_after_a_layout_change() -> None:
     c.request_rediscovery()
     snap = c.run_once()
     assert snap.samples[0].values["DCGM_FI_DEV_GPU_TEMP"] == 33
+
+
+def test_a_read_hung_since_an_earlier_cycle_is_not_waited_for_again() -> None:
+    b = ScriptedBackend()
+    b.values = {"GPU-00000000": {"DCGM_FI_DEV_GPU_TEMP": 40}, "GPU-00000001": {"DCGM_FI_DEV_GPU_TEMP": 41}}
+    c = make(b, timeout=1.0)
+    c.run_once()
+    b.hang["GPU-00000001"] = threading.Event()
+    try:
+        assert c.run_once().samples[1].stale  # the cycle that submitted the read waits its deadline
+        t0 = time.monotonic()
+        for _ in range(3):
+            snap = c.run_once()
+            assert snap.samples[1].stale and not snap.samples[0].stale
+        assert time.monotonic() - t0 < 0.5  # three cycles, none waiting the 1 s deadline again
+    finally:
+        b.hang["GPU-00000001"].set()
+
+
+def test_not_supported_is_asked_again_after_the_retry_interval() -> None:
+    from exporter.collector import UNSUPPORTED_RETRY_S
+
+    now = [1000.0]
+    b = ScriptedBackend(gpus=1)
+    b.values = {"GPU-00000000": {"DCGM_FI_DEV_GPU_TEMP": 40}}
+    b.unsupported = {"GPU-00000000": {"DCGM_FI_DEV_FB_USED"}}
+    c = Collector(b, FIELDS, parse_device_selector("f"), interval_s=1.0, device_timeout_s=0.3, clock=lambda: now[0])
+    snap = c.run_once()
+    assert snap.samples[0].unsupported == {"DCGM_FI_DEV_FB_USED"}
+    c.run_once()
+    assert "DCGM_FI_DEV_FB_USED" not in b.asked[-1][1]  # remembered
+    b.unsupported = {}
+    b.values["GPU-00000000"]["DCGM_FI_DEV_FB_USED"] = 7
+    now[0] += UNSUPPORTED_RETRY_S
+    snap = c.run_once()
+    assert "DCGM_FI_DEV_FB_USED" in b.asked[-1][1]  # asked again: supported now
+    assert snap.samples[0].values["DCGM_FI_DEV_FB_USED"] == 7
+    assert snap.samples[0].unsupported == frozenset()

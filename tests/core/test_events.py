@@ -33,6 +33,7 @@ class LosingEvents(ScriptedBackend):
         backend = self
 
         class Source:
+            registered = ("GPU-00000000",)
             delivered = False
 
             def wait(self, timeout_s: float) -> list[DeviceEvent]:

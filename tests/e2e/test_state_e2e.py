@@ -189,6 +189,9 @@ def test_a_directory_in_the_way_is_retried_until_the_fence_lands(fakenvml_build:
     assert "# HELP gpuhealth_health_state_write_failures_total Failed writes of the health state file" in text
     failed = log_lines(exp, "health_state_write_failed")
     assert failed and failed[0]["path"] == str(sf), exp.logs()
+    # Not ready while the newest verdict is not durable (HealthEngine.durability_problem).
+    status, body = exp.get("/ready")
+    assert status == 503 and b"health state not on disk since" in body and b"Is a directory" in body, body
     # Still failing a while later: retried, with backoff, and logged once per streak rather than per try.
     exp.wait_for(lambda t: (metric(t, "gpuhealth_health_state_write_failures_total") or 0) >= 3)
     assert len(log_lines(exp, "health_state_write_failed")) == 1
@@ -199,6 +202,7 @@ def test_a_directory_in_the_way_is_retried_until_the_fence_lands(fakenvml_build:
     eventually(
         "health_state_write_recovered", lambda: bool(log_lines(exp, "health_state_write_recovered")), logs=exp.logs
     )
+    exp.wait_ready(timeout=10)
     exp.stop(signal.SIGKILL)
     exp = assert_fenced_after_restart(node)
     assert exp.stop() == 0

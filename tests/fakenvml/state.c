@@ -633,8 +633,11 @@ static int sym_matches(const char *rule_call, const char *sym)
 {
     if (strcmp(rule_call, sym) == 0)
         return 1;
-    /* "nvmlDeviceGetCount" also matches "nvmlDeviceGetCount_v2" */
     size_t n = strlen(rule_call);
+    /* "nvmlDevice*" matches every symbol starting with "nvmlDevice"; "*" matches every call */
+    if (n > 0 && rule_call[n - 1] == '*')
+        return strncmp(rule_call, sym, n - 1) == 0;
+    /* "nvmlDeviceGetCount" also matches "nvmlDeviceGetCount_v2" */
     if (strncmp(rule_call, sym, n) == 0 && sym[n] == '_' && sym[n + 1] == 'v')
         return 1;
     return 0;

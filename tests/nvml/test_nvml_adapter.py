@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from exporter.backend import BackendError, DeviceLostError
+from exporter.backend import BackendError, DeviceError, DeviceLostError, MonitorError
 from exporter.fields import BY_NAME, CATALOGUE, FieldSpec
 from exporter.model import EVENT_MIG_CONFIG_CHANGE, EVENT_XID, Inventory
 from exporter.nvml import NvmlBackend
@@ -254,7 +254,11 @@ def test_consumer_not_supported_fields(start: Callable[..., NvmlBackend]) -> Non
     assert result.values["DCGM_FI_DEV_ENC_UTIL"] == 12
 
 
-def test_not_supported_is_remembered(start: Callable[..., NvmlBackend], fake_nvml: Any) -> None:
+def test_not_supported_is_reported_for_the_collector_to_remember(
+    start: Callable[..., NvmlBackend], fake_nvml: Any
+) -> None:
+    # The adapter keeps no memory of NOT_SUPPORTED (the collector owns it and decides when to
+    # ask again): it asks what it is asked and says what is unsupported, every time.
     backend = start("h100x8")
     uuid = backend.discover().gpus[0].uuid
     fields = specs(
@@ -264,10 +268,41 @@ def test_not_supported_is_remembered(start: Callable[..., NvmlBackend], fake_nvm
         result = backend.read(uuid, fields)
         assert result.unsupported == {"DCGM_FI_DEV_FAN_SPEED", "DCGM_FI_DEV_RETIRED_SBE"}
         assert set(result.values) == {"DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL"}
-    assert fake_nvml.calls("nvmlDeviceGetFanSpeed", 0) == 1
-    assert fake_nvml.field_requests(0, 29) == 1  # NVML_FI_DEV_RETIRED_SBE
-    assert fake_nvml.field_requests(0, 3) == 3
+    assert fake_nvml.calls("nvmlDeviceGetFanSpeed", 0) == 3
+    assert fake_nvml.field_requests(0, 29) == 3  # NVML_FI_DEV_RETIRED_SBE
     assert fake_nvml.calls("nvmlDeviceGetFieldValues", 0) == 3  # one batched call per read
+
+
+def test_whole_call_not_supported_is_an_error_not_a_verdict_on_support(
+    start: Callable[..., NvmlBackend], fake_nvml: Any
+) -> None:
+    backend = start("h100x8")
+    uuid = backend.discover().gpus[0].uuid
+    fields = specs("DCGM_FI_DEV_ROW_REMAP_FAILURE", "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "DCGM_FI_DEV_GPU_TEMP")
+    fake_nvml.control("error", gpu=0, call="nvmlDeviceGetFieldValues", code=3, count=1)
+    first = backend.read(uuid, fields)
+    assert first.unsupported == set()
+    assert first.errors == {
+        "DCGM_FI_DEV_ROW_REMAP_FAILURE": "NVMLError_NotSupported",
+        "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL": "NVMLError_NotSupported",
+    }
+    assert set(backend.read(uuid, fields).values) == {f.name for f in fields}
+
+
+@pytest.mark.parametrize(
+    ("code", "error"), [(999, DeviceError), (1, MonitorError), (4, MonitorError), (18, MonitorError)]
+)
+def test_every_field_failing_is_a_whole_device_failure(
+    code: int, error: type[Exception], start: Callable[..., NvmlBackend], fake_nvml: Any
+) -> None:
+    backend = start("h100x8")
+    uuid = backend.discover().gpus[0].uuid
+    fields = specs("DCGM_FI_DEV_ROW_REMAP_FAILURE", "DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_POWER_USAGE")
+    fake_nvml.control("error", gpu=0, call="nvmlDevice*", code=code, count=-1)
+    with pytest.raises(error) as info:
+        backend.read(uuid, fields)
+    assert type(info.value) is error  # NVML_ERROR_UNKNOWN is the device's; the others are ours
+    assert isinstance(info.value, DeviceError) and info.value.error.startswith("NVMLError_")
 
 
 def test_ecc_off_entries_are_unsupported(start: Callable[..., NvmlBackend]) -> None:
@@ -437,7 +472,9 @@ def test_hang_released_by_clear(start: Callable[..., NvmlBackend], fake_nvml: An
 def test_error_op(start: Callable[..., NvmlBackend], fake_nvml: Any) -> None:
     backend = start("h100x8")
     uuid = backend.discover().gpus[0].uuid
-    fields = specs("DCGM_FI_DEV_MEMORY_TEMP", "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "DCGM_FI_DEV_POWER_USAGE")
+    fields = specs(
+        "DCGM_FI_DEV_MEMORY_TEMP", "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_SM_CLOCK"
+    )
     fake_nvml.control("error", gpu=0, call="nvmlDeviceGetFieldValues", code=999, count=1)
     fake_nvml.control("error", gpu=0, call="nvmlDeviceGetPowerUsage", code=10, count=2)
     first = backend.read(uuid, fields)
@@ -446,11 +483,12 @@ def test_error_op(start: Callable[..., NvmlBackend], fake_nvml: Any) -> None:
         "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL": "NVMLError_Unknown",
         "DCGM_FI_DEV_POWER_USAGE": "NVMLError_Timeout",
     }
+    assert set(first.values) == {"DCGM_FI_DEV_SM_CLOCK"}  # one field read: not a whole-device failure
     second = backend.read(uuid, fields)
     assert second.errors == {"DCGM_FI_DEV_POWER_USAGE": "NVMLError_Timeout"}
-    assert set(second.values) == {"DCGM_FI_DEV_MEMORY_TEMP", "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL"}
+    assert set(second.values) == {"DCGM_FI_DEV_MEMORY_TEMP", "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "DCGM_FI_DEV_SM_CLOCK"}
     third = backend.read(uuid, fields)
-    assert third.errors == {} and len(third.values) == 3
+    assert third.errors == {} and len(third.values) == 4
     fake_nvml.control("error", gpu=0, call="nvmlDeviceGetFieldValues", code=15)
     with pytest.raises(DeviceLostError):
         backend.read(uuid, fields)
