@@ -21,6 +21,7 @@ import structlog
 
 from exporter.backend import Backend, DeviceLostError, EventSource
 from exporter.labels import PREFIX, RenderContext
+from exporter.logs import Reminder
 from exporter.model import EVENT_GPU_LOST, EVENT_MIG_CONFIG_CHANGE, DeviceEvent, Inventory
 
 log = structlog.get_logger("exporter.events")
@@ -28,6 +29,7 @@ log = structlog.get_logger("exporter.events")
 WAIT_S = 0.2  # short waits so a stop or a layout change is noticed quickly
 BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 30.0
+INCOMPLETE_RETRY_S = 30.0  # re-register when some GPUs could not be registered
 
 
 class EventPump:
@@ -46,6 +48,7 @@ class EventPump:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._status_listeners: list[Callable[[frozenset[str]], None]] = []
+        self._said = Reminder()
         self.rebuilds = 0
         self.events_total = 0
         # GPUs whose events are registered in the set the loop waits on; empty while it is down.
@@ -118,6 +121,7 @@ class EventPump:
 
     def _run(self) -> None:
         backoff = BACKOFF_START_S
+        quick_rebuild = True
         while not self._stop.is_set():
             inventory = self._inventory()
             if inventory is None or not inventory.gpus:
@@ -127,13 +131,20 @@ class EventPump:
             try:
                 source = self._backend.open_events(inventory)
                 registered = frozenset(source.registered)
+                if self._said.clear("set_failed"):
+                    log.info("event_set_recovered", registered=len(registered))
                 self.last_error = "" if registered else "registration failed on every GPU"
                 self._set_monitored(registered)
-                if registered != {g.uuid for g in inventory.gpus}:
-                    log.warning("event_registration_incomplete", unmonitored=sorted(
-                        g.uuid for g in inventory.gpus if g.uuid not in registered))
+                missing = sorted(g.uuid for g in inventory.gpus if g.uuid not in registered)
+                if missing and self._said.due(("incomplete", tuple(missing))):
+                    log.warning("event_registration_incomplete", unmonitored=missing, retry_in_s=INCOMPLETE_RETRY_S)
+                # A GPU left out (lost at registration, a transient error) is tried again later.
+                retry_at = time.monotonic() + INCOMPLETE_RETRY_S if missing else None
                 layout = inventory.layout_key()
+                quick_rebuild = True
                 while not self._stop.is_set():
+                    if retry_at is not None and time.monotonic() >= retry_at:
+                        break
                     events = source.wait(WAIT_S)
                     if events:
                         self._dispatch(events)
@@ -146,18 +157,23 @@ class EventPump:
                         break
             except DeviceLostError as exc:
                 self.last_error = "event wait reported a lost GPU"
-                self._set_monitored(frozenset())
                 uuid = str(exc.args[0]) if exc.args else ""
+                # The others stay watched but for the moment of the rebuild, which skips the lost GPU.
+                self._set_monitored(self.monitored - {uuid} if uuid in self.monitored else frozenset())
                 log.error("event_wait_gpu_lost", uuid=uuid)
                 if uuid:
                     self._dispatch([DeviceEvent(uuid, EVENT_GPU_LOST, timestamp=time.time())])
                 self._on_layout_change()
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                if quick_rebuild:  # the first loss since the set last worked: rebuild at once
+                    quick_rebuild = False
+                else:
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX_S)
             except Exception as exc:
                 self.last_error = str(exc) or type(exc).__name__
                 self._set_monitored(frozenset())
-                log.error("event_set_failed", error=repr(exc), retry_in_s=backoff)
+                if self._said.due("set_failed"):  # once, then once a minute while it lasts
+                    log.error("event_set_failed", error=repr(exc), retry_in_s=backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
             finally:

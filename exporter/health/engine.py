@@ -24,7 +24,7 @@ from exporter.health import policy as p
 from exporter.health.records import MAX_REASONS_PER_DEVICE, DeviceRecord, ReasonRecord
 from exporter.health.signals import Finding, evaluate
 from exporter.health.state import SCHEMA_VERSION, CoalescingWriter, StateStore
-from exporter.health.verdict import HealthState, Reason, Verdict, combine
+from exporter.health.verdict import HealthState, Reason, Verdict, combine, is_worse
 from exporter.labels import RenderContext
 from exporter.model import EVENT_DOUBLE_BIT_ECC, EVENT_GPU_LOST, EVENT_XID, DeviceEvent, Inventory
 from exporter.snapshot import Snapshot
@@ -199,7 +199,7 @@ class HealthEngine:
         for t in transitions:
             reasons = [f"{r.signal}:{r.code}" if r.code else r.signal for r in t.reasons]
             actions = [r.action for r in t.reasons]
-            level = log.warning if t.state > t.previous else log.info
+            level = log.warning if is_worse(t.state, t.previous) else log.info
             level("health_transition", uuid=t.uuid, previous=t.previous.name.lower(), state=t.state.name.lower(),
                   reasons=reasons, action=expose.top_action(actions))
         self._publish(transitions)

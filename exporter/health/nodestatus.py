@@ -20,7 +20,7 @@ import structlog
 
 from exporter.health.engine import HealthEngine, Transition
 from exporter.health.expose import top_action
-from exporter.health.verdict import HealthState, Verdict
+from exporter.health.verdict import HealthState, Verdict, is_worse
 
 log = structlog.get_logger()
 
@@ -37,8 +37,12 @@ def condition_for(verdicts: Mapping[str, Verdict]) -> tuple[str, str, str]:
     """(status, reason, message) of the GPUHealthy condition for these verdicts."""
     bad = sorted(u for u, v in verdicts.items() if v.state is HealthState.UNHEALTHY)
     degraded = sorted(u for u, v in verdicts.items() if v.state is HealthState.DEGRADED)
+    unknown = sorted(u for u, v in verdicts.items() if v.state is HealthState.UNKNOWN)
     if bad:
         return "False", "GPUsUnhealthy", f"{len(bad)} device(s) fenced: {', '.join(bad)}"
+    if unknown:  # not a GPU fault: the condition stays True, and says the monitor cannot see
+        message = f"{len(unknown)} device(s) cannot be judged (monitor fault): {', '.join(unknown)}"
+        return "True", "GPUHealthUnknown", message
     if degraded:
         return "True", "GPUsDegraded", f"{len(degraded)} device(s) degraded: {', '.join(degraded)}"
     return "True", "AllGPUsHealthy", "all GPUs healthy"
@@ -129,8 +133,12 @@ class NodeStatusReporter:
             log.warning("health_node_condition_failed", node=self._node, error=str(e))
 
     def _post_event(self, t: Transition) -> None:
-        worse = t.state > t.previous
-        reason = {HealthState.UNHEALTHY: "GPUUnhealthy", HealthState.DEGRADED: "GPUDegraded"}.get(t.state, "GPUHealthy")
+        worse = is_worse(t.state, t.previous)
+        reason = {
+            HealthState.UNHEALTHY: "GPUUnhealthy",
+            HealthState.DEGRADED: "GPUDegraded",
+            HealthState.UNKNOWN: "GPUHealthUnknown",
+        }.get(t.state, "GPUHealthy")
         causes = ", ".join(f"{r.signal}:{r.code}" if r.code else r.signal for r in t.reasons) or "cleared"
         now = _now()
         body = {

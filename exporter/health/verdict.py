@@ -22,6 +22,16 @@ class HealthState(enum.IntEnum):
     UNKNOWN = 3
 
 
+# How bad a state is for someone watching: not seeing a GPU is worse than a warning about it,
+# better than a fence.
+_CONCERN = {HealthState.HEALTHY: 0, HealthState.DEGRADED: 1, HealthState.UNKNOWN: 2, HealthState.UNHEALTHY: 3}
+
+
+def is_worse(state: HealthState, than: HealthState) -> bool:
+    """Whether a change from `than` to `state` deserves a warning."""
+    return _CONCERN[state] > _CONCERN[than]
+
+
 def combine(states: Iterable[HealthState]) -> HealthState:
     """The verdict of a set of reasons: the worst judged state, or UNKNOWN over anything but a fence."""
     worst = HealthState.HEALTHY

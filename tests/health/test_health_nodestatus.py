@@ -69,3 +69,16 @@ def test_unreachable_api_server_never_blocks_the_engine(make_engine: EngineFacto
         assert eng.verdict(GPU0).healthy_for_scheduling
     finally:
         rep.stop()
+
+
+def test_unknown_verdicts_keep_the_condition_true_and_say_why() -> None:
+    from exporter.health.nodestatus import condition_for
+    from exporter.health.verdict import HealthState, Verdict, is_worse
+
+    status, reason, message = condition_for({"GPU-a": Verdict("GPU-a", HealthState.UNKNOWN)})
+    assert (status, reason) == ("True", "GPUHealthUnknown") and "GPU-a" in message
+    fenced = {"GPU-a": Verdict("GPU-a", HealthState.UNKNOWN), "GPU-b": Verdict("GPU-b", HealthState.UNHEALTHY)}
+    assert condition_for(fenced)[:2] == ("False", "GPUsUnhealthy")
+    assert is_worse(HealthState.UNHEALTHY, HealthState.UNKNOWN)  # a fence after a blind spot warns
+    assert is_worse(HealthState.UNKNOWN, HealthState.DEGRADED)
+    assert not is_worse(HealthState.HEALTHY, HealthState.UNKNOWN)
