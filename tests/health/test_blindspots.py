@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from exporter.health import blindspots
 from exporter.health.verdict import HealthState, combine
-from exporter.model import Gpu, Inventory, MigDevice
+from exporter.model import EVENT_XID, DeviceEvent, Gpu, Inventory, MigDevice
 from exporter.snapshot import DeviceSample, Snapshot
+from tests.health.conftest import GPU0, GPU1, Clock, EngineFactory, inventory, snapshot
 
 GPUS = tuple(Gpu(i, f"GPU-{i}", f"00000000:{i:02X}:00.0", i, "NVIDIA H100 80GB HBM3") for i in range(3))
 
@@ -88,3 +92,32 @@ def test_missing_signal_only_for_fields_the_model_reported() -> None:
     mig_mode = Gpu(0, "GPU-0", "00000000:00:00.0", 0, "NVIDIA H100 80GB HBM3", mig_enabled=True)
     in_mig = DeviceSample(mig_mode, None, {}, up=True, unsupported=frozenset({field}))
     assert blindspots.signal_coverage(in_mig, seen) == ([], frozenset())  # MIG mode is another model
+
+
+def test_a_monitor_fault_keeps_fences_judges_nothing_and_is_never_saved(
+    tmp_path: Path, clock: Clock, make_engine: EngineFactory
+) -> None:
+    eng = make_engine()
+    inv = inventory()
+    eng.on_snapshot(snapshot(inv, clock.t))
+    eng.on_events([DeviceEvent(GPU0, EVENT_XID, xid=79, timestamp=clock.t)])
+    assert eng.verdict(GPU0).state is HealthState.UNHEALTHY
+    # every GPU fails the same way, far past the NVML grace period
+    for _ in range(5):
+        clock.t += 60
+        eng.on_snapshot(snapshot(inv, clock.t, down={GPU0: "NVMLError_Unknown", GPU1: "NVMLError_Unknown"}))
+    assert eng.verdict(GPU0).state is HealthState.UNHEALTHY  # a fence stays a fence
+    assert eng.verdict(GPU1).state is HealthState.UNKNOWN
+    assert eng.verdict(GPU1).healthy_for_scheduling
+    assert eng.monitor_problem() is not None
+    saved = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert {r["signal"] for d in saved["devices"].values() for r in d.get("reasons", [])} == {"xid"}
+    # NVML reads again: back to the previous verdicts, and the grace period starts afresh
+    clock.t += 1
+    eng.on_snapshot(snapshot(inv, clock.t))
+    assert eng.verdict(GPU1).state is HealthState.HEALTHY
+    assert eng.verdict(GPU0).state is HealthState.UNHEALTHY
+    assert eng.monitor_problem() is None
+    clock.t += 1
+    eng.on_snapshot(snapshot(inv, clock.t, down={GPU1: "NVMLError_Unknown"}))
+    assert eng.verdict(GPU1).state is HealthState.HEALTHY  # its own failure, but within the grace
