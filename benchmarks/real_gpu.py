@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from exporter.fields import CATALOGUE, FieldSpec  # noqa: E402
+from exporter.fields import CATALOGUE, Call, FieldSpec, FieldValue, Rate  # noqa: E402
 from exporter.nvml import NvmlBackend  # noqa: E402
 
 
@@ -115,7 +115,7 @@ def main() -> int:
     backend = NvmlBackend(args.nvml_library)
     backend.start()
     inventory = backend.discover()
-    polled = [f for f in CATALOGUE if f.reader.split(":")[0] in ("fv", "call", "rate")]
+    polled = [f for f in CATALOGUE if isinstance(f.reader, (FieldValue, Call, Rate))]
     lines = [f"# Real-GPU check (driver {inventory.driver_version}, {len(inventory.gpus)} GPUs)", ""]
     mismatches = 0
 
@@ -162,7 +162,7 @@ def main() -> int:
         uuid = inventory.gpus[0].uuid
         by_reader: dict[str, list[FieldSpec]] = {}
         for spec in polled:
-            by_reader.setdefault(spec.reader.split(":")[0] if spec.reader == "fv" else spec.reader, []).append(spec)
+            by_reader.setdefault(str(spec.reader), []).append(spec)
         for reader, specs in sorted(by_reader.items()):
             lines.append(f"| {reader} ({len(specs)} field{'s' if len(specs) > 1 else ''}) | "
                          f"{median_ms(lambda s=specs: backend.read(uuid, s)):.3f} |")

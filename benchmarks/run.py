@@ -38,7 +38,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily  # noq
 from exporter.collector import Collector  # noqa: E402
 from exporter.counters import default_counters  # noqa: E402
 from exporter.devices import parse_device_selector  # noqa: E402
-from exporter.fields import FieldSpec  # noqa: E402
+from exporter.fields import Event, FieldSpec  # noqa: E402
 from exporter.labels import RenderContext  # noqa: E402
 from exporter.render import Renderer  # noqa: E402
 from exporter.snapshot import Snapshot  # noqa: E402
@@ -71,7 +71,7 @@ def _prom_client_registry(snapshots: list[Snapshot], fields: Sequence[FieldSpec]
         class OneCycle:
             def collect(self):  # type: ignore[no-untyped-def]
                 for f in fields:
-                    if f.type == "label" or f.reader == "event":
+                    if f.type == "label" or isinstance(f.reader, Event):
                         continue
                     cls = CounterMetricFamily if f.type == "counter" else GaugeMetricFamily
                     labels = ["gpu", "UUID", "pci_bus_id", "device", "modelName", "GPU_I_PROFILE", "GPU_I_ID",

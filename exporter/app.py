@@ -210,8 +210,10 @@ class App:
 
     @staticmethod
     def _warn_dcp(fields: Sequence[Any]) -> None:
+        from exporter.fields import Dcp
+
         for spec in fields:
-            if spec.reader == "dcp":
+            if isinstance(spec.reader, Dcp):
                 log.warning(
                     "field_skipped",
                     field=spec.name,

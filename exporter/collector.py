@@ -29,7 +29,7 @@ import structlog
 from exporter.backend import Backend, DeviceError, DeviceLostError, MonitorError
 from exporter.counters import CounterSet
 from exporter.devices import DeviceSelector
-from exporter.fields import FieldSpec
+from exporter.fields import FieldSpec, is_polled
 from exporter.logs import Reminder
 from exporter.model import Gpu, Inventory, MigDevice, ReadResult
 from exporter.snapshot import DeviceSample, Snapshot
@@ -44,9 +44,6 @@ REDISCOVER_EVERY_S = 60.0
 
 # How long a NOT_SUPPORTED answer is trusted before the field is asked for again.
 UNSUPPORTED_RETRY_S = 300.0
-
-# Readers the collector never asks the backend for.
-_NOT_POLLED = ("dcp", "event", "label")
 
 
 class Worker:
@@ -147,7 +144,7 @@ class Collector:
     def set_counters(self, counters: CounterSet) -> None:
         """Swap the field set (SIGHUP reload); takes effect next cycle."""
         self.counters = counters
-        polled = tuple(f for f in counters.fields if f.reader.split(":")[0] not in _NOT_POLLED)
+        polled = tuple(f for f in counters.fields if is_polled(f))  # events, labels, DCP-only: never read
         self._gpu_fields = polled
         self._instance_fields = tuple(f for f in polled if f.scope == "instance")
 

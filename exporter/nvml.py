@@ -47,7 +47,17 @@ import pynvml
 import structlog
 
 from exporter.backend import BackendError, DeviceError, DeviceLostError, MonitorError
-from exporter.fields import ALL_LINKS, FieldSpec, to_exported
+from exporter.fields import (
+    ALL_LINKS,
+    NOT_POLLED,
+    Call,
+    FieldSpec,
+    FieldValue,
+    Gpm,
+    Rate,
+    assert_never,
+    to_exported,
+)
 from exporter.logs import Reminder
 from exporter.model import (
     EVENT_DOUBLE_BIT_ECC,
@@ -72,7 +82,6 @@ _MEMORY_TEMP_FIELD_ID = 82
 _MEMORY_TEMP_MAX = 200
 _PSTATE_UNKNOWN = 32
 _MIG_PROFILE = re.compile(r"MIG\s+(\S+)\s*$")
-_SKIPPED_READERS = ("dcp", "event", "label")
 
 _SUCCESS = pynvml.NVML_SUCCESS
 _NOT_SUPPORTED = pynvml.NVML_ERROR_NOT_SUPPORTED
@@ -135,6 +144,21 @@ def _normalise_bus_id(bus_id: str) -> str:
 def _handle_key(handle: Any) -> int:
     """The pointer value of an nvmlDevice_t, usable as a dict key."""
     return int(ctypes.cast(handle, ctypes.c_void_p).value or 0)
+
+
+def _rate_id(spec: FieldSpec) -> int:
+    assert isinstance(spec.reader, Rate), spec
+    return spec.reader.field_id
+
+
+def _gpm_id(spec: FieldSpec) -> int:
+    assert isinstance(spec.reader, Gpm), spec
+    return spec.reader.metric_id
+
+
+def _call_name(spec: FieldSpec) -> str:
+    assert isinstance(spec.reader, Call), spec
+    return spec.reader.name
 
 
 def _memo(memo: dict[str, Any], key: str, fn: Callable[[], Any]) -> Any:
@@ -535,23 +559,21 @@ class NvmlBackend:
         call_specs: list[FieldSpec] = []
         gpm_specs: list[FieldSpec] = []
         for spec in fields:
-            if spec.reader in _SKIPPED_READERS:
+            reader = spec.reader
+            if isinstance(reader, NOT_POLLED):
                 continue
             if is_mig and spec.scope != "instance":
                 result.unsupported.add(spec.name)
-            elif spec.reader == "fv":
+            elif isinstance(reader, FieldValue):
                 fv_specs.append(spec)
-            elif spec.reader.startswith("rate:"):
+            elif isinstance(reader, Rate):
                 rate_specs.append(spec)
-            elif spec.reader.startswith("call:"):
+            elif isinstance(reader, Call):
                 call_specs.append(spec)
-            elif spec.reader.startswith("gpm:"):
+            elif isinstance(reader, Gpm):
                 gpm_specs.append(spec)
             else:
-                if spec.reader not in self._warned_readers:
-                    self._warned_readers.add(spec.reader)
-                    log.warning("unknown_reader", field=spec.name, reader=spec.reader)
-                result.unsupported.add(spec.name)
+                assert_never(reader)
         if fv_specs or rate_specs:
             self._read_field_values(uuid, handle, fv_specs, rate_specs, result)
         if call_specs:
@@ -575,7 +597,7 @@ class NvmlBackend:
             for fi in spec.fi:
                 wanted.append((fi, ALL_LINKS if fi in _NVLINK_FIELD_IDS else 0))
         for spec in rate_specs:
-            wanted.append((int(spec.reader.split(":", 1)[1]), 0))
+            wanted.append((_rate_id(spec), 0))
         ids = list(dict.fromkeys(wanted))
         try:
             values = pynvml.nvmlDeviceGetFieldValues(handle, ids)
@@ -618,7 +640,7 @@ class NvmlBackend:
 
         rates: dict[int, float | None] = {}
         for spec in rate_specs:
-            fi = int(spec.reader.split(":", 1)[1])
+            fi = _rate_id(spec)
             value = decoded[fi]
             if value is None:
                 result.unsupported.add(spec.name)
@@ -753,7 +775,7 @@ class NvmlBackend:
         if not state.has_previous:
             state.has_previous = True
             return  # metrics need two samples
-        ids = list(dict.fromkeys(int(spec.reader.split(":", 1)[1]) for spec in specs))
+        ids = list(dict.fromkeys(_gpm_id(spec) for spec in specs))
         if state.request is None:
             state.request = pynvml.c_nvmlGpmMetricsGet_t()
         request = state.request
@@ -776,7 +798,7 @@ class NvmlBackend:
             ret = int(entry.nvmlReturn)
             by_id[metric_id] = float(entry.value) if ret == _SUCCESS else ret
         for spec in specs:
-            value = by_id[int(spec.reader.split(":", 1)[1])]
+            value = by_id[_gpm_id(spec)]
             if isinstance(value, float):
                 result.values[spec.name] = to_exported(spec, value)
             elif value in (_NOT_SUPPORTED, _FUNCTION_NOT_FOUND):
@@ -815,7 +837,7 @@ class NvmlBackend:
     def _read_calls(self, uuid: str, handle: Any, specs: Sequence[FieldSpec], result: ReadResult) -> None:
         memo: dict[str, Any] = {}
         for spec in specs:
-            what = spec.reader.split(":", 1)[1]
+            what = _call_name(spec)
             try:
                 value = self._call_value(what, handle, memo)
             except _Unsupported:

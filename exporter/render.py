@@ -27,7 +27,7 @@ import prometheus_client
 import structlog
 
 from exporter import __version__
-from exporter.fields import FieldSpec
+from exporter.fields import Event, FieldSpec
 from exporter.labels import PREFIX, RenderContext, escape_help, escape_label_value, format_labels
 from exporter.logs import Reminder
 from exporter.snapshot import DeviceSample, Snapshot
@@ -173,9 +173,9 @@ class Renderer:
                 (s.uuid, tuple(f"{spec.name}{{{head}" for head in heads[s.uuid]))
                 for s in live
                 # MIG devices only carry per-instance fields (and the last-XID gauge is per GPU)
-                if s.mig is None or (spec.scope == "instance" and spec.reader != "event")
+                if s.mig is None or (spec.scope == "instance" and not isinstance(spec.reader, Event))
             ]
-            plan.append(_FamilyPlan(spec.name, spec.reader == "event", header, devices))
+            plan.append(_FamilyPlan(spec.name, isinstance(spec.reader, Event), header, devices))
         self._plan_key, self._plan_cache = key, plan
         return plan
 

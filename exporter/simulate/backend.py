@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from exporter.backend import BackendError, DeviceError, DeviceLostError
-from exporter.fields import FieldSpec
+from exporter.fields import Event, FieldSpec, Label
 from exporter.model import EVENT_DOUBLE_BIT_ECC, EVENT_XID, DeviceEvent, Gpu, Inventory, ReadResult
 from exporter.simulate.devices import _SimGpu, _SimMig
 from exporter.simulate.events import _LOST, SimulatedEventSource, _Scheduled
@@ -122,7 +122,7 @@ class SimulatedBackend:
             v = vals.get(spec.name)
             if v is not None:
                 got[spec.name] = v
-            elif spec.reader != "event" and spec.reader != "label":
+            elif not isinstance(spec.reader, (Event, Label)):
                 unsupported.add(spec.name)
         return res
 

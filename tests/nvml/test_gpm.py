@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from exporter.fields import BY_NAME, CATALOGUE, FieldSpec
+from exporter.fields import BY_NAME, CATALOGUE, FieldSpec, Gpm
 from exporter.nvml import NvmlBackend
 from tests.conftest import load_scenario
 
-GPM_FIELDS = [spec for spec in CATALOGUE if spec.reader.startswith("gpm:")]
+GPM_FIELDS = [spec for spec in CATALOGUE if isinstance(spec.reader, Gpm)]
 ACTIVITY = [spec for spec in GPM_FIELDS if spec.scope == "instance"]
 # DCGM field: (GPM value in percent or MiB/s, exported value)
 VALUES: dict[str, tuple[float, float]] = {
@@ -69,8 +69,8 @@ def test_catalogue_maps_dcp_fields_to_gpm() -> None:
     assert {spec.name for spec in GPM_FIELDS} == set(VALUES)
     for spec in ACTIVITY:
         assert spec.scale == 0.01 and spec.type == "gauge"
-    assert BY_NAME["DCGM_FI_PROF_SM_ACTIVE"].reader == "gpm:2"
-    assert BY_NAME["DCGM_FI_PROF_PIPE_TENSOR_ACTIVE"].reader == "gpm:5"  # any tensor pipe
+    assert BY_NAME["DCGM_FI_PROF_SM_ACTIVE"].reader == Gpm(2)
+    assert BY_NAME["DCGM_FI_PROF_PIPE_TENSOR_ACTIVE"].reader == Gpm(5)  # any tensor pipe
     assert BY_NAME["DCGM_FI_PROF_NVLINK_TX_BYTES"].scope == "gpu"
 
 

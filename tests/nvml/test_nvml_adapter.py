@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 
 from exporter.backend import BackendError, DeviceError, DeviceLostError, MonitorError
-from exporter.fields import BY_NAME, CATALOGUE, FieldSpec
+from exporter.fields import BY_NAME, CATALOGUE, FieldSpec, is_polled
 from exporter.model import EVENT_MIG_CONFIG_CHANGE, EVENT_XID, Inventory
 from exporter.nvml import NvmlBackend
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "fakenvml" / "scenarios"
-POLLED = [spec for spec in CATALOGUE if spec.reader not in ("dcp", "event", "label")]
+POLLED = [spec for spec in CATALOGUE if is_polled(spec)]
 GPU_SCOPE_FIELDS = [spec for spec in POLLED if spec.scope == "gpu"]
 NEW_SYMBOLS = (
     "nvmlDeviceGetCount_v2",

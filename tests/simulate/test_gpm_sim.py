@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from exporter.fields import CATALOGUE
+from exporter.fields import CATALOGUE, Gpm
 from tests.simulate.test_simulate import make
 
-GPM = tuple(f for f in CATALOGUE if f.reader.startswith("gpm:"))
+GPM = tuple(f for f in CATALOGUE if isinstance(f.reader, Gpm))
 ACTIVITY = tuple(f for f in GPM if f.scope == "instance")
 NAMES = {f.name for f in GPM}
 UTIL = next(f for f in CATALOGUE if f.name == "DCGM_FI_DEV_GPU_UTIL")

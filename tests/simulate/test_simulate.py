@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from exporter.backend import BackendError, DeviceError, DeviceLostError
-from exporter.fields import BY_NAME, CATALOGUE, DCGM_DEFAULT_SET, FieldSpec
+from exporter.fields import BY_NAME, CATALOGUE, DCGM_DEFAULT_SET, Dcp, FieldSpec, is_polled
 from exporter.model import EVENT_DOUBLE_BIT_ECC, EVENT_XID, DeviceEvent
 from exporter.simulate import SimulatedBackend
 
@@ -27,10 +27,8 @@ class Clock:
         self.t += dt
 
 
-POLLED = tuple(f for f in CATALOGUE if f.reader.split(":")[0] not in ("dcp", "event", "label"))
-DEFAULT_POLLED = tuple(
-    BY_NAME[n] for n in DCGM_DEFAULT_SET if BY_NAME[n].reader.split(":")[0] not in ("dcp", "event", "label")
-)
+POLLED = tuple(f for f in CATALOGUE if is_polled(f))
+DEFAULT_POLLED = tuple(BY_NAME[n] for n in DCGM_DEFAULT_SET if is_polled(BY_NAME[n]))
 COUNTERS = (
     "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
     "DCGM_FI_DEV_PCIE_REPLAY_COUNTER",
@@ -173,7 +171,7 @@ def test_h100_health_fields_like_nvml() -> None:
     assert v["DCGM_FI_DEV_GET_GPU_RECOVERY_ACTION"] == 0
     assert v["DCGM_FI_DEV_PCIE_TX_THROUGHPUT"] == int(v["DCGM_FI_PROF_PCIE_TX_BYTES"] / 1024)
     # DCP fields are never produced.
-    dcp = tuple(f for f in CATALOGUE if f.reader == "dcp")
+    dcp = tuple(f for f in CATALOGUE if isinstance(f.reader, Dcp))
     assert b.read(uuid, dcp).unsupported == {f.name for f in dcp}
 
 
