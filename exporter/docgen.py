@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from exporter.config import FLAGS
+from exporter.family import Family
 from exporter.fields import (
     ALIASES,
     CATALOGUE,
@@ -52,6 +53,11 @@ def _how(reader: Reader, fi: tuple[int, ...]) -> str:
             assert_never(reader)
 
 
+def _own_row(m: Family) -> str:
+    meaning = (f"{m.help} {m.note}" if m.note else m.help).replace("|", "\\|")
+    return f"| `{m.name}` | {m.type} | {m.labels_doc or '-'} | {m.part} | {meaning} |"
+
+
 def metrics_md() -> str:
     out = [
         "# Metrics reference\n",
@@ -86,10 +92,13 @@ def metrics_md() -> str:
         "pci_bus_id, device, model_name, [gpu_i_profile, gpu_i_id], hostname`, so they pass `promtool check "
         "metrics`. Join them with DCGM series on the shared lower-case labels, e.g. "
         "`... * on(instance, gpu) group_left ...`.\n",
+        "*part* is the part of the exposition that writes the family, the `part` label of "
+        "`gpuhealth_render_success`: while a part fails, its families keep their last good values "
+        "(`renderer`: written by the renderer itself, outside the parts). *meaning* is the family's HELP text.\n",
         "| metric | type | labels | part | meaning |",
         "|---|---|---|---|---|",
     ]
-    out += [f"| `{m.name}` | {m.type} | {m.labels or '-'} | {m.part} | {m.help} |" for m in OWN_METRICS]
+    out += [_own_row(m) for m in OWN_METRICS]
     out.append("\nProcess metrics (`process_*`, `python_*`) come from prometheus_client.\n")
     return "\n".join(out)
 

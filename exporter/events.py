@@ -20,7 +20,8 @@ from collections.abc import Callable
 import structlog
 
 from exporter.backend import Backend, DeviceLostError, EventSource
-from exporter.labels import PREFIX, RenderContext
+from exporter.family import DEVICE_LABELS, Family
+from exporter.labels import RenderContext
 from exporter.logs import Reminder
 from exporter.model import EVENT_GPU_LOST, EVENT_MIG_CONFIG_CHANGE, DeviceEvent, Inventory
 
@@ -30,6 +31,15 @@ WAIT_S = 0.2  # short waits so a stop or a layout change is noticed quickly
 BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 30.0
 INCOMPLETE_RETRY_S = 30.0  # re-register when some GPUs could not be registered
+
+XID_MONITORING_UP = Family(
+    "gpuhealth_xid_monitoring_up",
+    "gauge",
+    "1 when the GPU's XID events are registered and the event wait loop runs; 0 when XIDs on it would be missed.",
+    DEVICE_LABELS,
+    "events",
+)
+FAMILIES = (XID_MONITORING_UP,)
 
 
 class EventPump:
@@ -93,14 +103,10 @@ class EventPump:
         if inventory is None or not inventory.gpus:
             return ""
         monitored = self.monitored
-        name = f"{PREFIX}xid_monitoring_up"
-        lines = [
-            f"# HELP {name} 1 when the GPU's XID events are registered and the event wait loop runs; "
-            "0 when XIDs on it would be missed.",
-            f"# TYPE {name} gauge",
-        ]
-        lines += [f"{name}{{{ctx.device_labels(g.uuid)}}} {int(g.uuid in monitored)}" for g in inventory.gpus]
-        return "\n".join(lines) + "\n"
+        fam = XID_MONITORING_UP
+        lines = [fam.header]
+        lines += [fam.sample(ctx.device_labels(g.uuid), int(g.uuid in monitored)) for g in inventory.gpus]
+        return "".join(lines)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="nvml-events", daemon=True)

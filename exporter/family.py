@@ -30,13 +30,15 @@ class Family:
     """One metric family: what docs/metrics.md says about it, and its header lines.
 
     `labels_doc` lists the labels in the order they are written ("" if none); `part` is the part
-    of the exposition that renders it (the `part` label of gpuhealth_render_success)."""
+    of the exposition that renders it (the `part` label of gpuhealth_render_success); `note`, for
+    docs/metrics.md only, says what the HELP text need not (when the family is served, say)."""
 
     name: str
     type: Literal["gauge", "counter"]
     help: str
     labels_doc: str
     part: str
+    note: str = ""
     header: str = field(init=False, repr=False, compare=False)
     """The `# HELP` and `# TYPE` lines, each ending in a newline."""
 

@@ -27,22 +27,72 @@ import prometheus_client
 import structlog
 
 from exporter import __version__
+from exporter.family import DEVICE_LABELS, Family
 from exporter.fields import Event, FieldSpec
-from exporter.labels import PREFIX, RenderContext, escape_help, escape_label_value, format_labels
+from exporter.labels import RenderContext, escape_help, escape_label_value, format_labels
 from exporter.logs import Reminder
 from exporter.snapshot import DeviceSample, Snapshot
 from exporter.xid import XidTracker
 
 log = structlog.get_logger("exporter.render")
 
-DEVICE_UP_HELP = (
-    "1 if the device's values were read this cycle; 0 if it is lost, failing, or its read is hung past "
-    "the deadline (its last good values are served then, see device_data_age_seconds)."
-)
-
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-RENDER_SUCCESS_HELP = (
-    "1 if this part of the exposition rendered in the last cycle; 0 if it failed and its last good output is served."
+
+# The core part's families (render_own) and the renderer's own render_success.
+BUILD_INFO = Family(
+    "gpuhealth_build_info",
+    "gauge",
+    "Build and runtime information; always 1.",
+    "version, backend, driver_version, python_version",
+    "core",
+)
+GPUS = Family("gpuhealth_gpus", "gauge", "GPUs found by the last discovery.", "", "core")
+DEVICE_UP = Family(
+    "gpuhealth_device_up",
+    "gauge",
+    "1 if the device's values were read this cycle; 0 if it is lost, failing, or its read is hung past "
+    "the deadline (its last good values are served then, see device_data_age_seconds).",
+    DEVICE_LABELS,
+    "core",
+)
+DEVICE_DATA_AGE = Family(
+    "gpuhealth_device_data_age_seconds",
+    "gauge",
+    "Age of the values served for the device; grows while its reads hang.",
+    DEVICE_LABELS,
+    "core",
+)
+COLLECTION_DURATION = Family(
+    "gpuhealth_collection_duration_seconds", "gauge", "Duration of the last collection cycle.", "", "core"
+)
+LAST_COLLECTION = Family(
+    "gpuhealth_last_collection_timestamp_seconds", "gauge", "Unix time the last collection cycle ended.", "", "core"
+)
+COLLECTIONS = Family("gpuhealth_collections_total", "counter", "Collection cycles run.", "", "core")
+NVML_ERRORS = Family(
+    "gpuhealth_nvml_errors_total",
+    "counter",
+    "NVML errors by field (* for whole-device failures) and error.",
+    "field, error",
+    "core",
+)
+RENDER_SUCCESS = Family(
+    "gpuhealth_render_success",
+    "gauge",
+    "1 if this part of the exposition rendered in the last cycle; 0 if it failed and its last good output is served.",
+    "part",
+    "renderer",  # written by the renderer itself, outside every part
+)
+# The core part's, in the order written; RENDER_SUCCESS comes last in every exposition.
+FAMILIES = (
+    BUILD_INFO,
+    GPUS,
+    DEVICE_UP,
+    DEVICE_DATA_AGE,
+    COLLECTION_DURATION,
+    LAST_COLLECTION,
+    COLLECTIONS,
+    NVML_ERRORS,
 )
 
 LabelSets = tuple[tuple[tuple[str, str], ...], ...]
@@ -218,9 +268,9 @@ class Renderer:
         return "".join(out)
 
     # --- own families ---
-    def render_own(self, snapshot: Snapshot, nvml_errors: dict[tuple[str, str], int], collections: int) -> list[str]:
+    def render_own(self, snapshot: Snapshot, nvml_errors: dict[tuple[str, str], int], collections: int) -> str:
+        """The core part: build info, discovery, per-device freshness, the collection loop, NVML errors."""
         ctx = self.ctx
-        p = PREFIX
         build = format_labels(
             [
                 ("version", __version__),
@@ -229,44 +279,26 @@ class Renderer:
                 ("python_version", platform.python_version()),
             ]
         )
-        out = [
-            f"# HELP {p}build_info Build and runtime information; always 1.",
-            f"# TYPE {p}build_info gauge",
-            f"{p}build_info{{{build}}} 1",
-            f"# HELP {p}gpus GPUs found by the last discovery.",
-            f"# TYPE {p}gpus gauge",
-            f"{p}gpus {len(snapshot.inventory.gpus)}",
-            f"# HELP {p}device_up {DEVICE_UP_HELP}",
-            f"# TYPE {p}device_up gauge",
-        ]
+        out = [BUILD_INFO.header, BUILD_INFO.sample(build, 1), GPUS.header, GPUS.scalar(len(snapshot.inventory.gpus))]
         # A read hung past its deadline is not "collected": the values served are the last good ones.
-        out += [f"{p}device_up{{{ctx.device_labels(s.uuid)}}} {int(s.up and not s.stale)}" for s in snapshot.samples]
+        out.append(DEVICE_UP.header)
+        out += [DEVICE_UP.sample(ctx.device_labels(s.uuid), int(s.up and not s.stale)) for s in snapshot.samples]
+        out.append(DEVICE_DATA_AGE.header)
         out += [
-            f"# HELP {p}device_data_age_seconds Age of the values served for the device; grows while its reads hang.",
-            f"# TYPE {p}device_data_age_seconds gauge",
+            DEVICE_DATA_AGE.sample(ctx.device_labels(s.uuid), format_value(round(s.age_s, 3))) for s in snapshot.samples
         ]
         out += [
-            f"{p}device_data_age_seconds{{{ctx.device_labels(s.uuid)}}} {format_value(round(s.age_s, 3))}"
-            for s in snapshot.samples
+            COLLECTION_DURATION.header,
+            COLLECTION_DURATION.scalar(format_value(round(snapshot.duration_s, 6))),
+            LAST_COLLECTION.header,
+            LAST_COLLECTION.scalar(format_value(round(snapshot.taken_at, 3))),
+            COLLECTIONS.header,
+            COLLECTIONS.scalar(collections),
+            NVML_ERRORS.header,
         ]
-        out += [
-            f"# HELP {p}collection_duration_seconds Duration of the last collection cycle.",
-            f"# TYPE {p}collection_duration_seconds gauge",
-            f"{p}collection_duration_seconds {format_value(round(snapshot.duration_s, 6))}",
-            f"# HELP {p}last_collection_timestamp_seconds Unix time the last collection cycle ended.",
-            f"# TYPE {p}last_collection_timestamp_seconds gauge",
-            f"{p}last_collection_timestamp_seconds {format_value(round(snapshot.taken_at, 3))}",
-            f"# HELP {p}collections_total Collection cycles run.",
-            f"# TYPE {p}collections_total counter",
-            f"{p}collections_total {collections}",
-            f"# HELP {p}nvml_errors_total NVML errors by field (* for whole-device failures) and error.",
-            f"# TYPE {p}nvml_errors_total counter",
-        ]
-        out += [
-            f"{p}nvml_errors_total{{{format_labels([('field', f), ('error', e)])}}} {n}"
-            for (f, e), n in sorted(nvml_errors.items())
-        ]
-        return out
+        errors = sorted(nvml_errors.items())
+        out += [NVML_ERRORS.sample(format_labels([("field", f), ("error", e)]), n) for (f, e), n in errors]
+        return "".join(out)
 
     # --- parts, each isolated ---
     def _render_part(self, part: str, render: Callable[[], str], success: dict[str, bool]) -> bytes:
@@ -309,10 +341,9 @@ class Renderer:
     def render_success(success: dict[str, bool]) -> bytes:
         """gpuhealth_render_success for every part of this cycle: rendered by the renderer
         itself, outside the parts, so it is there even when every part failed."""
-        p = PREFIX
-        lines = [f"# HELP {p}render_success {RENDER_SUCCESS_HELP}", f"# TYPE {p}render_success gauge"]
-        lines += [f"{p}render_success{{{format_labels([('part', part)])}}} {int(ok)}" for part, ok in success.items()]
-        return ("\n".join(lines) + "\n").encode("utf-8")
+        lines = [RENDER_SUCCESS.header]
+        lines += [RENDER_SUCCESS.sample(format_labels([("part", part)]), int(ok)) for part, ok in success.items()]
+        return "".join(lines).encode("utf-8")
 
     def render(
         self,
@@ -332,9 +363,7 @@ class Renderer:
         texts = [
             self._render_part("dcgm", lambda: self.render_dcgm(snapshot, fields), success),
             self._render_part("xid", lambda: self.xids.render_count_family(self.ctx, gpu_uuids), success),
-            self._render_part(
-                "core", lambda: "\n".join(self.render_own(snapshot, nvml_errors, collections)) + "\n", success
-            ),
+            self._render_part("core", lambda: self.render_own(snapshot, nvml_errors, collections), success),
         ]
         for name, contributor in self._contributor_parts():
             texts.append(self._render_part(name, partial(contributor.render_metrics, self.ctx), success))

@@ -13,8 +13,21 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from exporter.family import DCGM_DEVICE_LABELS, Family
 from exporter.labels import RenderContext, escape_label_value
 from exporter.model import EVENT_XID, DeviceEvent
+
+# dcgm-exporter's family, with its HELP text word for word. Served only while some GPU had an XID
+# in the window.
+XID_ERRORS_COUNT = Family(
+    "DCGM_EXP_XID_ERRORS_COUNT",
+    "gauge",
+    "Count of XID Errors within user-specified time window (see xid-count-window-size flag).",
+    f"{DCGM_DEVICE_LABELS}, window_size_in_ms, xid",
+    "xid",
+    note="dcgm-exporter's family and HELP text; served only while a GPU had an XID within the window.",
+)
+FAMILIES = (XID_ERRORS_COUNT,)
 
 # Bound per GPU so an XID storm cannot grow memory without limit; past it the
 # window count saturates (documented in docs/metrics.md).
@@ -74,16 +87,11 @@ class XidTracker:
             return counts
 
     def render_count_family(self, ctx: RenderContext, gpu_uuids: list[str]) -> str:
-        window_ms = int(self.window_s * 1000)
-        lines = [
-            "# HELP DCGM_EXP_XID_ERRORS_COUNT Count of XID Errors within user-specified time window "
-            "(see xid-count-window-size flag).",
-            "# TYPE DCGM_EXP_XID_ERRORS_COUNT gauge",
-        ]
+        fam = XID_ERRORS_COUNT
+        window = f'window_size_in_ms="{int(self.window_s * 1000)}"'
+        lines: list[str] = []
         for uuid in gpu_uuids:
             labels = ctx.dcgm_labels(uuid)
             for code, n in sorted(self.window_counts(uuid).items()):
-                lines.append(
-                    f'DCGM_EXP_XID_ERRORS_COUNT{{{labels},window_size_in_ms="{window_ms}",xid="{code}"}} {n}'
-                )
-        return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+                lines.append(fam.sample(f'{labels},{window},xid="{code}"', n))
+        return fam.header + "".join(lines) if lines else ""

@@ -25,8 +25,9 @@ from exporter.deviceplugin.config import DevicePluginConfig, check_socket_path, 
 from exporter.deviceplugin.registration import KubeletIdentity, kubelet_identity, register
 from exporter.deviceplugin.rm import ResourceDevices, ResourcePlan, build_plan, device_health
 from exporter.deviceplugin.server import RESULTS, PluginServer, ResourceState
+from exporter.family import Family
 from exporter.health.verdict import HealthView
-from exporter.labels import PREFIX, RenderContext, escape_label_value
+from exporter.labels import RenderContext, escape_label_value
 from exporter.model import Inventory
 
 log = structlog.get_logger(__name__)
@@ -35,6 +36,26 @@ _POLL_S = 0.2
 _RESYNC_S = 5.0
 _BACKOFF_FIRST_S = 0.2
 _BACKOFF_MAX_S = 5.0
+
+# The device_plugin part's families (DevicePluginManager.render_metrics), one series set per resource.
+REGISTERED = Family(
+    "gpuhealth_device_plugin_registered", "gauge", "1 while registered with the kubelet", "resource", "device_plugin"
+)
+DEVICES = Family(
+    "gpuhealth_device_plugin_devices",
+    "gauge",
+    "Devices advertised to the kubelet, by health",
+    "resource, health",
+    "device_plugin",
+)
+ALLOCATIONS = Family(
+    "gpuhealth_device_plugin_allocations_total",
+    "counter",
+    "Allocate calls by result",
+    "resource, result",
+    "device_plugin",
+)
+FAMILIES = (REGISTERED, DEVICES, ALLOCATIONS)
 
 
 @dataclass
@@ -119,28 +140,17 @@ class DevicePluginManager:
         # ctx is unused: these families are per resource, not per device.
         with self._lock:
             plugins = sorted(self._plugins.items())
-        reg = [
-            f"# HELP {PREFIX}device_plugin_registered 1 while registered with the kubelet\n",
-            f"# TYPE {PREFIX}device_plugin_registered gauge\n",
-        ]
-        devs = [
-            f"# HELP {PREFIX}device_plugin_devices Devices advertised to the kubelet, by health\n",
-            f"# TYPE {PREFIX}device_plugin_devices gauge\n",
-        ]
-        allocs = [
-            f"# HELP {PREFIX}device_plugin_allocations_total Allocate calls by result\n",
-            f"# TYPE {PREFIX}device_plugin_allocations_total counter\n",
-        ]
+        reg = [REGISTERED.header]
+        devs = [DEVICES.header]
+        allocs = [ALLOCATIONS.header]
         for name, plugin in plugins:
             res = f'resource="{escape_label_value(name)}"'
-            reg.append(f"{PREFIX}device_plugin_registered{{{res}}} {int(plugin.registered_with is not None)}\n")
+            reg.append(REGISTERED.sample(res, int(plugin.registered_with is not None)))
             healthy, unhealthy = plugin.state.counts()
-            devs.append(f'{PREFIX}device_plugin_devices{{{res},health="healthy"}} {healthy}\n')
-            devs.append(f'{PREFIX}device_plugin_devices{{{res},health="unhealthy"}} {unhealthy}\n')
+            devs.append(DEVICES.sample(f'{res},health="healthy"', healthy))
+            devs.append(DEVICES.sample(f'{res},health="unhealthy"', unhealthy))
             counts = plugin.state.allocations()
-            allocs.extend(
-                f'{PREFIX}device_plugin_allocations_total{{{res},result="{r}"}} {counts[r]}\n' for r in RESULTS
-            )
+            allocs.extend(ALLOCATIONS.sample(f'{res},result="{r}"', counts[r]) for r in RESULTS)
         return "".join(reg + devs + allocs)
 
     @property

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from exporter.family import DEVICE_LABELS, Family
 from exporter.health import policy as p
 from exporter.health.signals import HEALTH_FIELDS
 from exporter.health.verdict import HealthState, Reason
-from exporter.labels import PREFIX, RenderContext, escape_label_value
+from exporter.labels import RenderContext, escape_label_value
 from exporter.model import Gpu
 from exporter.snapshot import DeviceSample, Snapshot
 
@@ -31,6 +32,18 @@ UNMONITORED = "unmonitored"
 # A GPU whose events are down for less than this is being re-registered (the event thread
 # rebuilds its set after an error), not unmonitored.
 UNMONITORED_GRACE_S = 5.0
+
+# Rendered by the health part (HealthEngine.render_metrics) after expose's families; only while 1.
+SIGNAL_MISSING = Family(
+    "gpuhealth_health_signal_missing",
+    "gauge",
+    "1 while a health field that GPUs of this model reported before is not supported on this GPU: that health "
+    "check is blind on it.",
+    f"{DEVICE_LABELS}, field",
+    "health",
+    note="Only served while 1.",
+)
+FAMILIES = (SIGNAL_MISSING,)
 
 
 def monitor_faults(snap: Snapshot) -> dict[str, str]:
@@ -116,13 +129,9 @@ def signal_coverage(sample: DeviceSample, seen: Mapping[str, set[str]]) -> tuple
 def render_signal_missing(ctx: RenderContext, missing: Mapping[str, frozenset[str]]) -> str:
     if not any(missing.values()):
         return ""
-    name = f"{PREFIX}health_signal_missing"
-    lines = [
-        f"# HELP {name} 1 while a health field that GPUs of this model reported before is not supported "
-        "on this GPU: that health check is blind on it.",
-        f"# TYPE {name} gauge",
-    ]
+    fam = SIGNAL_MISSING
+    lines = [fam.header]
     for uuid, fields in sorted(missing.items()):
         head = ctx.device_labels(uuid)
-        lines += [f'{name}{{{head},field="{escape_label_value(f)}"}} 1' for f in sorted(fields)]
-    return "\n".join(lines) + "\n"
+        lines += [fam.sample(f'{head},field="{escape_label_value(f)}"', 1) for f in sorted(fields)]
+    return "".join(lines)

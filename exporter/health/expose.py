@@ -5,9 +5,50 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from exporter.family import DEVICE_LABELS, Family
 from exporter.health.policy import ACTION_RANK, NONE
 from exporter.health.verdict import HealthState, Reason
-from exporter.labels import PREFIX, RenderContext, escape_label_value
+from exporter.labels import RenderContext, escape_label_value, format_labels
+
+# The health part's families (HealthEngine.render_metrics); gpuhealth_health_signal_missing is in blindspots.
+HEALTH_STATE = Family(
+    "gpuhealth_health_state",
+    "gauge",
+    "Health verdict: 0 healthy, 1 degraded, 2 unhealthy (fenced), 3 unknown (the monitor cannot judge the device; "
+    "allocation unchanged).",
+    DEVICE_LABELS,
+    "health",
+)
+HEALTH_REASON = Family(
+    "gpuhealth_health_reason",
+    "gauge",
+    "1 per active health reason recorded on the device.",
+    f"{DEVICE_LABELS}, signal, code, class, action",
+    "health",
+)
+XID_ERRORS = Family(
+    "gpuhealth_xid_errors_total",
+    "counter",
+    "XID errors by code and policy class (persisted across restarts).",
+    f"{DEVICE_LABELS}, xid, class",
+    "health",
+)
+STATE_FILE_ERRORS = Family(
+    "gpuhealth_health_state_file_errors_total",
+    "counter",
+    "Corrupt or unreadable health state files moved aside.",
+    "",
+    "health",
+)
+STATE_WRITE_FAILURES = Family(
+    "gpuhealth_health_state_write_failures_total",
+    "counter",
+    "Failed writes of the health state file; the newest verdicts are retried until they are on disk.",
+    "",
+    "health",
+)
+CLEARS = Family("gpuhealth_health_clears_total", "counter", "Explicit and automatic health clears.", "", "health")
+FAMILIES = (HEALTH_STATE, HEALTH_REASON, XID_ERRORS, STATE_FILE_ERRORS, STATE_WRITE_FAILURES, CLEARS)
 
 
 @dataclass(frozen=True)
@@ -61,34 +102,23 @@ def render(
     clears: int,
     write_failures: int = 0,
 ) -> str:
-    lines: list[str] = []
-    name = PREFIX + "health_state"
-    lines += [f"# HELP {name} Health verdict: 0 healthy, 1 degraded, 2 unhealthy (fenced), 3 unknown (the monitor "
-              "cannot judge the device; allocation unchanged).", f"# TYPE {name} gauge"]
-    lines += [f"{name}{{{_labels(ctx, d.uuid)}}} {int(d.state)}" for d in views]
-    name = PREFIX + "health_reason"
-    lines += [f"# HELP {name} 1 per active health reason recorded on the device.", f"# TYPE {name} gauge"]
+    lines = [HEALTH_STATE.header]
+    lines += [HEALTH_STATE.sample(_labels(ctx, d.uuid), int(d.state)) for d in views]
+    lines.append(HEALTH_REASON.header)
     for d in views:
         base = _labels(ctx, d.uuid)
         for r, cls in d.own_reasons:
-            extra = ",".join(f'{k}="{escape_label_value(v)}"' for k, v in
-                             (("signal", r.signal), ("code", r.code), ("class", cls), ("action", r.action)))
-            lines.append(f"{name}{{{base},{extra}}} 1")
-    name = PREFIX + "xid_errors_total"
-    lines += [f"# HELP {name} XID errors by code and policy class (persisted across restarts).",
-              f"# TYPE {name} counter"]
+            extra = format_labels((("signal", r.signal), ("code", r.code), ("class", cls), ("action", r.action)))
+            lines.append(HEALTH_REASON.sample(f"{base},{extra}", 1))
+    lines.append(XID_ERRORS.header)
     for (gpu, xid, cls), n in sorted(xid_counts.items()):
-        lines.append(f'{name}{{{_labels(ctx, gpu)},xid="{xid}",class="{escape_label_value(cls)}"}} {n}')
-    name = PREFIX + "health_state_file_errors_total"
-    lines += [f"# HELP {name} Corrupt or unreadable health state files moved aside.", f"# TYPE {name} counter",
-              f"{name} {file_errors}"]
-    name = PREFIX + "health_state_write_failures_total"
+        lines.append(XID_ERRORS.sample(f'{_labels(ctx, gpu)},xid="{xid}",class="{escape_label_value(cls)}"', n))
     lines += [
-        f"# HELP {name} Failed writes of the health state file; the newest verdicts are retried until they are "
-        "on disk.",
-        f"# TYPE {name} counter",
-        f"{name} {write_failures}",
+        STATE_FILE_ERRORS.header,
+        STATE_FILE_ERRORS.scalar(file_errors),
+        STATE_WRITE_FAILURES.header,
+        STATE_WRITE_FAILURES.scalar(write_failures),
+        CLEARS.header,
+        CLEARS.scalar(clears),
     ]
-    name = PREFIX + "health_clears_total"
-    lines += [f"# HELP {name} Explicit and automatic health clears.", f"# TYPE {name} counter", f"{name} {clears}"]
-    return "\n".join(lines) + "\n"
+    return "".join(lines)

@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 import structlog
 
-from exporter.labels import PREFIX, RenderContext, format_labels
+from exporter.family import DEVICE_LABELS, Family
+from exporter.labels import RenderContext, format_labels
 from exporter.model import Inventory
 from exporter.pods.deviceids import DeviceIndex, DeviceKey
 from exporter.pods.kube import (
@@ -47,6 +48,34 @@ LabelSet = tuple[tuple[str, str], ...]
 
 DEFAULT_RESOURCES = ("nvidia.com/gpu", "nvidia.com/gpu.shared")
 MIG_RESOURCE_PREFIX = "nvidia.com/mig-"
+
+# The pods part's families (PodMapper.render_metrics).
+REFRESH_SUCCESS = Family(
+    "gpuhealth_pod_mapping_refresh_success", "gauge", "1 if the last kubelet PodResources List worked.", "", "pods"
+)
+MAPPING_AGE = Family("gpuhealth_pod_mapping_age_seconds", "gauge", "Age of the pod mapping in use.", "", "pods")
+KUBELET_REQUESTS = Family(
+    "gpuhealth_kubelet_requests_total",
+    "counter",
+    "Kubelet PodResources calls by method and gRPC code.",
+    "method, code",
+    "pods",
+)
+ALLOCATION_INFO = Family(
+    "gpuhealth_gpu_allocation_info",
+    "gauge",
+    "1 per device and container it is allocated to; free devices have empty pod, namespace, container.",
+    f"{DEVICE_LABELS}, resource, namespace, pod, container",
+    "pods",
+)
+KUBELET_DEVICE_UNHEALTHY = Family(
+    "gpuhealth_kubelet_device_unhealthy",
+    "gauge",
+    "1 if NVML sees the device but the kubelet's allocatable omits it (the kubelet deems it unhealthy).",
+    f"{DEVICE_LABELS}, resource",
+    "pods",
+)
+FAMILIES = (REFRESH_SUCCESS, MAPPING_AGE, KUBELET_REQUESTS, ALLOCATION_INFO, KUBELET_DEVICE_UNHEALTHY)
 
 # Pod label keys that would collide with labels already on GPU series (a duplicate label name
 # makes the whole scrape invalid), so they are never copied from pod labels.
@@ -178,43 +207,27 @@ class PodMapper:
 
     def render_metrics(self, ctx: RenderContext) -> str:
         mapping = self._mapping
-        out: list[str] = []
-
-        def family(name: str, kind: str, help_text: str) -> None:
-            out.append(f"# HELP {PREFIX}{name} {help_text}\n# TYPE {PREFIX}{name} {kind}\n")
-
-        family("pod_mapping_refresh_success", "gauge", "1 if the last kubelet PodResources List worked.")
-        out.append(f"{PREFIX}pod_mapping_refresh_success {1 if self._refresh_ok else 0}\n")
-        family("pod_mapping_age_seconds", "gauge", "Age of the pod mapping in use.")
+        out = [REFRESH_SUCCESS.header, REFRESH_SUCCESS.scalar(1 if self._refresh_ok else 0), MAPPING_AGE.header]
         if mapping is not None:
-            out.append(f"{PREFIX}pod_mapping_age_seconds {max(0.0, self._clock() - mapping.built_at):.3f}\n")
-        family("kubelet_requests_total", "counter", "Kubelet PodResources calls by method and gRPC code.")
+            out.append(MAPPING_AGE.scalar(f"{max(0.0, self._clock() - mapping.built_at):.3f}"))
+        out.append(KUBELET_REQUESTS.header)
         for (method, code), n in sorted(self._client.request_counts().items()):
-            out.append(f"{PREFIX}kubelet_requests_total{{{format_labels((('method', method), ('code', code)))}}} {n}\n")
+            out.append(KUBELET_REQUESTS.sample(format_labels((("method", method), ("code", code))), n))
         if mapping is None:
             return "".join(out)
-        family(
-            "gpu_allocation_info",
-            "gauge",
-            "1 per device and container it is allocated to; free devices have empty pod, namespace, container.",
-        )
+        out.append(ALLOCATION_INFO.header)
         for uuid, resource, ns, pod, container in mapping.allocation:
             dev = ctx.device_labels(uuid)
             if dev:
                 extra = format_labels(
                     (("resource", resource), ("namespace", ns), ("pod", pod), ("container", container))
                 )
-                out.append(f"{PREFIX}gpu_allocation_info{{{dev},{extra}}} 1\n")
-        family(
-            "kubelet_device_unhealthy",
-            "gauge",
-            "1 if NVML sees the device but the kubelet's allocatable omits it (the kubelet deems it unhealthy).",
-        )
+                out.append(ALLOCATION_INFO.sample(f"{dev},{extra}", 1))
+        out.append(KUBELET_DEVICE_UNHEALTHY.header)
         for uuid, resource, value in mapping.kubelet_health:
             dev = ctx.device_labels(uuid)
             if dev:
-                res = format_labels([("resource", resource)])
-                out.append(f"{PREFIX}kubelet_device_unhealthy{{{dev},{res}}} {value}\n")
+                out.append(KUBELET_DEVICE_UNHEALTHY.sample(f"{dev},{format_labels([('resource', resource)])}", value))
         return "".join(out)
 
     def wait_idle(self, timeout_s: float) -> bool:
