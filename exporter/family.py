@@ -12,6 +12,7 @@ The DCGM families are not declared here: they come from the field catalogue (`ex
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -52,6 +53,12 @@ class Family:
         `labels` is the text inside the braces, already escaped (RenderContext.device_labels,
         format_labels); `value` an int or a value already formatted (render.format_value)."""
         return f"{self.name}{{{labels}}} {value}\n"
+
+    def samples(self, rows: Iterable[tuple[str, str | int]]) -> str:
+        """`sample(labels, value)` for each (labels, value) row, joined: for the per-device loops,
+        where a call per sample would cost more than the line (pass a `zip`, not a generator)."""
+        head = self.name + "{"
+        return "".join([f"{head}{labels}}} {value}\n" for labels, value in rows])
 
     def scalar(self, value: str | int) -> str:
         """The family's one sample without labels, newline included: `name value`."""

@@ -279,15 +279,20 @@ class Renderer:
                 ("python_version", platform.python_version()),
             ]
         )
-        out = [BUILD_INFO.header, BUILD_INFO.sample(build, 1), GPUS.header, GPUS.scalar(len(snapshot.inventory.gpus))]
+        samples = snapshot.samples
+        heads = [ctx.device_labels(s.uuid) for s in samples]
         # A read hung past its deadline is not "collected": the values served are the last good ones.
-        out.append(DEVICE_UP.header)
-        out += [DEVICE_UP.sample(ctx.device_labels(s.uuid), int(s.up and not s.stale)) for s in snapshot.samples]
-        out.append(DEVICE_DATA_AGE.header)
-        out += [
-            DEVICE_DATA_AGE.sample(ctx.device_labels(s.uuid), format_value(round(s.age_s, 3))) for s in snapshot.samples
-        ]
-        out += [
+        up = [int(s.up and not s.stale) for s in samples]
+        age = [format_value(round(s.age_s, 3)) for s in samples]
+        out = [
+            BUILD_INFO.header,
+            BUILD_INFO.sample(build, 1),
+            GPUS.header,
+            GPUS.scalar(len(snapshot.inventory.gpus)),
+            DEVICE_UP.header,
+            DEVICE_UP.samples(zip(heads, up, strict=True)),
+            DEVICE_DATA_AGE.header,
+            DEVICE_DATA_AGE.samples(zip(heads, age, strict=True)),
             COLLECTION_DURATION.header,
             COLLECTION_DURATION.scalar(format_value(round(snapshot.duration_s, 6))),
             LAST_COLLECTION.header,
