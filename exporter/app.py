@@ -1,58 +1,69 @@
 """Wiring: build every part from the Config, start them, stop them cleanly.
 
-Start-up problems the user can fix (bad flags, counters file, policy) exit
-with code 2 and a message naming what is wrong; problems of the environment
-(NVML missing, port in use) exit with code 1. Once running, faults degrade one
-part and are logged; they never stop the daemon.
+Start-up problems the user can fix (bad flags, counters file, policy) raise ConfigError or
+CountersError; problems of the environment (NVML missing, port in use) raise BackendError or
+OSError. exporter/cli.py turns them into exit codes. Once running, faults degrade one part and
+are logged; they never stop the daemon.
+
+The device plugin (grpc) and the pod and Node status features (kubernetes) are imported only
+when their flag enables them.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import sys
-import threading
 import time
-from collections.abc import Sequence
-from pathlib import Path
-from types import FrameType
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
 from exporter.backend import Backend, BackendError
-from exporter.cli import EXIT_STARTUP, EXIT_USAGE
 from exporter.collector import Collector
-from exporter.config import Config, ConfigError, parse_config
+from exporter.config import Config, ConfigError
 from exporter.counters import CountersError, load_counters
-from exporter.devices import parse_device_selector
 from exporter.events import EventPump
+from exporter.health.engine import HealthEngine
 from exporter.labels import RenderContext
-from exporter.logs import configure_logging
+from exporter.model import Inventory
 from exporter.render import Renderer
 from exporter.server import HttpServer, Routes
 from exporter.snapshot import Snapshot
 from exporter.xid import XidTracker
 
+if TYPE_CHECKING:  # grpc and kubernetes: imported only when the feature is enabled
+    from exporter.deviceplugin import DevicePluginManager
+    from exporter.health.nodestatus import NodeStatusReporter
+    from exporter.pods.mapper import PodMapper
+
 log = structlog.get_logger("exporter.app")
+
+
+class Part(Protocol):
+    """What App starts and stops."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class _Closes:
+    """A part that has nothing to start and ends with close() (the pod mapper), as a Part."""
+
+    def __init__(self, name: str, close: Callable[[], None]) -> None:
+        self.name = name
+        self._close = close
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self._close()
 
 
 def hostname() -> str:
     return os.environ.get("NODE_NAME") or socket.gethostname()
-
-
-def parse_xid_list(text: str, flag: str) -> list[int]:
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            out.append(int(part))
-        except ValueError:
-            raise ConfigError(f"{flag}: {part!r} is not an XID number") from None
-    return out
 
 
 def make_backend(cfg: Config) -> Backend:
@@ -74,24 +85,24 @@ class App:
         self.counters = load_counters(cfg.collectors)
         self.backend = make_backend(cfg)
         self.started = time.monotonic()
-        self.interval_s = cfg.collect_interval_ms / 1000
+        self.interval_s = cfg.collect_interval_s
         self.collector = Collector(
             self.backend,
             self.counters,
-            parse_device_selector(cfg.devices),
+            cfg.devices,
             interval_s=self.interval_s,
-            device_timeout_s=cfg.device_timeout_ms / 1000,
+            device_timeout_s=cfg.device_timeout_s,
         )
-        self.xids = XidTracker(cfg.xid_count_window_ms / 1000)
+        self.xids = XidTracker(cfg.xid_count_window_s)
         self.health = self._make_health()
         self.pods = self._make_pods()
         self.ctx = RenderContext(cfg.host_label, hostname())
         self.renderer = Renderer(self.ctx, self.xids, self.backend.name, pods=self.pods)
         self.events = EventPump(self.backend, lambda: self.collector.inventory, self.collector.request_rediscovery)
-        self.plugin: Any = None
-        self.node_status: Any = None
+        self.plugin: DevicePluginManager | None = None
+        self.node_status: NodeStatusReporter | None = None
         self.server = HttpServer(
-            *cfg.listen,
+            *cfg.address,
             Routes(
                 exposition=lambda: self.renderer.current,
                 health=self.liveness,
@@ -102,25 +113,24 @@ class App:
         self.backend_ready = False
 
     # --- parts that live in their own packages ---
-    def _make_health(self) -> Any:
-        from exporter.health.engine import HealthEngine
+    def _make_health(self) -> HealthEngine:
         from exporter.health.policy import Policy, PolicyError
 
         cfg = self.cfg
         try:
             policy = Policy.build(
-                fence_xids=parse_xid_list(cfg.health_fence_xids, "--health-fence-xids"),
-                warn_xids=parse_xid_list(cfg.health_warn_xids, "--health-warn-xids"),
-                ignore_xids=parse_xid_list(cfg.health_ignore_xids, "--health-ignore-xids"),
+                fence_xids=cfg.health_fence_xids,
+                warn_xids=cfg.health_warn_xids,
+                ignore_xids=cfg.health_ignore_xids,
                 nvml_timeout_grace_s=cfg.health_nvml_timeout_grace_s,
                 slowdown_s=cfg.health_slowdown_s,
                 auto_recover=cfg.health_auto_recover,
             )
         except PolicyError as exc:
             raise ConfigError(f"health policy: {exc}") from None
-        return HealthEngine(policy, Path(cfg.state_dir))
+        return HealthEngine(policy, cfg.state_dir)
 
-    def _make_pods(self) -> Any:
+    def _make_pods(self) -> PodMapper | None:
         if not self.cfg.kubernetes:
             return None
         from exporter.pods.mapper import PodMapper, PodMappingConfig
@@ -129,9 +139,9 @@ class App:
         return PodMapper(
             PodMappingConfig(
                 socket_path=cfg.pod_resources_socket,
-                gpu_id_type="device-name" if cfg.kubernetes_gpu_id_type == "device-name" else "uid",
-                resource_names=tuple(n.strip() for n in cfg.nvidia_resource_names.split(",") if n.strip()),
-                shared_mode="first-pod" if cfg.kubernetes_shared_gpus == "first-pod" else "per-pod",
+                gpu_id_type=cfg.kubernetes_gpu_id_type,
+                resource_names=cfg.nvidia_resource_names,
+                shared_mode=cfg.kubernetes_shared_gpus,
                 enable_pod_uid=cfg.kubernetes_enable_pod_uid,
                 enable_pod_labels=cfg.kubernetes_enable_pod_labels,
                 pod_labels_allowlist=cfg.kubernetes_pod_labels_allowlist,
@@ -140,7 +150,7 @@ class App:
             )
         )
 
-    def _make_plugin(self) -> Any:
+    def _make_plugin(self) -> DevicePluginManager:
         from exporter.deviceplugin import DevicePluginConfig, DevicePluginManager
 
         cfg = self.cfg
@@ -155,8 +165,8 @@ class App:
         except ValueError as exc:
             raise ConfigError(f"device plugin: {exc}") from None
 
-        def inventory() -> Any:
-            return self.collector.inventory
+        def inventory() -> Inventory:  # discovered by the first cycle, which runs before the plugin starts
+            return self.collector.inventory or Inventory(driver_version="", gpus=())
 
         return DevicePluginManager(config, inventory, self.health)
 
@@ -180,7 +190,7 @@ class App:
         if not snap.inventory.gpus:
             return False, "no GPUs found"
         if not snap.samples:
-            return False, f"no GPU selected by --devices {self.cfg.devices!r}: nothing is collected"
+            return False, f"no GPU selected by --devices {str(self.cfg.devices)!r}: nothing is collected"
         age = time.time() - self.renderer.current.rendered_at
         if age > 3 * self.interval_s:
             return False, f"served metrics are {age:.0f}s old (more than 3 collection intervals)"
@@ -245,11 +255,8 @@ class App:
         self.events.add_listener(self.xids.on_events)
         self.events.add_listener(self.health.on_events)
         self.events.add_status_listener(self.health.set_xid_monitoring)
-        if self.pods is not None:
+        if self.pods is not None:  # starts its worker on the first refresh
             self.renderer.contributors.append(self.pods)
-            start = getattr(self.pods, "start", None)
-            if start is not None:
-                start()
         self.renderer.contributors.append(self.health)
         self.renderer.contributors.append(self.events)
         self.server.start()
@@ -258,77 +265,35 @@ class App:
         self.collector.run_once()
         self.events.start()
         if self.cfg.device_plugin:
-            self.plugin = self._make_plugin()
-            self.collector.add_layout_listener(lambda _inv: self.plugin.on_inventory_change())
-            self.renderer.contributors.append(self.plugin)
-            self.plugin.start()
+            plugin = self.plugin = self._make_plugin()
+            self.collector.add_layout_listener(lambda _inv: plugin.on_inventory_change())
+            self.renderer.contributors.append(plugin)
+            plugin.start()
         self.collector.start()
         log.info(
             "started",
-            address=self.cfg.address,
+            address=str(self.cfg.address),
             port=self.server.port,
             backend=self.backend.name,
-            interval_ms=self.cfg.collect_interval_ms,
+            interval_ms=round(self.cfg.collect_interval_s * 1000),
             fields=len(self.counters.fields),
         )
 
+    def parts(self) -> list[Part]:
+        """The parts to stop, in order: the device plugin first (the kubelet stops allocating), health last
+        (it flushes the state file)."""
+        pods = _Closes(type(self.pods).__name__, self.pods.close) if self.pods is not None else None
+        parts = (self.plugin, self.events, self.collector, self.server, pods, self.node_status, self.health)
+        return [part for part in parts if part is not None]
+
     def stop(self) -> None:
         log.info("stopping")
-        for part in (self.plugin, self.events, self.collector, self.server, self.pods, self.node_status, self.health):
-            stop = getattr(part, "stop", None) or getattr(part, "close", None)
-            if stop is None:
-                continue
+        for part in self.parts():
             try:
-                stop()
+                part.stop()
             except Exception:
-                log.exception("stop_failed", part=type(part).__name__)
+                log.exception("stop_failed", part=part.name if isinstance(part, _Closes) else type(part).__name__)
         try:
             self.backend.shutdown()
         except Exception:
             log.exception("backend_shutdown_failed")
-
-
-def run(argv: Sequence[str]) -> int:
-    try:
-        cfg = parse_config(argv)
-    except ConfigError as exc:
-        print(f"gpu-health-exporter: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    configure_logging(cfg.log_format, cfg.log_level)
-    try:
-        app = App(cfg)
-    except (ConfigError, CountersError) as exc:
-        print(f"gpu-health-exporter: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    stop = threading.Event()
-
-    def _terminate(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal", signal=signal.Signals(signum).name)
-        stop.set()
-
-    def _hup(_signum: int, _frame: FrameType | None) -> None:
-        threading.Thread(target=app.reload_counters, name="reload", daemon=True).start()
-
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, _terminate)
-    signal.signal(signal.SIGHUP, _hup)
-    try:
-        app.start()
-    except BackendError as exc:  # NVML unusable, or another daemon owns the state dir
-        log.error("startup_failed", error=str(exc))
-        print(f"gpu-health-exporter: {exc}", file=sys.stderr)
-        app.stop()
-        return EXIT_STARTUP
-    except OSError as exc:
-        log.error("startup_failed", error=str(exc))
-        print(f"gpu-health-exporter: cannot listen on {cfg.address}: {exc}", file=sys.stderr)
-        app.stop()
-        return EXIT_STARTUP
-    except ConfigError as exc:
-        print(f"gpu-health-exporter: {exc}", file=sys.stderr)
-        app.stop()
-        return EXIT_USAGE
-    while not stop.wait(1.0):
-        pass
-    app.stop()
-    return 0

@@ -1,267 +1,506 @@
-"""Every command-line flag in one table, each also settable through the environment.
+"""Every command-line flag, declared once, each also settable through the environment.
 
-The table drives argparse, the environment fallback, validation messages and
-the generated configuration reference (docs/configuration.md), so they can
-never disagree.
+Each field of `Config` is one flag: its declaration carries the names, help, section, default
+(as a user would type it), choices and the parser that turns text into the field's typed value.
+From it come argparse, the environment fallback, validation messages, the typed defaults other
+modules import (`DEFAULTS`) and the generated configuration reference (docs/configuration.md),
+so they can never disagree.
 """
+
+# Config's fields are declared by calls to _flag(), which return dataclasses.field(...) objects.
+# ruff: noqa: RUF009
 
 from __future__ import annotations
 
 import argparse
 import os
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, get_args
+
+from exporter import __version__
+from exporter.devices import DeviceSelector, DeviceSelectorError, parse_device_selector
 
 ENV_PREFIX = "GPU_HEALTH_EXPORTER_"
 
-Kind = Literal["str", "int", "bool", "choice", "optional"]
+HostnameLabel = Literal["Hostname", "hostname"]
+LogFormat = Literal["auto", "json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+GpuIdType = Literal["uid", "device-name"]
+SharedGpus = Literal["per-pod", "first-pod"]
+MigStrategy = Literal["none", "single", "mixed"]
+DeviceListStrategy = Literal["envvar", "cdi"]
 
 
 class ConfigError(Exception):
     """A bad flag or environment value; the message names which one."""
 
 
-@dataclass(frozen=True)
-class Flag:
-    dest: str
-    names: tuple[str, ...]
-    kind: Kind
-    default: Any
-    help: str
-    section: str
-    choices: tuple[str, ...] = ()
-    metavar: str | None = None
+class ListenAddress(NamedTuple):
+    """`-a/--address`: host ('' for every interface) and port."""
 
-    @property
-    def long_name(self) -> str:
-        return next(n for n in self.names if n.startswith("--"))
+    host: str
+    port: int
 
-    @property
-    def env(self) -> str:
-        return ENV_PREFIX + self.long_name[2:].upper().replace("-", "_")
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
 
-CORE, PODS, HEALTH, PLUGIN = "Core", "Pod attribution", "Health", "Device plugin"
+class Where(NamedTuple):
+    """Where a value came from, for error messages."""
 
-FLAGS: tuple[Flag, ...] = (
-    Flag("address", ("-a", "--address"), "str", ":9400", "Address to listen on for HTTP ([host]:port).", CORE),
-    Flag(
-        "collect_interval_ms", ("-c", "--collect-interval"), "int", 5000,
-        "Collection interval in milliseconds. Scrapes are served from the last collection.", CORE, metavar="MS",
-    ),
-    Flag(
-        "collectors", ("-f", "--collectors"), "optional", None,
-        "dcgm-exporter counters CSV (field, type, help). Default: dcgm-exporter's default set plus health fields.",
-        CORE, metavar="PATH",
-    ),
-    Flag(
-        "devices", ("-d", "--devices"), "str", "f",
-        "Devices to monitor, dcgm-exporter syntax: f (GPUs, or their MIG instances when MIG is on), "
-        "g[:ids] (GPUs), i[:ids] (MIG GPU instances). ids: comma list with ranges, e.g. 0,2-4.",
-        CORE,
-    ),
-    Flag(
-        "device_timeout_ms", ("--device-timeout",), "int", 2000,
-        "Deadline for reading one device per cycle, in ms. A device past it is served stale and flagged.",
-        CORE, metavar="MS",
-    ),
-    Flag(
-        "nvml_library", ("--nvml-library",), "optional", None,
-        "Load this libnvidia-ml.so.1 instead of the system's (a driver in an unusual place, or the test fake).",
-        CORE, metavar="PATH",
-    ),
-    Flag(
-        "simulate", ("--simulate",), "optional", None,
-        "Run on simulated GPUs instead of NVML (default node: 8x H100). SPEC: see docs/simulate.md.",
-        CORE, metavar="SPEC",
-    ),
-    Flag(
-        "hostname_label", ("--hostname-label",), "choice", "Hostname",
-        "Name of the host label: Hostname (dcgm-exporter 4.8) or hostname (newer upstream).",
-        CORE, choices=("Hostname", "hostname"),
-    ),
-    Flag("no_hostname", ("-n", "--no-hostname"), "bool", False, "Do not add the host label.", CORE),
-    Flag(
-        "log_format", ("--log-format",), "choice", "auto",
-        "Log format: json, console, or auto (console on a terminal, JSON otherwise).",
-        CORE, choices=("auto", "json", "console"),
-    ),
-    Flag(
-        "log_level", ("--log-level",), "choice", "info", "Log level.", CORE,
-        choices=("debug", "info", "warning", "error"),
-    ),
-    Flag(
-        "xid_count_window_ms", ("--xid-count-window-size",), "int", 300000,
-        "Window of DCGM_EXP_XID_ERRORS_COUNT, in ms.", CORE, metavar="MS",
-    ),
-    # --- pod attribution ---
-    Flag("kubernetes", ("-k", "--kubernetes"), "bool", False, "Map GPUs to pods through the kubelet.", PODS),
-    Flag(
-        "pod_resources_socket", ("--pod-resources-kubelet-socket",), "str",
-        "/var/lib/kubelet/pod-resources/kubelet.sock", "Kubelet PodResources socket.", PODS, metavar="PATH",
-    ),
-    Flag(
-        "kubernetes_gpu_id_type", ("--kubernetes-gpu-id-type",), "choice", "uid",
-        "dcgm-exporter's switch between UUID ids (GPU-/MIG-) and GKE device names (nvidia<N>[/gi<M>]). "
-        "Accepted for compatibility: both forms are always recognised, so a wrong setting cannot lose labels.",
-        PODS, choices=("uid", "device-name"),
-    ),
-    Flag(
-        "nvidia_resource_names", ("--nvidia-resource-names",), "str", "",
-        "Extra resource names (comma list) that carry NVIDIA GPUs.", PODS, metavar="LIST",
-    ),
-    Flag(
-        "kubernetes_shared_gpus", ("--kubernetes-shared-gpus",), "choice", "per-pod",
-        "Shared GPUs: per-pod (one series per container, with a vgpu label) or first-pod (one series per device).",
-        PODS, choices=("per-pod", "first-pod"),
-    ),
-    Flag("kubernetes_enable_pod_uid", ("--kubernetes-enable-pod-uid",), "bool", False, "Add a pod_uid label.", PODS),
-    Flag(
-        "kubernetes_enable_pod_labels", ("--kubernetes-enable-pod-labels",), "bool", False,
-        "Add sanitised pod labels (watched from the API server, this node only).", PODS,
-    ),
-    Flag(
-        "kubernetes_pod_labels_allowlist", ("--kubernetes-pod-labels-allowlist",), "str", ".*",
-        "Regex of pod label names to add.", PODS, metavar="REGEX",
-    ),
-    Flag(
-        "kubernetes_dra", ("--kubernetes-dra",), "bool", False,
-        "Map DRA claims (driver gpu.nvidia.com) through ResourceSlices from the API server.", PODS,
-    ),
-    Flag(
-        "kubeconfig", ("--kubeconfig",), "optional", None,
-        "Kubeconfig for API server features (default: in-cluster).", PODS, metavar="PATH",
-    ),
-    # --- health ---
-    Flag(
-        "state_dir", ("--state-dir",), "str", "/var/lib/gpu-health-exporter",
-        "Directory for the persisted health state and the control socket.", HEALTH, metavar="DIR",
-    ),
-    Flag(
-        "health_fence_xids", ("--health-fence-xids",), "str", "", "Extra XIDs that fence a GPU.", HEALTH,
-        metavar="LIST",
-    ),
-    Flag(
-        "health_warn_xids", ("--health-warn-xids",), "str", "", "XIDs that only degrade a GPU.", HEALTH, metavar="LIST",
-    ),
-    Flag(
-        "health_ignore_xids", ("--health-ignore-xids",), "str", "", "XIDs counted but never acted on.", HEALTH,
-        metavar="LIST",
-    ),
-    Flag(
-        "health_nvml_timeout_grace_s", ("--health-nvml-timeout-grace",), "int", 30,
-        "Seconds a device's NVML reads may time out before it is fenced.", HEALTH, metavar="S",
-    ),
-    Flag(
-        "health_slowdown_s", ("--health-slowdown-seconds",), "int", 300,
-        "Seconds of sustained HW thermal or power-brake slowdown before a GPU is degraded.", HEALTH, metavar="S",
-    ),
-    Flag(
-        "health_auto_recover", ("--health-auto-recover",), "bool", False,
-        "Clear a fenced GPU automatically after a detected GPU reset.", HEALTH,
-    ),
-    Flag(
-        "kubernetes_node_status", ("--kubernetes-node-status",), "bool", False,
-        "Publish a Node condition and Events for GPU health (needs the API server).", HEALTH,
-    ),
-    # --- device plugin ---
-    Flag("device_plugin", ("--device-plugin",), "bool", False, "Run the kubelet device plugin.", PLUGIN),
-    Flag("resource_name", ("--resource-name",), "str", "nvidia.com/gpu", "Resource name to advertise.", PLUGIN),
-    Flag(
-        "device_plugin_dir", ("--device-plugin-dir",), "str", "/var/lib/kubelet/device-plugins",
-        "Kubelet device plugin directory.", PLUGIN, metavar="DIR",
-    ),
-    Flag(
-        "mig_strategy", ("--mig-strategy",), "choice", "none", "MIG strategy.", PLUGIN,
-        choices=("none", "single", "mixed"),
-    ),
-    Flag("replicas", ("--replicas",), "int", 1, "Time-slicing replicas per GPU.", PLUGIN, metavar="N"),
-    Flag(
-        "device_list_strategy", ("--device-list-strategy",), "choice", "envvar",
-        "How Allocate passes devices: envvar (NVIDIA_VISIBLE_DEVICES) or cdi (cdi_devices).", PLUGIN,
-        choices=("envvar", "cdi"),
-    ),
-)
+    flag: str  # the long flag name: messages about what the value means name it
+    origin: str  # the flag, or "environment variable X": messages about how the text reads name it
 
 
-@dataclass(frozen=True)
-class Config:
-    address: str = ":9400"
-    collect_interval_ms: int = 5000
-    collectors: str | None = None
-    devices: str = "f"
-    device_timeout_ms: int = 2000
-    nvml_library: str | None = None
-    simulate: str | None = None
-    hostname_label: str = "Hostname"
-    no_hostname: bool = False
-    log_format: str = "auto"
-    log_level: str = "info"
-    xid_count_window_ms: int = 300000
-    kubernetes: bool = False
-    pod_resources_socket: str = "/var/lib/kubelet/pod-resources/kubelet.sock"
-    kubernetes_gpu_id_type: str = "uid"
-    nvidia_resource_names: str = ""
-    kubernetes_shared_gpus: str = "per-pod"
-    kubernetes_enable_pod_uid: bool = False
-    kubernetes_enable_pod_labels: bool = False
-    kubernetes_pod_labels_allowlist: str = ".*"
-    kubernetes_dra: bool = False
-    kubeconfig: str | None = None
-    state_dir: str = "/var/lib/gpu-health-exporter"
-    health_fence_xids: str = ""
-    health_warn_xids: str = ""
-    health_ignore_xids: str = ""
-    health_nvml_timeout_grace_s: int = 30
-    health_slowdown_s: int = 300
-    health_auto_recover: bool = False
-    kubernetes_node_status: bool = False
-    device_plugin: bool = False
-    resource_name: str = "nvidia.com/gpu"
-    device_plugin_dir: str = "/var/lib/kubelet/device-plugins"
-    mig_strategy: str = "none"
-    replicas: int = 1
-    device_list_strategy: str = "envvar"
-
-    @property
-    def listen(self) -> tuple[str, int]:
-        return parse_address(self.address)
-
-    @property
-    def host_label(self) -> str | None:
-        return None if self.no_hostname else self.hostname_label
+# A parser turns a flag's text into its typed value or raises ConfigError naming the flag.
+Parser = Callable[[str, Where], Any]
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    """':9400' -> ('', 9400); '127.0.0.1:9400'; '[::1]:9400'."""
-    m = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]*):(\d{1,5})", address)
-    if not m or not 0 < int(m.group(2)) < 65536:
-        raise ConfigError(f"--address {address!r}: expected [host]:port, e.g. :9400 or 127.0.0.1:9400")
-    return m.group(1).strip("[]"), int(m.group(2))
+# --- parsers ---------------------------------------------------------------------------------
+
+
+def _text(raw: str, at: Where) -> str:
+    return raw
+
+
+def _path(raw: str, at: Where) -> Path:
+    return Path(raw)
+
+
+def _whole_number(raw: str, at: Where) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{at.origin}: {raw!r} is not a whole number") from None
+
+
+def _at_least(value: int, minimum: int, at: Where) -> int:
+    if value < minimum:
+        raise ConfigError(f"{at.flag}: must be at least {minimum}, got {value}")
+    return value
+
+
+def integer(minimum: int) -> Parser:
+    """A whole number >= minimum."""
+
+    def parse(raw: str, at: Where) -> int:
+        return _at_least(_whole_number(raw, at), minimum, at)
+
+    return parse
+
+
+def millis_as_seconds(minimum_ms: int) -> Parser:
+    """Whole milliseconds on the command line (like dcgm-exporter), float seconds in Config."""
+
+    def parse(raw: str, at: Where) -> float:
+        return _at_least(_whole_number(raw, at), minimum_ms, at) / 1000
+
+    return parse
+
+
+def seconds(minimum: int) -> Parser:
+    """Whole seconds on the command line, float seconds in Config."""
+
+    def parse(raw: str, at: Where) -> float:
+        return float(_at_least(_whole_number(raw, at), minimum, at))
+
+    return parse
 
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
-def _convert(flag: Flag, raw: str, where: str) -> Any:
-    if flag.kind == "int":
+def _boolean(raw: str, at: Where) -> bool:
+    low = raw.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ConfigError(f"{at.origin}: {raw!r} is not a boolean (true/false)")
+
+
+def one_of(choices: tuple[str, ...]) -> Parser:
+    def parse(raw: str, at: Where) -> str:
+        if raw not in choices:
+            raise ConfigError(f"{at.origin}: {raw!r} is not one of {', '.join(choices)}")
+        return raw
+
+    return parse
+
+
+def parse_address(address: str) -> ListenAddress:
+    """':9400' -> ('', 9400); '127.0.0.1:9400'; '[::1]:9400'."""
+    m = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]*):(\d{1,5})", address)
+    if not m or not 0 < int(m.group(2)) < 65536:
+        raise ConfigError(f"--address {address!r}: expected [host]:port, e.g. :9400 or 127.0.0.1:9400")
+    return ListenAddress(m.group(1).strip("[]"), int(m.group(2)))
+
+
+def _address(raw: str, at: Where) -> ListenAddress:
+    return parse_address(raw)
+
+
+def _devices(raw: str, at: Where) -> DeviceSelector:
+    try:
+        return parse_device_selector(raw)
+    except DeviceSelectorError as exc:
+        raise ConfigError(f"{at.flag} {raw!r}: {exc}") from None
+
+
+def _xids(raw: str, at: Where) -> tuple[int, ...]:
+    """Comma list of XID numbers; the range is checked by the health policy."""
+    out: list[int] = []
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
         try:
-            return int(raw)
+            out.append(int(part))
         except ValueError:
-            raise ConfigError(f"{where}: {raw!r} is not a whole number") from None
-    if flag.kind == "bool":
-        low = raw.strip().lower()
-        if low in _TRUE:
-            return True
-        if low in _FALSE:
-            return False
-        raise ConfigError(f"{where}: {raw!r} is not a boolean (true/false)")
-    if flag.kind == "choice" and raw not in flag.choices:
-        raise ConfigError(f"{where}: {raw!r} is not one of {', '.join(flag.choices)}")
+            raise ConfigError(f"{at.flag}: {part!r} is not an XID number") from None
+    return tuple(out)
+
+
+def _names(raw: str, at: Where) -> tuple[str, ...]:
+    """Comma list of names, blanks dropped."""
+    return tuple(n.strip() for n in raw.split(",") if n.strip())
+
+
+def _regex(raw: str, at: Where) -> str:
+    try:
+        re.compile(raw)
+    except re.error as exc:
+        raise ConfigError(f"{at.flag}: invalid regex: {exc}") from None
     return raw
+
+
+# --- the declaration -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One flag's metadata; `Config`'s fields carry one each (see `_flag`)."""
+
+    dest: str  # the Config field
+    names: tuple[str, ...]
+    default: str | None  # as typed on the command line; None: unset
+    parse: Parser
+    help: str
+    section: str
+    choices: tuple[str, ...] = ()
+    metavar: str | None = None
+    switch: bool = False  # a boolean: `--flag` on the command line, true/false in the environment
+    const: str | None = None  # the value of the bare flag when its value is optional (`--simulate`)
+
+    @property
+    def long_name(self) -> str:
+        return next(n for n in self.names if n.startswith("--"))
+
+    @property
+    def short_name(self) -> str | None:
+        return next((n for n in self.names if not n.startswith("--")), None)
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.long_name[2:].upper().replace("-", "_")
+
+    def value(self, raw: str | None, origin: str | None = None) -> Any:
+        """The typed value of `raw` (None stays None); ConfigError names the flag."""
+        if raw is None:
+            return None
+        return self.parse(raw, Where(self.long_name, origin or self.long_name))
+
+
+def _flag(
+    *names: str,
+    default: str | None,
+    help: str,
+    section: str,
+    parse: Parser = _text,
+    choices: tuple[str, ...] = (),
+    metavar: str | None = None,
+    switch: bool = False,
+    const: str | None = None,
+) -> Any:
+    """A Config field whose default is `default` parsed like a user's value."""
+    if choices:
+        parse = one_of(choices)
+    if switch:
+        parse = _boolean
+    spec = Flag("", names, default, parse, help, section, choices, metavar, switch, const)
+    return field(default=spec.value(default), metadata={"flag": spec})
+
+
+CORE, PODS, HEALTH, PLUGIN = "Core", "Pod attribution", "Health", "Device plugin"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The typed configuration; every field is one flag (declared with `_flag`)."""
+
+    # --- core ---
+    address: ListenAddress = _flag(
+        "-a",
+        "--address",
+        default=":9400",
+        parse=_address,
+        section=CORE,
+        help="Address to listen on for HTTP ([host]:port).",
+    )
+    collect_interval_s: float = _flag(
+        "-c",
+        "--collect-interval",
+        default="5000",
+        parse=millis_as_seconds(100),
+        section=CORE,
+        metavar="MS",
+        help="Collection interval in milliseconds. Scrapes are served from the last collection.",
+    )
+    collectors: str | None = _flag(
+        "-f",
+        "--collectors",
+        default=None,
+        section=CORE,
+        metavar="PATH",
+        help="dcgm-exporter counters CSV (field, type, help). Default: dcgm-exporter's default set plus health fields.",
+    )
+    devices: DeviceSelector = _flag(
+        "-d",
+        "--devices",
+        default="f",
+        parse=_devices,
+        section=CORE,
+        help="Devices to monitor, dcgm-exporter syntax: f (GPUs, or their MIG instances when MIG is on), "
+        "g[:ids] (GPUs), i[:ids] (MIG GPU instances). ids: comma list with ranges, e.g. 0,2-4.",
+    )
+    device_timeout_s: float = _flag(
+        "--device-timeout",
+        default="2000",
+        parse=millis_as_seconds(10),
+        section=CORE,
+        metavar="MS",
+        help="Deadline for reading one device per cycle, in ms. A device past it is served stale and flagged.",
+    )
+    nvml_library: str | None = _flag(
+        "--nvml-library",
+        default=None,
+        section=CORE,
+        metavar="PATH",
+        help="Load this libnvidia-ml.so.1 instead of the system's (a driver in an unusual place, or the test fake).",
+    )
+    simulate: str | None = _flag(
+        "--simulate",
+        default=None,
+        const="",
+        section=CORE,
+        metavar="SPEC",
+        help="Run on simulated GPUs instead of NVML (default node: 8x H100). SPEC: see docs/simulate.md.",
+    )
+    hostname_label: HostnameLabel = _flag(
+        "--hostname-label",
+        default="Hostname",
+        choices=get_args(HostnameLabel),
+        section=CORE,
+        help="Name of the host label: Hostname (dcgm-exporter 4.8) or hostname (newer upstream).",
+    )
+    no_hostname: bool = _flag(
+        "-n", "--no-hostname", default="false", switch=True, section=CORE, help="Do not add the host label."
+    )
+    log_format: LogFormat = _flag(
+        "--log-format",
+        default="auto",
+        choices=get_args(LogFormat),
+        section=CORE,
+        help="Log format: json, console, or auto (console on a terminal, JSON otherwise).",
+    )
+    log_level: LogLevel = _flag(
+        "--log-level", default="info", choices=get_args(LogLevel), section=CORE, help="Log level."
+    )
+    xid_count_window_s: float = _flag(
+        "--xid-count-window-size",
+        default="300000",
+        parse=millis_as_seconds(1000),
+        section=CORE,
+        metavar="MS",
+        help="Window of DCGM_EXP_XID_ERRORS_COUNT, in ms.",
+    )
+    # --- pod attribution ---
+    kubernetes: bool = _flag(
+        "-k",
+        "--kubernetes",
+        default="false",
+        switch=True,
+        section=PODS,
+        help="Map GPUs to pods through the kubelet.",
+    )
+    pod_resources_socket: str = _flag(
+        "--pod-resources-kubelet-socket",
+        default="/var/lib/kubelet/pod-resources/kubelet.sock",
+        section=PODS,
+        metavar="PATH",
+        help="Kubelet PodResources socket.",
+    )
+    kubernetes_gpu_id_type: GpuIdType = _flag(
+        "--kubernetes-gpu-id-type",
+        default="uid",
+        choices=get_args(GpuIdType),
+        section=PODS,
+        help="dcgm-exporter's switch between UUID ids (GPU-/MIG-) and GKE device names (nvidia<N>[/gi<M>]). "
+        "Accepted for compatibility: both forms are always recognised, so a wrong setting cannot lose labels.",
+    )
+    nvidia_resource_names: tuple[str, ...] = _flag(
+        "--nvidia-resource-names",
+        default="",
+        parse=_names,
+        section=PODS,
+        metavar="LIST",
+        help="Extra resource names (comma list) that carry NVIDIA GPUs.",
+    )
+    kubernetes_shared_gpus: SharedGpus = _flag(
+        "--kubernetes-shared-gpus",
+        default="per-pod",
+        choices=get_args(SharedGpus),
+        section=PODS,
+        help="Shared GPUs: per-pod (one series per container, with a vgpu label) or first-pod (one series per device).",
+    )
+    kubernetes_enable_pod_uid: bool = _flag(
+        "--kubernetes-enable-pod-uid", default="false", switch=True, section=PODS, help="Add a pod_uid label."
+    )
+    kubernetes_enable_pod_labels: bool = _flag(
+        "--kubernetes-enable-pod-labels",
+        default="false",
+        switch=True,
+        section=PODS,
+        help="Add sanitised pod labels (watched from the API server, this node only).",
+    )
+    kubernetes_pod_labels_allowlist: str = _flag(
+        "--kubernetes-pod-labels-allowlist",
+        default=".*",
+        parse=_regex,
+        section=PODS,
+        metavar="REGEX",
+        help="Regex of pod label names to add.",
+    )
+    kubernetes_dra: bool = _flag(
+        "--kubernetes-dra",
+        default="false",
+        switch=True,
+        section=PODS,
+        help="Map DRA claims (driver gpu.nvidia.com) through ResourceSlices from the API server.",
+    )
+    kubeconfig: str | None = _flag(
+        "--kubeconfig",
+        default=None,
+        section=PODS,
+        metavar="PATH",
+        help="Kubeconfig for API server features (default: in-cluster).",
+    )
+    # --- health ---
+    state_dir: Path = _flag(
+        "--state-dir",
+        default="/var/lib/gpu-health-exporter",
+        parse=_path,
+        section=HEALTH,
+        metavar="DIR",
+        help="Directory for the persisted health state and the control socket.",
+    )
+    health_fence_xids: tuple[int, ...] = _flag(
+        "--health-fence-xids",
+        default="",
+        parse=_xids,
+        section=HEALTH,
+        metavar="LIST",
+        help="Extra XIDs that fence a GPU.",
+    )
+    health_warn_xids: tuple[int, ...] = _flag(
+        "--health-warn-xids",
+        default="",
+        parse=_xids,
+        section=HEALTH,
+        metavar="LIST",
+        help="XIDs that only degrade a GPU.",
+    )
+    health_ignore_xids: tuple[int, ...] = _flag(
+        "--health-ignore-xids",
+        default="",
+        parse=_xids,
+        section=HEALTH,
+        metavar="LIST",
+        help="XIDs counted but never acted on.",
+    )
+    health_nvml_timeout_grace_s: float = _flag(
+        "--health-nvml-timeout-grace",
+        default="30",
+        parse=seconds(0),
+        section=HEALTH,
+        metavar="S",
+        help="Seconds a device's NVML reads may time out before it is fenced.",
+    )
+    health_slowdown_s: float = _flag(
+        "--health-slowdown-seconds",
+        default="300",
+        parse=seconds(0),
+        section=HEALTH,
+        metavar="S",
+        help="Seconds of sustained HW thermal or power-brake slowdown before a GPU is degraded.",
+    )
+    health_auto_recover: bool = _flag(
+        "--health-auto-recover",
+        default="false",
+        switch=True,
+        section=HEALTH,
+        help="Clear a fenced GPU automatically after a detected GPU reset.",
+    )
+    kubernetes_node_status: bool = _flag(
+        "--kubernetes-node-status",
+        default="false",
+        switch=True,
+        section=HEALTH,
+        help="Publish a Node condition and Events for GPU health (needs the API server).",
+    )
+    # --- device plugin ---
+    device_plugin: bool = _flag(
+        "--device-plugin", default="false", switch=True, section=PLUGIN, help="Run the kubelet device plugin."
+    )
+    resource_name: str = _flag(
+        "--resource-name", default="nvidia.com/gpu", section=PLUGIN, help="Resource name to advertise."
+    )
+    device_plugin_dir: str = _flag(
+        "--device-plugin-dir",
+        default="/var/lib/kubelet/device-plugins",
+        section=PLUGIN,
+        metavar="DIR",
+        help="Kubelet device plugin directory.",
+    )
+    mig_strategy: MigStrategy = _flag(
+        "--mig-strategy", default="none", choices=get_args(MigStrategy), section=PLUGIN, help="MIG strategy."
+    )
+    replicas: int = _flag(
+        "--replicas", default="1", parse=integer(1), section=PLUGIN, metavar="N", help="Time-slicing replicas per GPU."
+    )
+    device_list_strategy: DeviceListStrategy = _flag(
+        "--device-list-strategy",
+        default="envvar",
+        choices=get_args(DeviceListStrategy),
+        section=PLUGIN,
+        help="How Allocate passes devices: envvar (NVIDIA_VISIBLE_DEVICES) or cdi (cdi_devices).",
+    )
+
+    @property
+    def host_label(self) -> str | None:
+        return None if self.no_hostname else self.hostname_label
+
+
+# The flags in declaration order, each with its Config field as `dest`.
+FLAGS: tuple[Flag, ...] = tuple(replace(f.metadata["flag"], dest=f.name) for f in fields(Config))
+
+# Every default, typed: what other modules import instead of repeating a literal.
+DEFAULTS = Config()
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -276,22 +515,30 @@ def build_parser(prog: str = "gpu-health-exporter") -> argparse.ArgumentParser:
         epilog=f"Every flag can also be set through the environment: {ENV_PREFIX}<FLAG> "
         f"(e.g. {ENV_PREFIX}COLLECT_INTERVAL=1000). Subcommand: 'health list|clear'.",
     )
-    from exporter import __version__
-
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for flag in FLAGS:
         group = groups.setdefault(flag.section, parser.add_argument_group(flag.section))
         help_text = f"{flag.help} [env {flag.env}]"
-        if flag.kind == "bool":
+        if flag.switch:
             group.add_argument(*flag.names, dest=flag.dest, action="store_true", default=None, help=help_text)
-        elif flag.dest == "simulate":
+        elif flag.const is not None:
             group.add_argument(
-                *flag.names, dest=flag.dest, nargs="?", const="", default=None, metavar=flag.metavar, help=help_text
+                *flag.names,
+                dest=flag.dest,
+                nargs="?",
+                const=flag.const,
+                default=None,
+                metavar=flag.metavar,
+                help=help_text,
             )
         else:
             group.add_argument(
-                *flag.names, dest=flag.dest, default=None, metavar=flag.metavar or flag.dest.upper(), help=help_text,
+                *flag.names,
+                dest=flag.dest,
+                default=None,
+                metavar=flag.metavar or flag.dest.upper(),
+                help=help_text,
                 choices=flag.choices or None,
             )
     return parser
@@ -305,43 +552,15 @@ def parse_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) 
     for flag in FLAGS:
         given = getattr(ns, flag.dest)
         if given is not None:
-            values[flag.dest] = given if flag.kind == "bool" else _convert(flag, given, flag.long_name)
+            values[flag.dest] = True if flag.switch else flag.value(given)
         elif flag.env in env:
-            values[flag.dest] = _convert(flag, env[flag.env], f"environment variable {flag.env}")
-        else:
-            values[flag.dest] = flag.default
+            values[flag.dest] = flag.value(env[flag.env], f"environment variable {flag.env}")
     cfg = Config(**values)
     validate(cfg)
     return cfg
 
 
-def _positive(name: str, value: int, minimum: int = 1) -> None:
-    if value < minimum:
-        raise ConfigError(f"{name}: must be at least {minimum}, got {value}")
-
-
 def validate(cfg: Config) -> None:
-    from exporter.devices import parse_device_selector
-
-    parse_address(cfg.address)
-    _positive("--collect-interval", cfg.collect_interval_ms, 100)
-    _positive("--device-timeout", cfg.device_timeout_ms, 10)
-    _positive("--xid-count-window-size", cfg.xid_count_window_ms, 1000)
-    _positive("--replicas", cfg.replicas)
-    _positive("--health-nvml-timeout-grace", cfg.health_nvml_timeout_grace_s, 0)
-    _positive("--health-slowdown-seconds", cfg.health_slowdown_s, 0)
-    parse_device_selector(cfg.devices)
+    """What no single flag can check: each flag's own value was checked when it was parsed."""
     if cfg.nvml_library is not None and cfg.simulate is not None:
         raise ConfigError("--nvml-library and --simulate exclude each other")
-    try:
-        re.compile(cfg.kubernetes_pod_labels_allowlist)
-    except re.error as exc:
-        raise ConfigError(f"--kubernetes-pod-labels-allowlist: invalid regex: {exc}") from None
-
-
-def config_fields_match_flags() -> bool:
-    """Used by a test: the Config dataclass and the FLAGS table must agree."""
-    return [f.name for f in fields(Config)] == [f.dest for f in FLAGS] and all(
-        getattr(Config(), f.dest) == f.default for f in FLAGS
-    )
-

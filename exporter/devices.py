@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from exporter.model import Gpu, MigDevice
 
 
 class DeviceSelectorError(ValueError):
-    pass
+    """A selector that does not parse; the message says what is wrong with it (not which flag it came from)."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,12 @@ class DeviceSelector:
 
     mode: Literal["f", "g", "i"]
     ids: frozenset[int] | None = None
+    spec: str = field(default="", compare=False)  # the text it was parsed from, for messages
+
+    def __str__(self) -> str:
+        if self.spec:
+            return self.spec
+        return self.mode if self.ids is None else f"{self.mode}:{','.join(str(i) for i in sorted(self.ids))}"
 
     def gpu_selected(self, gpu: Gpu) -> bool:
         if self.mode == "i":
@@ -39,31 +45,27 @@ class DeviceSelector:
         return self.ids is None or mig.gpu_instance_id in self.ids
 
 
-def _parse_ids(text: str, spec: str) -> frozenset[int]:
+def _parse_ids(text: str) -> frozenset[int]:
     ids: set[int] = set()
     for part in text.split(","):
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
         if not m:
-            raise DeviceSelectorError(f"--devices {spec!r}: {part!r} is not an id or a range like 2-4")
+            raise DeviceSelectorError(f"{part!r} is not an id or a range like 2-4")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
-            raise DeviceSelectorError(f"--devices {spec!r}: range {part!r} runs backwards")
+            raise DeviceSelectorError(f"range {part!r} runs backwards")
         ids.update(range(lo, hi + 1))
     return frozenset(ids)
 
 
 def parse_device_selector(spec: str) -> DeviceSelector:
-    from exporter.config import ConfigError
-
+    """Raises DeviceSelectorError; exporter.config names the flag."""
     text = spec.strip()
     if text == "f":
-        return DeviceSelector("f")
+        return DeviceSelector("f", spec=spec)
     m = re.fullmatch(r"([gi])(?::(.+))?", text)
     if not m:
-        raise ConfigError(f"--devices {spec!r}: expected f, g[:ids] or i[:ids]")
-    try:
-        ids = _parse_ids(m.group(2), spec) if m.group(2) else None
-    except DeviceSelectorError as exc:
-        raise ConfigError(str(exc)) from None
+        raise DeviceSelectorError("expected f, g[:ids] or i[:ids]")
+    ids = _parse_ids(m.group(2)) if m.group(2) else None
     mode: Literal["g", "i"] = "g" if m.group(1) == "g" else "i"
-    return DeviceSelector(mode, ids)
+    return DeviceSelector(mode, ids, spec=spec)

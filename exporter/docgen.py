@@ -116,7 +116,7 @@ def configuration_md() -> str:
         if flag.section != section:
             section = flag.section
             out += [f"\n## {section}\n", "| flag | environment | default | description |", "|---|---|---|---|"]
-        default = "off" if flag.kind == "bool" else ("(none)" if flag.default is None else f"`{flag.default}`")
+        default = "off" if flag.switch else (f"`{flag.default}`" if flag.default else "(none)")
         names = ", ".join(f"`{n}`" for n in flag.names)
         choices = f" One of: {', '.join(flag.choices)}." if flag.choices else ""
         out.append(f"| {names} | `{flag.env}` | {default} | {flag.help}{choices} |")

@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import get_args
 
-MIG_STRATEGIES = ("none", "single", "mixed")
-DEVICE_LIST_STRATEGIES = ("envvar", "cdi")
-DEFAULT_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
-DEFAULT_RESOURCE_NAME = "nvidia.com/gpu"
+from exporter.config import DEFAULTS, DeviceListStrategy, MigStrategy
+
+MIG_STRATEGIES: tuple[str, ...] = get_args(MigStrategy)
+DEVICE_LIST_STRATEGIES: tuple[str, ...] = get_args(DeviceListStrategy)
+DEFAULT_PLUGIN_DIR = DEFAULTS.device_plugin_dir
+DEFAULT_RESOURCE_NAME = DEFAULTS.resource_name
 SOCKET_PREFIX = "gpu-health-exporter-"
 
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL: a longer path cannot be bound at all,
@@ -80,9 +83,9 @@ class DevicePluginConfig:
 
     resource_name: str = DEFAULT_RESOURCE_NAME
     plugin_dir: str = DEFAULT_PLUGIN_DIR
-    mig_strategy: str = "none"
-    replicas: int = 1
-    device_list_strategy: str = "envvar"
+    mig_strategy: MigStrategy = DEFAULTS.mig_strategy
+    replicas: int = DEFAULTS.replicas
+    device_list_strategy: DeviceListStrategy = DEFAULTS.device_list_strategy
 
     def __post_init__(self) -> None:
         self.validate()

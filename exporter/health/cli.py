@@ -15,12 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from exporter.config import DEFAULTS
 from exporter.health.control import ControlError, request
 from exporter.health.engine import CONTROL_SOCKET
 from exporter.health.records import DeviceRecord
 from exporter.health.state import STATE_FILE, validate
 
-DEFAULT_STATE_DIR = "/var/lib/gpu-health-exporter"
+DEFAULT_STATE_DIR = str(DEFAULTS.state_dir)
 _ENV = "GPU_HEALTH_EXPORTER_STATE_DIR"
 
 

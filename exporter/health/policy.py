@@ -17,6 +17,7 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from exporter.config import DEFAULTS
 from exporter.health.verdict import HealthState
 
 
@@ -130,8 +131,8 @@ class Policy:
     """Validated health configuration; build it with Policy.build()."""
 
     overrides: dict[int, XidClass] = field(default_factory=dict)
-    nvml_timeout_grace_s: float = 30.0
-    slowdown_s: float = 300.0
+    nvml_timeout_grace_s: float = DEFAULTS.health_nvml_timeout_grace_s
+    slowdown_s: float = DEFAULTS.health_slowdown_s
     auto_recover: bool = False
 
     @classmethod
@@ -140,8 +141,8 @@ class Policy:
         fence_xids: Iterable[int] = (),
         warn_xids: Iterable[int] = (),
         ignore_xids: Iterable[int] = (),
-        nvml_timeout_grace_s: float = 30.0,
-        slowdown_s: float = 300.0,
+        nvml_timeout_grace_s: float = DEFAULTS.health_nvml_timeout_grace_s,
+        slowdown_s: float = DEFAULTS.health_slowdown_s,
         auto_recover: bool = False,
     ) -> Policy:
         overrides: dict[int, XidClass] = {}

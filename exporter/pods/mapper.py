@@ -15,10 +15,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 
+from exporter.config import DEFAULTS, GpuIdType, SharedGpus
 from exporter.family import DEVICE_LABELS, Family
 from exporter.labels import RenderContext, format_labels
 from exporter.model import Inventory
@@ -34,7 +35,6 @@ from exporter.pods.kube import (
     resource_slice_reflector,
 )
 from podresources.client import (
-    DEFAULT_SOCKET,
     AllocatableResources,
     BackingOffError,
     PodResources,
@@ -93,10 +93,10 @@ _INVALID_LABEL_CHARS = re.compile(r"[^a-zA-Z0-9_]")
 class PodMappingConfig:
     """Pod attribution settings; the CLI flags map 1:1 onto these fields."""
 
-    socket_path: str = DEFAULT_SOCKET  # --pod-resources-kubelet-socket
-    gpu_id_type: Literal["uid", "device-name"] = "uid"  # --kubernetes-gpu-id-type (both forms are recognised)
+    socket_path: str = DEFAULTS.pod_resources_socket  # --pod-resources-kubelet-socket
+    gpu_id_type: GpuIdType = DEFAULTS.kubernetes_gpu_id_type  # --kubernetes-gpu-id-type (both forms are recognised)
     resource_names: tuple[str, ...] = ()  # --nvidia-resource-names, in addition to the NVIDIA defaults
-    shared_mode: Literal["per-pod", "first-pod"] = "per-pod"  # --kubernetes-shared-gpus
+    shared_mode: SharedGpus = DEFAULTS.kubernetes_shared_gpus  # --kubernetes-shared-gpus
     enable_pod_uid: bool = False  # --kubernetes-enable-pod-uid
     enable_pod_labels: bool = False  # --kubernetes-enable-pod-labels
     pod_labels_allowlist: str | None = None  # --kubernetes-pod-labels-allowlist (full match on the key)
