@@ -50,12 +50,16 @@ class EventPump:
         backend: Backend,
         inventory: Callable[[], Inventory | None],
         on_layout_change: Callable[[], None],
+        *,
+        sleep: Callable[[float], object] | None = None,
     ) -> None:
         self._backend = backend
         self._inventory = inventory
         self._on_layout_change = on_layout_change
-        self._listeners: list[Callable[[list[DeviceEvent]], None]] = []
         self._stop = threading.Event()
+        # The backoff pause; a stop cuts it short. Tests pass their own to see the delays asked for.
+        self._sleep = sleep or self._stop.wait
+        self._listeners: list[Callable[[list[DeviceEvent]], None]] = []
         self._thread: threading.Thread | None = None
         self._status_listeners: list[Callable[[frozenset[str]], None]] = []
         self._said = Reminder()
@@ -173,14 +177,14 @@ class EventPump:
                 if quick_rebuild:  # the first loss since the set last worked: rebuild at once
                     quick_rebuild = False
                 else:
-                    self._stop.wait(backoff)
+                    self._sleep(backoff)
                     backoff = min(backoff * 2, BACKOFF_MAX_S)
             except Exception as exc:
                 self.last_error = str(exc) or type(exc).__name__
                 self._set_monitored(frozenset())
                 if self._said.due("set_failed"):  # once, then once a minute while it lasts
                     log.error("event_set_failed", error=repr(exc), retry_in_s=backoff)
-                self._stop.wait(backoff)
+                self._sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
             finally:
                 if source is not None:

@@ -49,11 +49,22 @@ class LosingEvents(ScriptedBackend):
 
 def test_failing_event_set_is_rebuilt_with_backoff_not_a_busy_loop() -> None:
     backend = FailingEvents()
-    pump = EventPump(backend, lambda: backend.inventory, lambda: None)
+    delays: list[float] = []
+    seven = threading.Event()
+
+    def pause(seconds: float) -> bool:
+        delays.append(seconds)
+        if len(delays) >= 7:
+            seven.set()
+        threading.Event().wait(0.001)
+        return False
+
+    pump = EventPump(backend, lambda: backend.inventory, lambda: None, sleep=pause)
     pump.start()
-    time.sleep(2.5)
+    assert seven.wait(5)
     pump.stop()
-    assert 1 <= backend.opens <= 3  # 1 s, then 2 s: never a tight retry loop
+    assert delays[:7] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]  # doubling, capped: never a tight loop
+    assert backend.opens >= 7
 
 
 def test_gpu_lost_during_wait_is_delivered_and_triggers_rediscovery() -> None:
