@@ -35,6 +35,35 @@ CHART_DASHBOARDS = CHART / "dashboards"
 JOB = "gpu-health-exporter"
 NAMESPACE = "gpu-health-exporter"
 
+
+def project_version() -> str:
+    """pyproject.toml's [project] version: the one place the version is set."""
+    text = (ROOT / "pyproject.toml").read_text()
+    m = re.search(r'^\[project\][^\[]*?^version\s*=\s*"([^"]+)"', text, re.M | re.S)
+    if not m:
+        raise SystemExit("pyproject.toml: no version in [project]")
+    return m.group(1)
+
+
+def version_files() -> dict[Path, str]:
+    """pyproject.toml's version -> the chart's version and appVersion (the image tag defaults to appVersion)
+    and the image tag of deploy/helm/values-full.yaml; PLAIN_VALUES takes it for deploy/kubernetes/."""
+    version = project_version()
+    out: dict[Path, str] = {}
+    for path, patterns in (
+        (CHART / "Chart.yaml", [(r"^version: .*$", f"version: {version}"),
+                                (r"^appVersion: .*$", f'appVersion: "{version}"')]),
+        (ROOT / "deploy/helm/values-full.yaml", [(r'^(image:\n(?:  .*\n)*?  tag: ).*$', f'\\g<1>"{version}"')]),
+    ):
+        text = path.read_text()
+        for pattern, replacement in patterns:
+            text, found = re.subn(pattern, replacement, text, count=1, flags=re.M)
+            if not found:
+                raise SystemExit(f"{path.relative_to(ROOT)}: no match for {pattern!r}")
+        out[path] = text
+    return out
+
+
 # Chart thresholds: alert -> [(literal in the rule's YAML text, values key, expected occurrences)].
 # With the chart's default values the rendered rule equals the source rule (tested).
 THRESHOLDS: dict[str, list[tuple[str, str, int]]] = {
@@ -90,7 +119,7 @@ PLAIN_HEADER = """\
 """
 # Values of the plain manifests in deploy/kubernetes/.
 PLAIN_VALUES: dict[str, Any] = {
-    "image": {"tag": "0.1.0"},
+    "image": {"tag": project_version()},
     "podMapping": {"enabled": True},
     "health": {"nodeStatus": True},
     "devicePlugin": {"enabled": True},
@@ -634,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if any output is out of date")
     args = parser.parse_args(argv)
     stale: list[Path] = []
+    _sync(version_files(), args.check, stale)  # first: the plain manifests are rendered from the chart
     _sync(outputs(), args.check, stale)
     # The plain manifests are rendered from the chart on disk, so they come after it.
     _sync(plain_manifests(), args.check, stale)
