@@ -1,0 +1,172 @@
+"""NvmlBackend: `exporter.backend.Backend` over NVML, composed of the package's parts.
+
+Reads of different devices run concurrently in worker threads (ctypes drops the GIL during a
+driver call, so a hung call blocks only its own thread). The parts' locks only guard their Python
+caches and are never held across a driver call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from typing import Any
+
+import pynvml
+import structlog
+
+from exporter.backend import BackendError, DeviceError, DeviceLostError
+from exporter.fields import NOT_POLLED, Call, FieldSpec, FieldValue, Gpm, Rate, assert_never
+from exporter.logs import Reminder
+from exporter.model import Inventory, ReadResult
+from exporter.nvml.calls import CallReader
+from exporter.nvml.compat import Symbols, text
+from exporter.nvml.discovery import Discovery
+from exporter.nvml.errors import (
+    LIB_RM_VERSION_MISMATCH,
+    code,
+    raise_whole_device_failure,
+)
+from exporter.nvml.events import NvmlEventSource
+from exporter.nvml.fieldvalues import FieldValueReader
+from exporter.nvml.gpm import GpmSampler
+
+log = structlog.get_logger("exporter.nvml")
+
+
+class NvmlBackend:
+    """`exporter.backend.Backend` over NVML."""
+
+    name = "nvml"
+
+    def __init__(self, library_path: str | None = None) -> None:
+        self._library_path = library_path
+        self._started = False
+        self._driver_version = ""
+        self._symbols = Symbols()
+        self._gpm: GpmSampler
+        self._discovery = Discovery(self._symbols, forget=lambda uuids: self._gpm.forget(uuids))
+        self._gpm = GpmSampler(self._symbols, self._discovery)
+        self._field_values = FieldValueReader()
+        self._calls = CallReader(self._symbols)
+
+    @property
+    def discovery_log(self) -> Reminder:
+        """When discovery's lasting trouble is logged (replaceable, e.g. with a test clock)."""
+        return self._discovery.log
+
+    @discovery_log.setter
+    def discovery_log(self, reminder: Reminder) -> None:
+        self._discovery.log = reminder
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        if self._started:
+            return
+        if self._library_path is not None:
+            try:
+                lib = ctypes.CDLL(self._library_path)
+            except OSError as err:
+                raise BackendError(f"cannot load NVML library {self._library_path}: {err}") from err
+            pynvml.nvmlLib = lib
+            pynvml._nvmlGetFunctionPointer_cache.clear()
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as err:
+            raise BackendError(self._init_failure(err)) from err
+        self._started = True
+        try:
+            self._driver_version = text(pynvml.nvmlSystemGetDriverVersion())
+        except pynvml.NVMLError as err:
+            log.warning("nvml_driver_version_failed", error=str(err))
+            self._driver_version = ""
+
+    def _init_failure(self, err: BaseException) -> str:
+        error_code = code(err)
+        where = self._library_path or "libnvidia-ml.so.1"
+        if error_code == pynvml.NVML_ERROR_LIBRARY_NOT_FOUND:
+            return (
+                f"NVML library {where} not found: is the NVIDIA driver installed and its user-space "
+                "libraries visible to this container (NVIDIA container toolkit, or --nvml-library)?"
+            )
+        if error_code == pynvml.NVML_ERROR_DRIVER_NOT_LOADED:
+            return "NVIDIA kernel driver not loaded (nvmlInit: Driver Not Loaded): no GPU driver on this node?"
+        if error_code == pynvml.NVML_ERROR_NO_PERMISSION:
+            return "no permission to open the NVIDIA device nodes (nvmlInit: Insufficient Permissions)"
+        if error_code == LIB_RM_VERSION_MISMATCH:
+            return "NVML library and kernel driver versions differ (driver upgraded without a reboot?)"
+        return f"nvmlInit failed: {err}"
+
+    def shutdown(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        self._gpm.close()
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError as err:
+            log.warning("nvml_shutdown_failed", error=str(err))
+        self._discovery.reset()
+        self._field_values.reset()
+
+    def _require_started(self) -> None:
+        if not self._started:
+            raise BackendError("NVML backend not started")
+
+    # ------------------------------------------------------------ discovery
+
+    def discover(self) -> Inventory:
+        self._require_started()
+        gpus = self._discovery.gpus()
+        self._gpm.keep_only({g.uuid for g in gpus} | {m.uuid for g in gpus for m in g.migs})
+        pairs = self._discovery.nvlink(gpus)
+        return Inventory(driver_version=self._driver_version, gpus=tuple(gpus), nvlink_pairs=pairs)
+
+    # -------------------------------------------------------------- reading
+
+    def read(self, uuid: str, fields: Sequence[FieldSpec]) -> ReadResult:
+        self._require_started()
+        handle = self._discovery.handle_for(uuid)
+        is_mig = uuid.startswith("MIG-")
+        result = ReadResult()
+        fv_specs: list[FieldSpec] = []
+        rate_specs: list[tuple[FieldSpec, int]] = []
+        call_specs: list[tuple[FieldSpec, str]] = []
+        gpm_specs: list[tuple[FieldSpec, int]] = []
+        for spec in fields:
+            reader = spec.reader
+            if isinstance(reader, NOT_POLLED):
+                continue
+            if is_mig and spec.scope != "instance":
+                result.unsupported.add(spec.name)
+            elif isinstance(reader, FieldValue):
+                fv_specs.append(spec)
+            elif isinstance(reader, Rate):
+                rate_specs.append((spec, reader.field_id))
+            elif isinstance(reader, Call):
+                call_specs.append((spec, reader.name))
+            elif isinstance(reader, Gpm):
+                gpm_specs.append((spec, reader.metric_id))
+            else:
+                assert_never(reader)
+        if fv_specs or rate_specs:
+            self._field_values.read(uuid, handle, fv_specs, rate_specs, result)
+        if call_specs:
+            self._calls.read(uuid, handle, call_specs, result)
+        if gpm_specs:
+            self._gpm.read(uuid, handle, gpm_specs, result)
+        if len(result.errors) >= 2 and not result.values:  # one field failing says nothing of the device
+            raise_whole_device_failure(uuid, result)
+        return result
+
+    # --------------------------------------------------------------- events
+
+    def open_events(self, inventory: Inventory) -> NvmlEventSource:
+        self._require_started()
+        handles: list[tuple[str, Any]] = []
+        for gpu in inventory.gpus:
+            try:
+                handles.append((gpu.uuid, self._discovery.handle_for(gpu.uuid)))
+            except (DeviceLostError, DeviceError) as err:
+                log.warning("event_registration_failed", uuid=gpu.uuid, error=str(err))
+        return NvmlEventSource(self._symbols, handles)
