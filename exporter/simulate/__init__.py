@@ -27,7 +27,7 @@ The package, one concern per module:
 - `faults`:     `Fault` and the FAULT parser.
 - `spec`:       the `--simulate` spec parser (`parse_spec`, `SimConfig`).
 - `devices`:    simulated GPUs and MIG devices: stepped state and values.
-- `events`:     the event source over scheduled and injected events.
+- `events`:     `EventQueue` (scheduled and injected events, owned by the backend) and the event source over it.
 - `backend`:    `SimulatedBackend`, the `exporter.backend.Backend` implementation.
 """
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import bisect
 import threading
 import time
 from collections.abc import Callable, Sequence
 
-from exporter.backend import BackendError, DeviceError, DeviceLostError
+from exporter.backend import DeviceError, DeviceLostError
 from exporter.fields import Event, FieldSpec, Label
 from exporter.model import EVENT_DOUBLE_BIT_ECC, EVENT_XID, DeviceEvent, Gpu, Inventory, ReadResult
 from exporter.simulate.devices import _SimGpu, _SimMig
-from exporter.simulate.events import _LOST, SimulatedEventSource, _Scheduled
+from exporter.simulate.events import LOST, EventQueue, SimulatedEventSource
 from exporter.simulate.faults import Fault, parse_fault
 from exporter.simulate.hashing import _key
 from exporter.simulate.models import MODELS, _place
@@ -35,10 +34,7 @@ class SimulatedBackend:
         self._clock = clock
         self._t0 = clock()
         self._stop = threading.Event()
-        self._cond = threading.Condition()
-        self._queue: list[DeviceEvent] = []
-        self._schedule: list[_Scheduled] = []
-        self._seq = 0
+        self._events = EventQueue(self.elapsed, self._stop, real_clock=clock is time.monotonic)
         self._gpus: list[_SimGpu] = []
         for i in range(cfg.gpus):
             pattern = cfg.workload.get(i, _DEFAULT_PATTERNS[i % len(_DEFAULT_PATTERNS)])
@@ -68,7 +64,7 @@ class SimulatedBackend:
     def describe(self) -> str:
         """One line for logs: "8x NVIDIA H100 80GB HBM3 (seed 0, 2 MIG GPUs, 3 faults)"."""
         c = self.config
-        return (f"{c.gpus}x {self.model.name} (seed {c.seed}, {len(c.mig)} MIG GPUs, {len(c.faults)} faults)")
+        return f"{c.gpus}x {self.model.name} (seed {c.seed}, {len(c.mig)} MIG GPUs, {len(c.faults)} faults)"
 
     def elapsed(self) -> float:
         """Simulated seconds since the backend was built."""
@@ -81,8 +77,7 @@ class SimulatedBackend:
 
     def shutdown(self) -> None:
         self._stop.set()
-        with self._cond:
-            self._cond.notify_all()
+        self._events.wake()
 
     def discover(self) -> Inventory:
         t = self.elapsed()
@@ -94,10 +89,18 @@ class SimulatedBackend:
         for g, here in zip(self._gpus, present, strict=True):
             if not here:
                 continue
-            gpus.append(Gpu(
-                index=g.index, uuid=g.uuid, pci_bus_id=g.pci_bus_id, minor=g.index, name=self.model.name,
-                mig_enabled=g.mig_enabled, migs=tuple(m.device for m in g.migs), numa_node=g.numa,
-            ))
+            gpus.append(
+                Gpu(
+                    index=g.index,
+                    uuid=g.uuid,
+                    pci_bus_id=g.pci_bus_id,
+                    minor=g.index,
+                    name=self.model.name,
+                    mig_enabled=g.mig_enabled,
+                    migs=tuple(m.device for m in g.migs),
+                    numa_node=g.numa,
+                )
+            )
         visible = {g.uuid for g in gpus}
         pairs = frozenset(p for p in self._pairs if p[0] in visible and p[1] in visible)
         inv = Inventory(driver_version=self.config.driver, gpus=tuple(gpus), nvlink_pairs=pairs)
@@ -127,7 +130,7 @@ class SimulatedBackend:
         return res
 
     def open_events(self, inventory: Inventory) -> SimulatedEventSource:
-        return SimulatedEventSource(self, (g.uuid for g in inventory.gpus))
+        return SimulatedEventSource(self._events, (g.uuid for g in inventory.gpus))
 
     # -- injection ----------------------------------------------------------
 
@@ -137,12 +140,14 @@ class SimulatedBackend:
         if gi is not None and gi not in {m.gi for m in gpu.migs}:
             raise ValueError(f"GPU {gpu_index} has no GPU instance {gi}")
         event = DeviceEvent(
-            gpu.uuid, EVENT_XID, xid=xid, gpu_instance_id=gi,
-            compute_instance_id=(ci if ci is not None else 0) if gi is not None else None, timestamp=time.time(),
+            gpu.uuid,
+            EVENT_XID,
+            xid=xid,
+            gpu_instance_id=gi,
+            compute_instance_id=(ci if ci is not None else 0) if gi is not None else None,
+            timestamp=time.time(),
         )
-        with self._cond:
-            self._queue.append(event)
-            self._cond.notify_all()
+        self._events.push(event)
 
     def inject(self, fault: str) -> Fault:
         """Add a fault (FAULT grammar) at runtime; without "@T" it starts now ("hang:2+30s"). Returns it."""
@@ -163,28 +168,23 @@ class SimulatedBackend:
 
     def _add_fault(self, f: Fault) -> None:
         gpu = self._gpus[f.gpu]
-        with self._cond:
-            if f.kind != "xid":
-                with gpu.lock:
-                    faults = [*gpu.faults, f]
-                    faults.sort(key=lambda x: x.at)
-                    gpu.faults = faults
-                    if f.kind == "thermal" and f.at < gpu.seg + 1:
-                        gpu._reset()  # the past changed: recompute from the start, deterministically
-            if f.kind == "xid":
-                self._schedule_event(f.at, gpu.uuid, EVENT_XID, f.xid, f.gi)
-            elif f.kind == "dbe":
-                self._schedule_event(f.at, gpu.uuid, EVENT_DOUBLE_BIT_ECC)
-                self._schedule_event(f.at, gpu.uuid, EVENT_XID, 48)
-            elif f.kind == "remap-failure":
-                self._schedule_event(f.at, gpu.uuid, EVENT_XID, 64)
-            elif f.kind == "lost":
-                self._schedule_event(f.at, gpu.uuid, _LOST)
-            self._cond.notify_all()
-
-    def _schedule_event(self, at: float, uuid: str, event_type: int, xid: int = 0, gi: int | None = None) -> None:
-        self._seq += 1
-        bisect.insort(self._schedule, _Scheduled(at, self._seq, uuid, event_type, xid, gi))
+        if f.kind != "xid":
+            with gpu.lock:
+                faults = [*gpu.faults, f]
+                faults.sort(key=lambda x: x.at)
+                gpu.faults = faults
+                if f.kind == "thermal" and f.at < gpu.seg + 1:
+                    gpu._reset()  # the past changed: recompute from the start, deterministically
+        if f.kind == "xid":
+            self._events.schedule(f.at, gpu.uuid, (EVENT_XID, f.xid, f.gi))
+        elif f.kind == "dbe":
+            self._events.schedule(f.at, gpu.uuid, (EVENT_DOUBLE_BIT_ECC, 0, None), (EVENT_XID, 48, None))
+        elif f.kind == "remap-failure":
+            self._events.schedule(f.at, gpu.uuid, (EVENT_XID, 64, None))
+        elif f.kind == "lost":
+            self._events.schedule(f.at, gpu.uuid, (LOST, 0, None))
+        else:
+            self._events.wake()  # a waiting wait re-checks (as every added fault did)
 
     def _availability(self, gpu: _SimGpu, uuid: str, t: float) -> float:
         """Raise for a lost/vanished GPU; block while it hangs. Returns the time to read at."""
@@ -200,57 +200,6 @@ class SimulatedBackend:
                 raise DeviceError(f"simulated GPU {gpu.index}: hung read interrupted by shutdown")
             t = self.elapsed()
 
-    def _release_due(self, now: float) -> None:
-        """Move scheduled events that are due into the queue (caller holds the condition)."""
-        sched = self._schedule
-        i = 0
-        while i < len(sched) and sched[i].at <= now:
-            s = sched[i]
-            i += 1
-            ci = 0 if s.gi is not None else None
-            self._queue.append(DeviceEvent(s.gpu_uuid, s.event_type, s.xid, s.gi, ci, timestamp=time.time()))
-        if i:
-            del sched[:i]
-
-    def _wait_events(self, source: SimulatedEventSource, uuids: frozenset[str], timeout_s: float) -> list[DeviceEvent]:
-        deadline = time.monotonic() + max(0.0, timeout_s)
-        real_clock = self._clock is time.monotonic
-        with self._cond:
-            while True:
-                if self._stop.is_set():
-                    raise BackendError("simulated backend is shut down")
-                if source.closed:
-                    return []
-                now = self.elapsed()
-                self._release_due(now)
-                out: list[DeviceEvent] = []
-                queue, self._queue = self._queue, []
-                for i, e in enumerate(queue):
-                    if e.gpu_uuid not in uuids:
-                        continue  # not registered in this event set: dropped, as NVML would
-                    if e.event_type == _LOST:
-                        if out:  # deliver what came before first; raise on the next call
-                            self._queue = queue[i:]
-                            return out
-                        self._queue = queue[i + 1:]
-                        raise DeviceLostError(e.gpu_uuid)
-                    out.append(e)
-                if out:
-                    return out
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return []
-                chunk = remaining
-                if self._schedule:
-                    until = self._schedule[0].at - now
-                    chunk = min(chunk, max(0.001, until) if real_clock else min(0.05, max(0.001, until)))
-                self._cond.wait(chunk)
-
-    def _close_events(self, source: SimulatedEventSource) -> None:
-        with self._cond:
-            source.closed = True
-            self._cond.notify_all()
-
     def _nvlink_pairs(self) -> frozenset[tuple[str, str]]:
         topo = self.model.nvlink
         if topo == "none":
@@ -265,4 +214,3 @@ class SimulatedBackend:
                 if linked:
                     pairs.add((min(a.uuid, b.uuid), max(a.uuid, b.uuid)))
         return frozenset(pairs)
-
