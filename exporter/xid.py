@@ -16,6 +16,7 @@ from collections.abc import Callable
 from exporter.family import DCGM_DEVICE_LABELS, Family
 from exporter.labels import RenderContext, escape_label_value
 from exporter.model import EVENT_XID, DeviceEvent
+from exporter.xidcatalog import xid_message
 
 # dcgm-exporter's family, with its HELP text word for word. Served only while some GPU had an XID
 # in the window.
@@ -34,18 +35,12 @@ FAMILIES = (XID_ERRORS_COUNT,)
 MAX_WINDOW_EVENTS = 10_000
 
 
-def _default_message(code: int) -> str:
-    from exporter.health.policy import xid_message
-
-    return xid_message(code)
-
-
 class XidTracker:
     def __init__(
         self,
         window_s: float,
         clock: Callable[[], float] = time.monotonic,
-        message: Callable[[int], str] = _default_message,
+        message: Callable[[int], str] = xid_message,
     ) -> None:
         self.window_s = window_s
         self._clock = clock

@@ -1,8 +1,9 @@
 """Health policy as data: what each XID and polled signal means, and what to do about it.
 
-The XID table follows /work/shared/reference/xid-catalog.md (NVIDIA's Ampere+ catalogue and the
-behaviour of peers). Operators override classes with --health-{fence,warn,ignore}-xids; the
-scope (whole GPU or one MIG instance) and the message of an XID stay those of the table.
+The XID facts (default class, action, message, scope) are `exporter.xidcatalog`'s, which follows
+/work/shared/reference/xid-catalog.md (NVIDIA's Ampere+ catalogue and the behaviour of peers).
+Operators override classes with --health-{fence,warn,ignore}-xids; the scope (whole GPU or one MIG
+instance) and the message of an XID stay those of the catalogue.
 
 Scope decision: an XID attributed to a GPU instance fences only the MIG devices of that instance,
 unless the fault lies in hardware every instance shares (DRAM/ECC/row remapping, GSP, the
@@ -19,6 +20,14 @@ from dataclasses import dataclass, field
 
 from exporter.config import DEFAULTS
 from exporter.health.verdict import HealthState
+from exporter.xidcatalog import ACTIONS as ACTIONS
+from exporter.xidcatalog import CATALOGUE, UNKNOWN
+from exporter.xidcatalog import CONTACT_SUPPORT as CONTACT_SUPPORT
+from exporter.xidcatalog import NONE as NONE
+from exporter.xidcatalog import REBOOT_NODE as REBOOT_NODE
+from exporter.xidcatalog import RESET_GPU as RESET_GPU
+from exporter.xidcatalog import RESTART_APP as RESTART_APP
+from exporter.xidcatalog import xid_message as xid_message
 
 
 class PolicyError(ValueError):
@@ -40,13 +49,8 @@ class XidClass(str, enum.Enum):
         return HealthState.HEALTHY
 
 
-# Recommended actions (the Reason.action vocabulary).
-NONE = "none"
-RESTART_APP = "restart_app"
-RESET_GPU = "reset_gpu"
-REBOOT_NODE = "reboot_node"
-CONTACT_SUPPORT = "contact_support"
-ACTIONS = (NONE, RESTART_APP, RESET_GPU, REBOOT_NODE, CONTACT_SUPPORT)
+# Recommended actions (the Reason.action vocabulary) are the catalogue's: NONE, RESTART_APP,
+# RESET_GPU, REBOOT_NODE, CONTACT_SUPPORT (ACTIONS), re-exported here.
 
 # Highest first: what an operator should do when a device carries several reasons.
 ACTION_RANK = {CONTACT_SUPPORT: 4, REBOOT_NODE: 3, RESET_GPU: 2, RESTART_APP: 1, NONE: 0}
@@ -75,51 +79,11 @@ class _Row:
     whole_gpu: bool = False
 
 
-_A, _W, _F = XidClass.APPLICATION, XidClass.WARN, XidClass.FENCE
-
+# The catalogue with its default classes as XidClass, built once.
 _TABLE: dict[int, _Row] = {
-    8: _Row(_W, RESTART_APP, "GPU stopped processing (FIFO idle timeout)"),
-    11: _Row(_W, RESTART_APP, "invalid or corrupted push buffer stream"),
-    13: _Row(_A, RESTART_APP, "graphics engine exception"),
-    31: _Row(_A, RESTART_APP, "GPU memory page fault"),
-    32: _Row(_W, RESTART_APP, "corrupted push buffer (check PCIe if repeated)"),
-    38: _Row(_W, NONE, "driver firmware error"),
-    43: _Row(_A, NONE, "application hit a software fault; GPU remains healthy"),
-    44: _Row(_W, NONE, "graphics fault during context switch"),
-    45: _Row(_A, NONE, "preemptive cleanup after other errors"),
-    48: _Row(_F, RESET_GPU, "double-bit ECC error", whole_gpu=True),
-    56: _Row(_W, CONTACT_SUPPORT, "display engine error (pre-Ampere)", whole_gpu=True),
-    57: _Row(_W, CONTACT_SUPPORT, "memory interface error (pre-Ampere)", whole_gpu=True),
-    58: _Row(_W, CONTACT_SUPPORT, "memory interface error (pre-Ampere)", whole_gpu=True),
-    61: _Row(_W, CONTACT_SUPPORT, "micro-controller breakpoint (pre-Ampere)", whole_gpu=True),
-    62: _Row(_F, RESET_GPU, "internal micro-controller halt", whole_gpu=True),
-    63: _Row(_W, RESET_GPU, "row remap / page retirement recorded (reset to activate)", whole_gpu=True),
-    64: _Row(_F, RESET_GPU, "row remap / page retirement failed", whole_gpu=True),
-    68: _Row(_A, RESTART_APP, "video decoder exception"),
-    69: _Row(_W, RESTART_APP, "graphics engine class error"),
-    74: _Row(_F, RESET_GPU, "NVLink error", whole_gpu=True),
-    79: _Row(_F, REBOOT_NODE, "GPU has fallen off the bus", whole_gpu=True),
-    92: _Row(_W, NONE, "excessive single-bit ECC error rate", whole_gpu=True),
-    94: _Row(_W, RESTART_APP, "contained ECC error (reset when convenient)"),
-    95: _Row(_F, RESET_GPU, "uncontained ECC error", whole_gpu=True),
-    109: _Row(_F, RESET_GPU, "context switch timeout"),
-    119: _Row(_F, RESET_GPU, "GSP RPC timeout", whole_gpu=True),
-    120: _Row(_F, RESET_GPU, "GSP error", whole_gpu=True),
-    121: _Row(_W, NONE, "corrected C2C link errors", whole_gpu=True),
-    140: _Row(_F, RESET_GPU, "uncorrectable ECC error escaped remapping", whole_gpu=True),
-    143: _Row(_F, RESET_GPU, "GPU initialisation error", whole_gpu=True),
-    154: _Row(_W, NONE, "GPU recovery action changed (see recovery action)", whole_gpu=True),
+    code: _Row(XidClass(e.cls), e.action, e.message, e.whole_gpu) for code, e in CATALOGUE.items()
 }
-for _code in range(144, 151):
-    _TABLE[_code] = _Row(_F, RESET_GPU, f"NVLink5 error (XID {_code})", whole_gpu=True)
-
-_UNKNOWN_ROW = _Row(_W, NONE, "unknown XID")
-
-
-def xid_message(code: int) -> str:
-    """A short human message for an XID (dcgm-exporter's err_msg label)."""
-    row = _TABLE.get(code)
-    return row.message if row is not None else _UNKNOWN_ROW.message
+_UNKNOWN_ROW = _Row(XidClass(UNKNOWN.cls), UNKNOWN.action, UNKNOWN.message, UNKNOWN.whole_gpu)
 
 
 def normalise_xid(code: int) -> int:
