@@ -19,14 +19,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ if str(ROOT) not in sys.path:
 
 from google.protobuf import json_format  # noqa: E402
 
+from benchmarks.common import FAKE_LIB, SCENARIOS, free_port, report  # noqa: E402
 from exporter.labels import RenderContext  # noqa: E402
 from exporter.model import Inventory  # noqa: E402
 from exporter.pods import PodMapper, PodMappingConfig  # noqa: E402
@@ -44,13 +44,9 @@ from podresources.api.v1 import podresources_pb2 as v1_pb2  # noqa: E402
 from tests.fakekubelet import FakeKubelet  # noqa: E402
 from tests.pods.podfixtures import big_layout, gpu_uuid, make_inventory, mig_uuid  # noqa: E402
 
-FAKE_LIB = ROOT / "tests/fakenvml/build/libnvidia-ml.so.1"
-SCENARIOS = ROOT / "tests/fakenvml/scenarios"
 GPU = "nvidia.com/gpu"
 MIG_1G = "nvidia.com/mig-1g.10gb"
 MIG_GIS = (7, 8, 9, 10, 11, 12, 13)  # the 7 GPU instance ids of 1g.10gb on an H100
-Report = Callable[[str, str, str], Any]
-
 
 
 def _terminate(proc: subprocess.Popen[bytes]) -> None:
@@ -61,29 +57,6 @@ def _terminate(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
-
-def _find_report() -> Report:
-    """benchmarks/run.py's report (its RESULTS table), also when run.py is the running script."""
-    main = sys.modules.get("__main__")
-    main_file = getattr(main, "__file__", None)
-    found: Report | None = getattr(main, "report", None)
-    if found is not None and main_file and Path(main_file).resolve() == ROOT / "benchmarks" / "run.py":
-        return found
-    try:
-        from benchmarks.run import report as run_report
-    except ImportError:
-        rows: list[tuple[str, str, str]] = []
-
-        def fallback(section: str, what: str, value: str) -> list[tuple[str, str, str]]:
-            rows.append((section, what, value))
-            print(f"  {what:<62} {value}", flush=True)
-            return rows
-
-        return fallback
-    return run_report
-
-
-report = _find_report()
 
 
 # --------------------------------------------------------------------------- layouts
@@ -202,12 +175,6 @@ def measure_mapping(label: str, inv: Inventory, layout: dict[str, Any], seconds:
 
 
 # --------------------------------------------------------------------------- the exporter process
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _exporter(sock: str, state: str) -> tuple[subprocess.Popen[bytes], int, str]:

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 import prometheus_client  # noqa: E402
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily  # noqa: E402
 
+from benchmarks.common import FAKE_LIB, RESULTS, SCENARIOS, free_port, report  # noqa: E402
 from exporter.collector import Collector  # noqa: E402
 from exporter.counters import default_counters  # noqa: E402
 from exporter.devices import parse_device_selector  # noqa: E402
@@ -44,23 +45,8 @@ from exporter.render import Renderer  # noqa: E402
 from exporter.snapshot import Snapshot  # noqa: E402
 from exporter.xid import XidTracker  # noqa: E402
 
-FAKE_LIB = ROOT / "tests/fakenvml/build/libnvidia-ml.so.1"
-SCENARIOS = ROOT / "tests/fakenvml/scenarios"
-RESULTS: list[tuple[str, str, str]] = []
-
-
-def report(section: str, what: str, value: str) -> None:
-    RESULTS.append((section, what, value))
-    print(f"  {what:<62} {value}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # --- render -------------------------------------------------------------------------------
+
 
 def _prom_client_registry(snapshots: list[Snapshot], fields: Sequence[FieldSpec]) -> Callable[[int], bytes]:
     """What an exporter built on prometheus_client does per cycle: families from samples, then generate_latest."""
@@ -74,8 +60,17 @@ def _prom_client_registry(snapshots: list[Snapshot], fields: Sequence[FieldSpec]
                     if f.type == "label" or isinstance(f.reader, Event):
                         continue
                     cls = CounterMetricFamily if f.type == "counter" else GaugeMetricFamily
-                    labels = ["gpu", "UUID", "pci_bus_id", "device", "modelName", "GPU_I_PROFILE", "GPU_I_ID",
-                              "Hostname", "DCGM_FI_DRIVER_VERSION"]
+                    labels = [
+                        "gpu",
+                        "UUID",
+                        "pci_bus_id",
+                        "device",
+                        "modelName",
+                        "GPU_I_PROFILE",
+                        "GPU_I_ID",
+                        "Hostname",
+                        "DCGM_FI_DRIVER_VERSION",
+                    ]
                     fam = cls(f.name, f.help, labels=labels)
                     for s in snap.samples:
                         v = s.values.get(f.name)
@@ -83,8 +78,20 @@ def _prom_client_registry(snapshots: list[Snapshot], fields: Sequence[FieldSpec]
                             continue
                         g = s.gpu
                         prof, gi = (s.mig.profile, str(s.mig.gpu_instance_id)) if s.mig else ("", "")
-                        fam.add_metric([str(g.index), g.uuid, g.pci_bus_id, g.device, g.name, prof, gi, "node-1",
-                                        snap.inventory.driver_version], v)
+                        fam.add_metric(
+                            [
+                                str(g.index),
+                                g.uuid,
+                                g.pci_bus_id,
+                                g.device,
+                                g.name,
+                                prof,
+                                gi,
+                                "node-1",
+                                snap.inventory.driver_version,
+                            ],
+                            v,
+                        )
                     yield fam
 
         reg = prometheus_client.CollectorRegistry()
@@ -143,10 +150,12 @@ def bench_render() -> None:
         for _ in range(50):
             clock.now += 1.0
             snaps.append(col.run_once())
-        renderer = Renderer(RenderContext("Hostname", "node-1"), XidTracker(300, message=str), "simulated",
-                            process_registry=None)
+        renderer = Renderer(
+            RenderContext("Hostname", "node-1"), XidTracker(300, message=str), "simulated", process_registry=None
+        )
         series = renderer.render_dcgm(snaps[0], counters.fields).count("\n")
         other = _prom_client_registry(snaps, counters.fields)
+
         def ours_once(
             i: int, r: Renderer = renderer, ss: list[Snapshot] = snaps, fs: tuple[FieldSpec, ...] = counters.fields
         ) -> object:
@@ -163,6 +172,7 @@ def bench_render() -> None:
 
 # --- a running exporter -------------------------------------------------------------------
 
+
 class Exporter:
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         self.port = free_port()
@@ -170,10 +180,22 @@ class Exporter:
         full_env = {**os.environ, **(env or {})}
         full_env["PYTHONPATH"] = str(ROOT)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "-a", f"127.0.0.1:{self.port}", "--state-dir", self.state,
-             "--log-level", "warning", *args],
+            [
+                sys.executable,
+                "-m",
+                "exporter",
+                "-a",
+                f"127.0.0.1:{self.port}",
+                "--state-dir",
+                self.state,
+                "--log-level",
+                "warning",
+                *args,
+            ],
             # Logs to a file, never an unread pipe: a full pipe would block the daemon's log writes.
-            env=full_env, stdout=subprocess.DEVNULL, stderr=open(Path(self.state) / "exporter.log", "wb"),  # noqa: SIM115
+            env=full_env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(Path(self.state) / "exporter.log", "wb"),  # noqa: SIM115
         )
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -305,6 +327,7 @@ def bench_scrape(seconds: int) -> None:
 
 # --- collection against the fake NVML -----------------------------------------------------
 
+
 def bench_collect() -> None:
     from exporter.nvml import NvmlBackend
 
@@ -330,8 +353,9 @@ def bench_collect() -> None:
 
 def bench_memory(seconds: int) -> None:
     print(f"resident memory: exporter on the fake NVML (h100x8), 1 s interval, scraped every second, {seconds} s")
-    exp = Exporter(["--nvml-library", str(FAKE_LIB), "-c", "1000"],
-                   env={"FAKENVML_CONFIG": str(SCENARIOS / "h100x8.json")})
+    exp = Exporter(
+        ["--nvml-library", str(FAKE_LIB), "-c", "1000"], env={"FAKENVML_CONFIG": str(SCENARIOS / "h100x8.json")}
+    )
     try:
         start_rss = exp.rss_mb()
         cpu0 = exp.cpu_s()
@@ -366,8 +390,9 @@ def bench_health() -> None:
     control = Path(tempfile.mkdtemp(prefix="ghe-bench-ctl-")) / "control.jsonl"
     control.touch()
     env = {"FAKENVML_CONFIG": str(SCENARIOS / "h100x8.json"), "FAKENVML_CONTROL": str(control)}
-    exp = Exporter(["--nvml-library", str(FAKE_LIB), "-c", "1000", "--device-plugin",
-                    "--device-plugin-dir", plugin_dir], env=env)
+    exp = Exporter(
+        ["--nvml-library", str(FAKE_LIB), "-c", "1000", "--device-plugin", "--device-plugin-dir", plugin_dir], env=env
+    )
     res = "nvidia.com/gpu"
 
     def inject(op: dict[str, object]) -> None:
@@ -391,8 +416,11 @@ def bench_health() -> None:
             latencies.append(time.monotonic() - t0 if ok else float("inf"))
             request(Path(exp.state) / "control.sock", {"op": "clear", "target": uuid, "reason": "benchmark"})
             kubelet.wait_for(lambda: kubelet.allocatable(res) == 8, timeout=5)
-        report("health", "XID 79 -> kubelet Unhealthy, 100 XIDs: p50 / p99 (ms)",
-               f"{_percentile(latencies, 0.5) * 1e3:.1f} / {_percentile(latencies, 0.99) * 1e3:.1f}")
+        report(
+            "health",
+            "XID 79 -> kubelet Unhealthy, 100 XIDs: p50 / p99 (ms)",
+            f"{_percentile(latencies, 0.5) * 1e3:.1f} / {_percentile(latencies, 0.99) * 1e3:.1f}",
+        )
 
         def scrape_ms(n: int = 50) -> tuple[float, float]:
             lat = []
@@ -427,8 +455,9 @@ def bench_health() -> None:
         report("health", "collection cycles during the ~3 s storm window (1 s interval)", f"{storm_cycles:.0f}")
         report("health", "scrape latency quiet: p50 / p99 (ms)", f"{quiet[0]:.2f} / {quiet[1]:.2f}")
         report("health", "scrape latency during XID storm: p50 / p99 (ms)", f"{storm[0]:.2f} / {storm[1]:.2f}")
-        report("health", "collection cycle quiet / during storm (ms)",
-               f"{quiet_coll * 1e3:.2f} / {storm_coll * 1e3:.2f}")
+        report(
+            "health", "collection cycle quiet / during storm (ms)", f"{quiet_coll * 1e3:.2f} / {storm_coll * 1e3:.2f}"
+        )
         report("health", "RSS growth over the storm (MB)", f"{exp.rss_mb() - rss0:.1f}")
     finally:
         exp.stop()
