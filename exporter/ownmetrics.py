@@ -15,7 +15,7 @@ from exporter import events, render, xid
 from exporter.deviceplugin import manager
 from exporter.family import Family
 from exporter.health import blindspots, expose
-from exporter.pods import mapper
+from exporter.pods import expose as mapper  # the pods part's families (mapper.FAMILIES below)
 
 # In the order of the exposition: the renderer's parts, then the contributors.
 OWN_METRICS: tuple[Family, ...] = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from exporter.model import Gpu, Inventory, MigDevice
+from podresources.client import AllocatableResources, ContainerDevices, ContainerResources, PodResources
 
 
 def gpu_uuid(i: int) -> str:
@@ -61,3 +62,27 @@ def big_layout(pods: int = 200, containers: int = 8) -> list[dict[str, object]]:
             })  # fmt: skip
         out.append(pod(f"pod-{p}", f"ns-{p % 7}", *cs))
     return out
+
+
+def pod_resources(pods: list[dict[str, Any]]) -> list[PodResources]:
+    """The layouts above as the client returns them (a List reply built by hand, no kubelet)."""
+    return [
+        PodResources(
+            p["name"],
+            p["namespace"],
+            tuple(
+                ContainerResources(
+                    c["name"],
+                    tuple(ContainerDevices(d["resource_name"], tuple(d["device_ids"])) for d in c["devices"]),
+                    dynamic_resources=tuple(c.get("dynamic_resources", ())),
+                )
+                for c in p["containers"]
+            ),
+        )
+        for p in pods
+    ]
+
+
+def allocatable(devices: list[dict[str, Any]]) -> AllocatableResources:
+    """A GetAllocatableResources reply built by hand, from the fake kubelet's `set_allocatable` shape."""
+    return AllocatableResources(tuple(ContainerDevices(d["resource_name"], tuple(d["device_ids"])) for d in devices))
