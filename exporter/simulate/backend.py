@@ -9,13 +9,13 @@ from collections.abc import Callable, Sequence
 from exporter.backend import DeviceError, DeviceLostError
 from exporter.fields import Event, FieldSpec, Label
 from exporter.model import EVENT_DOUBLE_BIT_ECC, EVENT_XID, DeviceEvent, Gpu, Inventory, ReadResult
-from exporter.simulate.devices import _SimGpu, _SimMig
+from exporter.simulate.devices import SimGpu, SimMig
 from exporter.simulate.events import LOST, EventQueue, SimulatedEventSource
 from exporter.simulate.faults import Fault, parse_fault
-from exporter.simulate.hashing import _key
-from exporter.simulate.models import MODELS, _place
+from exporter.simulate.hashing import hash_key
+from exporter.simulate.models import MODELS, place_migs
 from exporter.simulate.spec import SimConfig, parse_spec
-from exporter.simulate.workload import _DEFAULT_PATTERNS, _MIG_PATTERNS
+from exporter.simulate.workload import DEFAULT_PATTERNS, MIG_PATTERNS
 
 HANG_POLL_S = 0.05
 
@@ -35,19 +35,19 @@ class SimulatedBackend:
         self._t0 = clock()
         self._stop = threading.Event()
         self._events = EventQueue(self.elapsed, self._stop, real_clock=clock is time.monotonic)
-        self._gpus: list[_SimGpu] = []
+        self._gpus: list[SimGpu] = []
         for i in range(cfg.gpus):
-            pattern = cfg.workload.get(i, _DEFAULT_PATTERNS[i % len(_DEFAULT_PATTERNS)])
-            self._gpus.append(_SimGpu(i, cfg.gpus, self.model, cfg.seed, pattern))
+            pattern = cfg.workload.get(i, DEFAULT_PATTERNS[i % len(DEFAULT_PATTERNS)])
+            self._gpus.append(SimGpu(i, cfg.gpus, self.model, cfg.seed, pattern))
         self._by_uuid = {g.uuid: g for g in self._gpus}
-        self._migs: dict[str, _SimMig] = {}
+        self._migs: dict[str, SimMig] = {}
         for i, names in sorted(cfg.mig.items()):
             gpu = self._gpus[i]
             gpu.mig_enabled = True
-            for slot, (name, gi) in enumerate(_place(self.model, names, f"{i}:{'+'.join(names)}")):
-                mk = _key(cfg.seed, i, 0x316, gi)
-                pattern = cfg.workload.get(i) or _MIG_PATTERNS[(slot + i) % len(_MIG_PATTERNS)]
-                mig = _SimMig(gpu, self.model.mig[name], gi, slot, mk, pattern)
+            for slot, (name, gi) in enumerate(place_migs(self.model, names, f"{i}:{'+'.join(names)}")):
+                mk = hash_key(cfg.seed, i, 0x316, gi)
+                pattern = cfg.workload.get(i) or MIG_PATTERNS[(slot + i) % len(MIG_PATTERNS)]
+                mig = SimMig(gpu, self.model.mig[name], gi, slot, mk, pattern)
                 gpu.migs.append(mig)
                 self._migs[mig.uuid] = mig
         self._inventory_cache: tuple[tuple[bool, ...], Inventory] | None = None
@@ -109,7 +109,7 @@ class SimulatedBackend:
 
     def read(self, uuid: str, fields: Sequence[FieldSpec]) -> ReadResult:
         gpu = self._by_uuid.get(uuid)
-        mig: _SimMig | None = None
+        mig: SimMig | None = None
         if gpu is None:
             mig = self._migs.get(uuid)
             if mig is None:
@@ -161,7 +161,7 @@ class SimulatedBackend:
 
     # -- internals ------------------------------------------------------------
 
-    def _gpu(self, index: int) -> _SimGpu:
+    def _gpu(self, index: int) -> SimGpu:
         if not 0 <= index < len(self._gpus):
             raise ValueError(f"GPU {index} does not exist (the node has {len(self._gpus)} GPUs)")
         return self._gpus[index]
@@ -174,7 +174,7 @@ class SimulatedBackend:
                 faults.sort(key=lambda x: x.at)
                 gpu.faults = faults
                 if f.kind == "thermal" and f.at < gpu.seg + 1:
-                    gpu._reset()  # the past changed: recompute from the start, deterministically
+                    gpu.reset()  # the past changed: recompute from the start, deterministically
         if f.kind == "xid":
             self._events.schedule(f.at, gpu.uuid, (EVENT_XID, f.xid, f.gi))
         elif f.kind == "dbe":
@@ -186,7 +186,7 @@ class SimulatedBackend:
         else:
             self._events.wake()  # a waiting wait re-checks (as every added fault did)
 
-    def _availability(self, gpu: _SimGpu, uuid: str, t: float) -> float:
+    def _availability(self, gpu: SimGpu, uuid: str, t: float) -> float:
         """Raise for a lost/vanished GPU; block while it hangs. Returns the time to read at."""
         while True:
             f = gpu.state_fault(("lost", "vanish"), t)

@@ -8,11 +8,6 @@ import threading
 from exporter.model import MigDevice
 from exporter.simulate.faults import Fault
 from exporter.simulate.fieldnames import (
-    _NOT_ON_MIG_PARENT,
-    _REASON_HW_SLOWDOWN,
-    _REASON_HW_THERMAL,
-    _REASON_IDLE,
-    _REASON_SW_POWER_CAP,
     BAR1_USED,
     BOARD_LIMIT_VIOLATION,
     CLOCK_REASONS,
@@ -33,6 +28,7 @@ from exporter.simulate.fieldnames import (
     MEM_CLOCK,
     MEM_COPY_UTIL,
     MEMORY_TEMP,
+    NOT_ON_MIG_PARENT,
     NVLINK_RX_BYTES,
     NVLINK_TOTAL,
     NVLINK_TX_BYTES,
@@ -45,6 +41,10 @@ from exporter.simulate.fieldnames import (
     PROF_PCIE_RX,
     PROF_PCIE_TX,
     PSTATE,
+    REASON_HW_SLOWDOWN,
+    REASON_HW_THERMAL,
+    REASON_IDLE,
+    REASON_SW_POWER_CAP,
     RECOVERY_ACTION,
     RELIABILITY_VIOLATION,
     REMAP_FAILURE,
@@ -60,9 +60,9 @@ from exporter.simulate.fieldnames import (
     UNC_REMAPPED,
     VGPU_LICENSE,
 )
-from exporter.simulate.hashing import _M64, _key, _mix, _Smooth, _u, _uuid
+from exporter.simulate.hashing import M64, Smooth, hash_key, mix64, sim_uuid, uniform
 from exporter.simulate.models import GpuModel, MigProfile
-from exporter.simulate.workload import _activity, _fb_used, _util
+from exporter.simulate.workload import activity, framebuffer_used, utilisation
 
 # HGX-style PCI bus numbers for the 8 GPUs of one board.
 _PCI_BUSES = (0x18, 0x2A, 0x3A, 0x5D, 0x9A, 0xAB, 0xBA, 0xDB)
@@ -71,91 +71,93 @@ _ALPHA_TEMP = 1.0 - math.exp(-1.0 / 45.0)  # thermal time constant ~45 s
 _US_PER_S = 1_000_000.0
 
 
-class _SimMig:
-    def __init__(self, parent: _SimGpu, profile: MigProfile, gi: int, slot: int, key: int, pattern: str) -> None:
+class SimMig:
+    def __init__(self, parent: SimGpu, profile: MigProfile, gi: int, slot: int, key: int, pattern: str) -> None:
         self.parent = parent
         self.profile = profile
         self.gi = gi
         self.key = key
         self.pattern = pattern
-        self.uuid = "MIG-" + _uuid(key)
+        self.uuid = "MIG-" + sim_uuid(key)
         self.device = MigDevice(self.uuid, parent.uuid, parent.index, gi, 0, profile.name, slot)
-        self.mem_frac = 0.25 + 0.6 * _u(key, 7)
-        self.bar1 = 2 + int(20 * _u(key, 8))
-        self.period = 600 + int(_u(key, 3) * 1200)
-        self.noise = _Smooth(key, 31 if pattern == "infer" else 13)
-        self.mem_noise = _Smooth(key ^ 4, 17)
+        self.mem_frac = 0.25 + 0.6 * uniform(key, 7)
+        self.bar1 = 2 + int(20 * uniform(key, 8))
+        self.period = 600 + int(uniform(key, 3) * 1200)
+        self.noise = Smooth(key, 31 if pattern == "infer" else 13)
+        self.mem_noise = Smooth(key ^ 4, 17)
         self._cache: tuple[int, dict[str, float]] = (-1, {})
 
     def util(self, n: int) -> float:
-        return _util(self.pattern, self.key, n, self.period, self.noise, _u(self.key ^ 1, n))
+        return utilisation(self.pattern, self.key, n, self.period, self.noise, uniform(self.key ^ 1, n))
 
     def values(self, t: float) -> dict[str, float]:
         n = int(t)
         cache = self._cache
         if cache[0] != n:
             total = self.profile.memory_mib
-            used = _fb_used(self.pattern, n, total, self.mem_frac, self.util(n), self.mem_noise)
+            used = framebuffer_used(self.pattern, n, total, self.mem_frac, self.util(n), self.mem_noise)
             vals = {
-                FB_TOTAL: float(total), FB_USED: float(used), FB_RESERVED: 0.0, FB_FREE: float(total - used),
+                FB_TOTAL: float(total),
+                FB_USED: float(used),
+                FB_RESERVED: 0.0,
+                FB_FREE: float(total - used),
                 BAR1_USED: float(self.bar1 if used else 1),
             }
             if self.parent.model.gpm:  # GPM samples per GPU instance
-                vals.update(_activity(self.pattern, self.util(n)))
+                vals.update(activity(self.pattern, self.util(n)))
             cache = self._cache = (n, vals)
         return cache[1]
 
 
-
-class _SimGpu:
+class SimGpu:
     """One simulated GPU: its identity, its workload and its stepped state."""
 
     def __init__(self, index: int, n_gpus: int, model: GpuModel, seed: int, pattern: str) -> None:
         self.index = index
         self.model = model
-        self.key = _key(seed, index, 0x6B9)
+        self.key = hash_key(seed, index, 0x6B9)
         self.pattern = pattern
-        self.uuid = "GPU-" + _uuid(self.key)
+        self.uuid = "GPU-" + sim_uuid(self.key)
         bus = _PCI_BUSES[index % 8]
         self.pci_bus_id = f"{index // 8:08X}:{bus:02X}:00.0"
         self.numa = 0 if n_gpus == 1 else (index * 2) // n_gpus
         self.supported = model.supported()
-        self.migs: list[_SimMig] = []
+        self.migs: list[SimMig] = []
         self.mig_enabled = False
         self.faults: list[Fault] = []  # value-affecting and availability faults, by time
         self.lock = threading.Lock()
         k = self.key
         # Per-GPU constants.
-        self.period = 600 + int(_u(k, 1) * 1200)
+        self.period = 600 + int(uniform(k, 1) * 1200)
         self.intensity = {"train": 1.06, "infer": 0.8, "batch": 0.95}.get(pattern, 0.0)
-        self.intensity *= 0.97 + 0.06 * _u(k, 2)
-        self.ambient = -2.0 + 5.0 * _u(k, 3)
+        self.intensity *= 0.97 + 0.06 * uniform(k, 2)
+        self.ambient = -2.0 + 5.0 * uniform(k, 3)
         self.mem_frac = {"train": 0.86, "infer": 0.32, "batch": 0.55, "hold": 0.5}.get(pattern, 0.0)
-        self.mem_frac += 0.08 * _u(k, 4)
-        self.bar1_busy = 4 + int(_u(k, 5) * 36)
-        self.noise = _Smooth(k, 31 if pattern == "infer" else 13)
-        self.mem_noise = _Smooth(k ^ 4, 17)
+        self.mem_frac += 0.08 * uniform(k, 4)
+        self.bar1_busy = 4 + int(uniform(k, 5) * 36)
+        self.noise = Smooth(k, 31 if pattern == "infer" else 13)
+        self.mem_noise = Smooth(k ^ 4, 17)
         self.jitter = 0.0
-        self.cor_remapped = float(int(_u(k, 6) * 3) if _u(k, 7) < 0.3 else 0)
-        self.sbe_per_s = 1.0 / 600.0 if _u(k, 8) < 0.15 else 1.0 / 86400.0
+        self.cor_remapped = float(int(uniform(k, 6) * 3) if uniform(k, 7) < 0.3 else 0)
+        self.sbe_per_s = 1.0 / 600.0 if uniform(k, 8) < 0.15 else 1.0 / 86400.0
         self.replay_per_s = 1.0 / 7200.0
-        uptime = 86400.0 * (1 + 29 * _u(k, 9))
+        uptime = 86400.0 * (1 + 29 * uniform(k, 9))
         avg_w = model.idle_power_w + 0.3 * (model.power_limit_w - model.idle_power_w)
         self.base = (
             float(int(uptime * avg_w * 1000.0)),  # energy, mJ
             float(int(uptime * model.nvlink_kib_s * 0.05)) if model.nvlink != "none" else 0.0,  # KiB
-            float(int(uptime * 0.002 * _US_PER_S * _u(k, 10))),  # power violation, us
+            float(int(uptime * 0.002 * _US_PER_S * uniform(k, 10))),  # power violation, us
             0.0,  # thermal violation, us
-            float(int(_u(k, 11) * 3)),  # PCIe replays
+            float(int(uniform(k, 11) * 3)),  # PCIe replays
             0.0,  # SBE volatile (reset at driver load)
         )
-        self.sbe_agg_base = float(int(_u(k, 12) * 12))
+        self.sbe_agg_base = float(int(uniform(k, 12) * 12))
         self.low_util_v = 0.0
-        self._reset()
+        self.reset()
 
     # -- stepping ---------------------------------------------------------
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
         self.seg = -1
         self.temp = 0.0
         # Cumulative at the start of the current segment: energy, nvlink, power_v, thermal_v, replay, sbe_vol.
@@ -173,7 +175,7 @@ class _SimGpu:
             return sum(m.util(n) * m.profile.compute_slices for m in self.migs) / 7.0
         if self.mig_enabled:
             return 0.0
-        return _util(self.pattern, self.key, n, self.period, self.noise, self.jitter)
+        return utilisation(self.pattern, self.key, n, self.period, self.noise, self.jitter)
 
     def _thermal_at(self, n: int) -> bool:
         return any(f.kind == "thermal" and f.active(float(n)) for f in self.faults)
@@ -183,7 +185,7 @@ class _SimGpu:
         m = self.model
         k = self.key
         # One 64-bit hash per second feeds every random draw of the step.
-        h = _mix(k ^ ((n * 0x100000001B3) & _M64))
+        h = mix64(k ^ ((n * 0x100000001B3) & M64))
         self.jitter = (h & 0xFF) / 256.0
         j_power = ((h >> 8) & 0xFF) / 256.0
         j_cap = ((h >> 16) & 0xFF) / 256.0
@@ -226,7 +228,7 @@ class _SimGpu:
 
     def _advance(self, n: int) -> None:
         if n < self.seg:
-            self._reset()
+            self.reset()
         while self.seg < n:
             if self.seg >= 0:
                 c, r = self.cum, self.rates
@@ -241,20 +243,20 @@ class _SimGpu:
         m, u = self.model, self.util
         busy = u > 0.0
         sm = float(m.sm_clock_max if busy else m.sm_clock_idle)
-        reasons = 0 if busy else _REASON_IDLE
+        reasons = 0 if busy else REASON_IDLE
         if self.capped:
             sm = float(int(sm * (1.0 - 0.12 * self.capped) / 15) * 15)
-            reasons |= _REASON_SW_POWER_CAP
+            reasons |= REASON_SW_POWER_CAP
         if self.thermal:
             sm = float(int(sm * 0.6 / 15) * 15)
-            reasons |= _REASON_HW_SLOWDOWN | _REASON_HW_THERMAL
+            reasons |= REASON_HW_SLOWDOWN | REASON_HW_THERMAL
         total, reserved = m.fb_total_mib, m.fb_reserved_mib
         if self.migs:
             used = sum(int(mig.values(float(n))[FB_USED]) for mig in self.migs)
         elif self.mig_enabled:
             used = 0
         else:
-            used = _fb_used(self.pattern, n, total - reserved, self.mem_frac, u, self.mem_noise)
+            used = framebuffer_used(self.pattern, n, total - reserved, self.mem_frac, u, self.mem_noise)
         if self.pattern == "train":
             mem_util, rx, tx = u * 0.45, 0.03 * u * 0.01, 0.01 * u * 0.01
         elif self.pattern == "infer":
@@ -315,12 +317,12 @@ class _SimGpu:
             g[RETIRED_DBE] = 0.0
             g[RETIRED_PENDING] = 0.0
         if m.gpm:
-            g.update(_activity(self.pattern if not (self.migs or self.mig_enabled) else "train", u))
+            g.update(activity(self.pattern if not (self.migs or self.mig_enabled) else "train", u))
             half = float(int(self.rates[1] * 512.0))  # KiB/s TX + RX -> bytes/s each way
             g[NVLINK_TX_BYTES] = half
             g[NVLINK_RX_BYTES] = half
         if self.mig_enabled:
-            for name in _NOT_ON_MIG_PARENT:
+            for name in NOT_ON_MIG_PARENT:
                 g.pop(name, None)
         return g
 
@@ -372,4 +374,3 @@ class _SimGpu:
             if f.kind in kinds and f.active(t):
                 return f
         return None
-

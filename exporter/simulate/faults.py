@@ -6,8 +6,16 @@ import re
 from dataclasses import dataclass
 
 RECOVERY_ACTIONS = {
-    "none": 0, "reset": 1, "gpu-reset": 1, "reboot": 2, "node-reboot": 2, "drain-p2p": 3, "drain-reset": 4,
-    "imex": 5, "bus-reset": 6, "system-reboot": 7,
+    "none": 0,
+    "reset": 1,
+    "gpu-reset": 1,
+    "reboot": 2,
+    "node-reboot": 2,
+    "drain-p2p": 3,
+    "drain-reset": 4,
+    "imex": 5,
+    "bus-reset": 6,
+    "system-reboot": 7,
 }
 
 
@@ -100,4 +108,3 @@ def parse_fault(text: str, gpus: int, mig_gis: dict[int, set[int]] | None = None
                 f"fault {raw!r}: unknown recovery action {parts[2]!r} (0-7 or {', '.join(RECOVERY_ACTIONS)})"
             )
     return Fault(kind, gpu, at, duration, xid, gi, action, raw)
-

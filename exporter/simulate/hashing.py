@@ -2,30 +2,30 @@
 
 from __future__ import annotations
 
-_M64 = (1 << 64) - 1
+M64 = (1 << 64) - 1
 _INV64 = 1.0 / 18446744073709551616.0
 
 
-def _mix(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+def mix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M64
     return x ^ (x >> 31)
 
 
-def _key(*parts: int) -> int:
+def hash_key(*parts: int) -> int:
     k = 0x5151_5EED
     for p in parts:
-        k = _mix(k ^ (p & _M64))
+        k = mix64(k ^ (p & M64))
     return k
 
 
-def _u(key: int, n: int) -> float:
+def uniform(key: int, n: int) -> float:
     """Uniform in [0, 1) for (key, n)."""
-    return _mix(key ^ ((n * 0x100000001B3) & _M64)) * _INV64
+    return mix64(key ^ ((n * 0x100000001B3) & M64)) * _INV64
 
 
-class _Smooth:
+class Smooth:
     """Value noise in [0, 1): random knots every `period` steps, smoothstep between them (knots memoised)."""
 
     __slots__ = ("key", "knots", "period")
@@ -38,15 +38,14 @@ class _Smooth:
         k, r = divmod(n, self.period)
         knots = self.knots
         if knots[0] != k:
-            a = knots[2] if knots[0] == k - 1 else _u(self.key, k)
-            knots = self.knots = (k, a, _u(self.key, k + 1))
+            a = knots[2] if knots[0] == k - 1 else uniform(self.key, k)
+            knots = self.knots = (k, a, uniform(self.key, k + 1))
         f = r / self.period
         f = f * f * (3.0 - 2.0 * f)
         return knots[1] + (knots[2] - knots[1]) * f
 
 
-def _uuid(key: int) -> str:
-    a, b = _mix(key), _mix(key ^ 0xA5A5A5A5)
+def sim_uuid(key: int) -> str:
+    a, b = mix64(key), mix64(key ^ 0xA5A5A5A5)
     h = f"{a:016x}{b:016x}"
     return f"{h[0:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
-

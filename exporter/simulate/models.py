@@ -6,14 +6,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from exporter.simulate.fieldnames import (
-    _ALWAYS,
-    _ECC,
-    _GPM,
-    _REMAP,
-    _RETIRED,
+    ALWAYS_FIELDS,
+    ECC_FIELDS,
     FAN_SPEED,
+    GPM_FIELDS,
     MEMORY_TEMP,
     NVLINK_TOTAL,
+    REMAP_FIELDS,
+    RETIRED_FIELDS,
     VGPU_LICENSE,
 )
 
@@ -82,9 +82,8 @@ class GpuModel:
     mig: dict[str, MigProfile] = field(default_factory=dict)
     gpm: bool = False  # Hopper+: NVML's GPM API gives the DCP activity fields
 
-
     def supported(self) -> frozenset[str]:
-        s = set(_ALWAYS)
+        s = set(ALWAYS_FIELDS)
         if self.memory_temp_offset_c is not None:
             s.add(MEMORY_TEMP)
         if self.fan:
@@ -92,36 +91,154 @@ class GpuModel:
         if self.nvlink != "none":
             s.add(NVLINK_TOTAL)
         if self.ecc:
-            s |= _ECC
+            s |= ECC_FIELDS
         if self.row_remap:
-            s |= _REMAP
+            s |= REMAP_FIELDS
         if self.retired_pages:
-            s |= _RETIRED
+            s |= RETIRED_FIELDS
         if self.vgpu_license:
             s.add(VGPU_LICENSE)
         if self.gpm:
-            s |= _GPM
+            s |= GPM_FIELDS
         return frozenset(s)
 
 
 MODELS: dict[str, GpuModel] = {
     m.key: m
     for m in (
-        GpuModel("h100", "NVIDIA H100 80GB HBM3", 81559, 532, 700.0, 70.0, 1980, 345, 2619, 2619, 30.0, 40.0, 6.0,
-                 False, "all", 8.8e8, 6.4e10, True, True, False, False, True, 0, _H100_MIG, gpm=True),
-        GpuModel("a100", "NVIDIA A100-SXM4-80GB", 81920, 512, 400.0, 55.0, 1410, 210, 1593, 1593, 29.0, 36.0, 5.0,
-                 False, "all", 5.9e8, 3.2e10, True, True, False, False, True, 0, _A100_MIG),
-        GpuModel("v100", "Tesla V100-SXM2-32GB", 32768, 305, 300.0, 40.0, 1530, 135, 877, 877, 30.0, 35.0, 3.0,
-                 False, "cube", 2.9e8, 1.6e10, True, False, True, False, True, 0),
-        GpuModel("l4", "NVIDIA L4", 23034, 434, 72.0, 16.0, 2040, 210, 6251, 405, 32.0, 40.0, None,
-                 False, "none", 0.0, 3.2e10, True, True, False, True, True, 8),
-        GpuModel("rtx4090", "NVIDIA GeForce RTX 4090", 24564, 400, 450.0, 20.0, 2520, 210, 10501, 405, 35.0, 40.0,
-                 None, True, "none", 0.0, 3.2e10, False, False, False, True, False, 8),
+        GpuModel(
+            "h100",
+            "NVIDIA H100 80GB HBM3",
+            81559,
+            532,
+            700.0,
+            70.0,
+            1980,
+            345,
+            2619,
+            2619,
+            30.0,
+            40.0,
+            6.0,
+            False,
+            "all",
+            8.8e8,
+            6.4e10,
+            True,
+            True,
+            False,
+            False,
+            True,
+            0,
+            _H100_MIG,
+            gpm=True,
+        ),
+        GpuModel(
+            "a100",
+            "NVIDIA A100-SXM4-80GB",
+            81920,
+            512,
+            400.0,
+            55.0,
+            1410,
+            210,
+            1593,
+            1593,
+            29.0,
+            36.0,
+            5.0,
+            False,
+            "all",
+            5.9e8,
+            3.2e10,
+            True,
+            True,
+            False,
+            False,
+            True,
+            0,
+            _A100_MIG,
+        ),
+        GpuModel(
+            "v100",
+            "Tesla V100-SXM2-32GB",
+            32768,
+            305,
+            300.0,
+            40.0,
+            1530,
+            135,
+            877,
+            877,
+            30.0,
+            35.0,
+            3.0,
+            False,
+            "cube",
+            2.9e8,
+            1.6e10,
+            True,
+            False,
+            True,
+            False,
+            True,
+            0,
+        ),
+        GpuModel(
+            "l4",
+            "NVIDIA L4",
+            23034,
+            434,
+            72.0,
+            16.0,
+            2040,
+            210,
+            6251,
+            405,
+            32.0,
+            40.0,
+            None,
+            False,
+            "none",
+            0.0,
+            3.2e10,
+            True,
+            True,
+            False,
+            True,
+            True,
+            8,
+        ),
+        GpuModel(
+            "rtx4090",
+            "NVIDIA GeForce RTX 4090",
+            24564,
+            400,
+            450.0,
+            20.0,
+            2520,
+            210,
+            10501,
+            405,
+            35.0,
+            40.0,
+            None,
+            True,
+            "none",
+            0.0,
+            3.2e10,
+            False,
+            False,
+            False,
+            True,
+            False,
+            8,
+        ),
     )
 }
 
 
-def _place(model: GpuModel, names: Sequence[str], item: str) -> list[tuple[str, int]]:
+def place_migs(model: GpuModel, names: Sequence[str], item: str) -> list[tuple[str, int]]:
     """Place MIG profiles like NVML does: larger first; 3g and up from the top, smaller from the bottom.
 
     Returns (profile, GPU instance id) pairs ordered by GPU instance id.
@@ -132,7 +249,7 @@ def _place(model: GpuModel, names: Sequence[str], item: str) -> list[tuple[str, 
         prof = model.mig[name]
         candidates = prof.placements if prof.compute_slices < 3 else tuple(reversed(prof.placements))
         for start, gi in candidates:
-            if not any(used[start:start + prof.memory_slices]):
+            if not any(used[start : start + prof.memory_slices]):
                 for i in range(start, start + prof.memory_slices):
                     used[i] = True
                 out.append((name, gi))
@@ -141,4 +258,3 @@ def _place(model: GpuModel, names: Sequence[str], item: str) -> list[tuple[str, 
             raise ValueError(f"mig item {item!r}: {name} does not fit next to the other instances")
     out.sort(key=lambda p: p[1])
     return out
-

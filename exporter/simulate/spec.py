@@ -42,7 +42,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exporter.simulate.models import MODELS, _place
+from exporter.simulate.models import MODELS, place_migs
 from exporter.simulate.workload import PATTERNS
 
 DEFAULT_DRIVER = "570.124.06"
@@ -197,7 +197,7 @@ def parse_spec(spec: str | None) -> SimConfig:
                         )
                     k = _int(count, f"mig profile count in {item!r}", 1, 7) if star else 1
                     names.extend([name] * k)
-                _place(model, names, item)  # validate now, with the item in the message
+                place_migs(model, names, item)  # validate now, with the item in the message
                 for gpu in _selector(sel, cfg.gpus, f"mig item {item!r}"):
                     cfg.mig[gpu] = tuple(names)
         elif key == "workload":
@@ -211,4 +211,3 @@ def parse_spec(spec: str | None) -> SimConfig:
         elif key == "faults":
             cfg.faults.extend(_split_list(value))
     return cfg
-

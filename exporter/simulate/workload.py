@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from exporter.simulate.hashing import _Smooth, _u
+from exporter.simulate.hashing import Smooth, uniform
 
 PATTERNS = ("train", "infer", "batch", "hold", "idle")
 # Default workload per GPU index (mod 8): some GPUs idle, so "allocated but idle" dashboards have data.
-_DEFAULT_PATTERNS = ("train", "train", "infer", "hold", "train", "batch", "infer", "idle")
-_MIG_PATTERNS = ("infer", "train", "batch", "hold", "infer", "idle", "train")
+DEFAULT_PATTERNS = ("train", "train", "infer", "hold", "train", "batch", "infer", "idle")
+MIG_PATTERNS = ("infer", "train", "batch", "hold", "infer", "idle", "train")
 
 
-def _util(pattern: str, key: int, n: int, period: int, noise: _Smooth, jitter: float) -> float:
+def utilisation(pattern: str, key: int, n: int, period: int, noise: Smooth, jitter: float) -> float:
     """Utilisation (0-100) of a workload pattern at second n; `jitter` is uniform in [0, 1)."""
     if pattern == "train":
         # Steady near 95% with a checkpoint dip every `period` seconds.
@@ -21,9 +21,9 @@ def _util(pattern: str, key: int, n: int, period: int, noise: _Smooth, jitter: f
         return float(int(12 + 63 * noise.at(n) + 8 * jitter))
     if pattern == "batch":
         block = (n + (key & 0xFFF)) // 300
-        if _u(key ^ 2, block) >= 0.6:
+        if uniform(key ^ 2, block) >= 0.6:
             return 0.0
-        return float(int(60 + 30 * _u(key ^ 3, block) + 10 * jitter))
+        return float(int(60 + 30 * uniform(key ^ 3, block) + 10 * jitter))
     return 0.0
 
 
@@ -36,7 +36,7 @@ _PROFILE = {
 }
 
 
-def _activity(pattern: str, util: float) -> dict[str, float]:
+def activity(pattern: str, util: float) -> dict[str, float]:
     """The GPM activity ratios (0-1, DCGM field name -> value) of a pattern at utilisation `util` (0-100)."""
     sm_per_gr, occ, tensor, fp64, fp32, fp16, dram = _PROFILE.get(pattern, _PROFILE["train"])
     gr = util * 0.01
@@ -53,11 +53,10 @@ def _activity(pattern: str, util: float) -> dict[str, float]:
     }
 
 
-def _fb_used(pattern: str, n: int, usable: int, frac: float, util: float, noise: _Smooth) -> int:
+def framebuffer_used(pattern: str, n: int, usable: int, frac: float, util: float, noise: Smooth) -> int:
     if pattern == "idle" or (pattern == "batch" and util == 0.0):
         return 0
     if pattern == "hold":
         return int(usable * frac * 0.6)
     wobble = 0.02 * noise.at(n) if pattern != "train" else 0.004 * noise.at(n // 10)
     return min(usable, int(usable * (frac + wobble)))
-
