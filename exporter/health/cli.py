@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from exporter.config import DEFAULTS
-from exporter.health.control import ControlError, request
-from exporter.health.engine import CONTROL_SOCKET
-from exporter.health.records import DeviceRecord
-from exporter.health.state import STATE_FILE, validate
+from exporter.health.control import CONTROL_SOCKET, ControlError, request
+from exporter.health.state import STATE_FILE, read_document, validate
 
 DEFAULT_STATE_DIR = str(DEFAULTS.state_dir)
 _ENV = "GPU_HEALTH_EXPORTER_STATE_DIR"
@@ -42,13 +40,20 @@ def _parser() -> argparse.ArgumentParser:
 def _offline_devices(state_dir: Path) -> list[dict[str, Any]]:
     from exporter.health.expose import reason_json, top_action
 
-    doc = validate(json.loads((state_dir / STATE_FILE).read_bytes()))
+    doc = read_document(validate(json.loads((state_dir / STATE_FILE).read_bytes())))
     out = []
-    for uuid, d in doc.get("devices", {}).items():
-        rec = DeviceRecord.from_json(uuid, d)
+    for uuid, rec in doc.devices.items():
         reasons = [r.freeze() for r in rec.reasons.values()]
-        out.append({"uuid": uuid, "kind": rec.kind, "index": rec.index, "state": rec.own_state.name.lower(),
-                    "reasons": [reason_json(r) for r in reasons], "action": top_action([r.action for r in reasons])})
+        out.append(
+            {
+                "uuid": uuid,
+                "kind": rec.kind,
+                "index": rec.index,
+                "state": rec.own_state.name.lower(),
+                "reasons": [reason_json(r) for r in reasons],
+                "action": top_action([r.action for r in reasons]),
+            }
+        )
     return out
 
 

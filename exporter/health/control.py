@@ -4,6 +4,9 @@ Protocol: the client sends one JSON object terminated by a newline; the server a
 object and a newline, then closes. Requests: {"op": "list"} and
 {"op": "clear", "target": "<uuid|index|all>", "reason": "..."}. Answers carry "ok" and either the
 result or "error". Access control is the file mode: only root (or the daemon's user) can connect.
+
+The requests are answered here (respond) from the engine's plain list() and clear(); the engine only
+starts and stops the server.
 """
 
 from __future__ import annotations
@@ -17,14 +20,52 @@ import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
 log = structlog.get_logger()
 
 MAX_REQUEST = 64 * 1024
+CONTROL_SOCKET = "control.sock"  # in the state dir
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
+NOT_LOADED = "starting: the health state is not loaded yet; retry"
+
+
+class Controlled(Protocol):
+    """What the control socket drives (HealthEngine)."""
+
+    def clear(self, target: str, reason: str) -> list[str]: ...
+
+    def list(self) -> list[dict[str, Any]]: ...  # last: a method named list shadows the type below it
+
+
+def respond(target: Controlled, req: dict[str, Any]) -> dict[str, Any]:
+    """The answer to one request; a bad one gets {"ok": False, "error": ...}."""
+    op = req.get("op")
+    if op == "list":
+        return {"ok": True, "devices": target.list()}
+    if op == "clear":
+        what, reason = req.get("target"), req.get("reason")
+        if not isinstance(what, str) or not isinstance(reason, str):
+            return {"ok": False, "error": "clear needs string 'target' and 'reason'"}
+        try:
+            return {"ok": True, "cleared": target.clear(what, reason)}
+        except ValueError as e:
+            return {"ok": False, "error": str(e)}
+    return {"ok": False, "error": f"unknown op {op!r}"}
+
+
+def handler(target: Controlled, ready: Callable[[], bool]) -> Handler:
+    """respond() once `ready()`; before that (the socket is up a moment before the state file is
+    read) every request is told to retry."""
+
+    def handle(req: dict[str, Any]) -> dict[str, Any]:
+        if not ready():
+            return {"ok": False, "error": NOT_LOADED}
+        return respond(target, req)
+
+    return handle
 
 
 class ControlError(Exception):

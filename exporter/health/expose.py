@@ -1,14 +1,23 @@
-"""Health as metrics text and as /gpus JSON."""
+"""Health as views of the devices, as metrics text, as /gpus and `health list` JSON.
+
+The engine hands over its records (under its lock) and what it copied of them; nothing here changes
+them.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from exporter.family import DEVICE_LABELS, Family
+from exporter.health import blindspots
 from exporter.health.policy import ACTION_RANK, NONE
-from exporter.health.verdict import HealthState, Reason
+from exporter.health.records import DeviceRecord
+from exporter.health.verdict import HealthState, Reason, Verdict
 from exporter.labels import RenderContext, escape_label_value, format_labels
+from exporter.model import Inventory
 
 # The health part's families (HealthEngine.render_metrics); gpuhealth_health_signal_missing is in blindspots.
 HEALTH_STATE = Family(
@@ -63,6 +72,51 @@ class DeviceView:
     own_reasons: tuple[tuple[Reason, str], ...]  # (reason, class) recorded on this device itself
 
 
+def device_views(
+    devs: Mapping[str, DeviceRecord], overlay: Mapping[str, tuple[Reason, ...]], verdict: Callable[[str], Verdict]
+) -> list[DeviceView]:
+    """Every recorded device, by GPU index; `overlay` holds the monitor's blind spots (never recorded)."""
+    views = []
+    for uuid, dev in devs.items():
+        v = verdict(uuid)
+        own = tuple(sorted((r for r in dev.reasons.values()), key=lambda r: (-r.state, r.first_seen)))
+        # Blind spots are the monitor's, recorded on no device: shown with class "monitor".
+        mine = (*((r.freeze(), r.cls) for r in own), *((r, "monitor") for r in overlay.get(uuid, ())))
+        views.append(DeviceView(uuid, dev.kind, dev.index, dev.parent, dev.gpu_instance_id, v.state, v.reasons, mine))
+    return sorted(views, key=lambda d: (d.index if d.index is not None else 1 << 30, d.kind, d.uuid))
+
+
+def devices_json(views: list[DeviceView]) -> list[dict[str, Any]]:
+    """What `health list` and /gpus show."""
+    return [device_json(d) for d in views]
+
+
+def gpus_json(devices: list[dict[str, Any]]) -> bytes:
+    """The /gpus body."""
+    return json.dumps({"devices": devices}, indent=1).encode() + b"\n"
+
+
+@dataclass(frozen=True)
+class Exposed:
+    """What the health part renders, copied under the engine's lock (so consistent)."""
+
+    views: list[DeviceView]
+    inventory: Inventory | None
+    xid_counts: dict[tuple[str, int, str], int]
+    clears: int
+    missing: dict[str, frozenset[str]]  # health fields each device no longer reports
+
+
+def render_metrics(ctx: RenderContext, e: Exposed, file_errors: int, write_failures: int) -> str:
+    """The health part: devices present (or holding reasons of their own), then the blind spots."""
+    inv = e.inventory
+    present = set() if inv is None else ({g.uuid for g in inv.gpus} | {m.uuid for g in inv.gpus for m in g.migs})
+    views = [d for d in e.views if d.uuid in present or d.own_reasons]
+    missing = {u: f for u, f in e.missing.items() if u in present}
+    text = render(ctx, views, e.xid_counts, file_errors, e.clears, write_failures)
+    return text + blindspots.render_signal_missing(ctx, missing)
+
+
 def top_action(actions: list[str]) -> str:
     """The one thing to do for a device: the most drastic recommended action."""
     return max(actions, key=lambda a: ACTION_RANK.get(a, 0), default=NONE)
@@ -70,8 +124,14 @@ def top_action(actions: list[str]) -> str:
 
 def reason_json(r: Reason) -> dict[str, Any]:
     return {
-        "signal": r.signal, "code": r.code, "message": r.message, "state": r.state.name.lower(),
-        "first_seen": r.first_seen, "last_seen": r.last_seen, "count": r.count, "action": r.action,
+        "signal": r.signal,
+        "code": r.code,
+        "message": r.message,
+        "state": r.state.name.lower(),
+        "first_seen": r.first_seen,
+        "last_seen": r.last_seen,
+        "count": r.count,
+        "action": r.action,
     }
 
 

@@ -1,5 +1,8 @@
 """The health state file: atomic, versioned JSON that survives restarts and kill -9.
 
+The document's shape lives here alone: document() builds it from the engine's records,
+validate() checks (and migrates) what was read, read_document() turns it back into records.
+
 Write protocol: temp file in the same directory, fsync it, rename over state.json, fsync the
 directory. A reader therefore sees either the old or the new file, never a torn one. A file we
 cannot parse is moved aside (never deleted: it may hold the only record of a fence) and we start
@@ -28,11 +31,14 @@ import stat
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from exporter.health.records import DeviceRecord, ReasonRecord
+from exporter.health.verdict import HealthState
 from exporter.logs import Reminder
 
 # 2: adds "signals_seen": {"<GPU model>": ["DCGM_FI_...", ...]} (health fields that model reports).
@@ -154,6 +160,89 @@ def _signals_seen(raw: object) -> dict[str, list[str]]:
             consequence="these models' health fields are learnt again from the GPUs",
         )
     return out
+
+
+# ---- the document: built from the engine's records, read back into them ---------------------------
+
+
+@dataclass
+class Document:
+    """The state file's content in memory: the engine's records (live, under its lock, when written)."""
+
+    devices: dict[str, DeviceRecord] = field(default_factory=dict)
+    xid_counts: dict[tuple[str, int, str], int] = field(default_factory=dict)  # (gpu, xid, class) -> count
+    clears_total: int = 0
+    signals_seen: dict[str, set[str]] = field(default_factory=dict)  # GPU model -> health fields reported
+
+
+def document(state: Document, written_at: float) -> dict[str, Any]:
+    """The JSON document of `state` (current schema), sharing nothing mutable with it."""
+    return {
+        "schema": SCHEMA_VERSION,
+        "written_at": written_at,
+        "devices": {u: _device_json(d) for u, d in state.devices.items()},
+        "xid_counts": [
+            {"gpu": g, "xid": x, "class": c, "count": n} for (g, x, c), n in sorted(state.xid_counts.items())
+        ],
+        "clears_total": state.clears_total,
+        "signals_seen": {m: sorted(f) for m, f in sorted(state.signals_seen.items())},
+    }
+
+
+def read_document(doc: dict[str, Any]) -> Document:
+    """The records in a document that validate() returned (so of the current schema)."""
+    clears = doc.get("clears_total", 0)
+    return Document(
+        {uuid: _device_record(uuid, d) for uuid, d in doc.get("devices", {}).items()},
+        {(c["gpu"], c["xid"], c["class"]): c["count"] for c in doc.get("xid_counts", [])},
+        clears if isinstance(clears, int) else 0,
+        # validate() brought any older schema to the current one: signals_seen is always there.
+        {m: set(f) for m, f in doc.get("signals_seen", {}).items()},
+    )
+
+
+def _reason_json(r: ReasonRecord) -> dict[str, Any]:
+    return {
+        "signal": r.signal,
+        "code": r.code,
+        "message": r.message,
+        "first_seen": r.first_seen,
+        "last_seen": r.last_seen,
+        "count": r.count,
+        "action": r.action,
+        "state": int(r.state),
+        "level": r.level,
+        "class": r.cls,
+    }
+
+
+def _reason_record(d: dict[str, Any]) -> ReasonRecord:
+    state = HealthState(d["state"])
+    cls = str(d.get("class", "fence" if state is HealthState.UNHEALTHY else "warn"))
+    first, last, level = float(d["first_seen"]), float(d["last_seen"]), bool(d.get("level", False))
+    return ReasonRecord(d["signal"], d["code"], d["message"], first, last, d["count"], d["action"], state, level, cls)
+
+
+def _device_json(d: DeviceRecord) -> dict[str, Any]:
+    return {
+        "meta": {"kind": d.kind, "parent": d.parent, "index": d.index, "gi": d.gpu_instance_id},
+        "reasons": [_reason_json(r) for r in d.reasons.values()],
+        "baseline": dict(d.tracker.baseline),
+    }
+
+
+def _device_record(uuid: str, d: dict[str, Any]) -> DeviceRecord:
+    meta = d.get("meta", {})
+    kind = meta.get("kind") if meta.get("kind") in ("gpu", "mig") else ("mig" if uuid.startswith("MIG-") else "gpu")
+    parent = meta.get("parent") if isinstance(meta.get("parent"), str) else None
+    index = meta.get("index") if isinstance(meta.get("index"), int) else None
+    gi = meta.get("gi") if isinstance(meta.get("gi"), int) else None
+    rec = DeviceRecord(uuid, kind, parent, index, gi)
+    for r in d.get("reasons", []):
+        rr = _reason_record(r)
+        rec.reasons[(rr.signal, rr.code)] = rr
+    rec.tracker.baseline = {k: float(v) for k, v in d.get("baseline", {}).items()}
+    return rec
 
 
 def _octal(mode: int) -> str:
