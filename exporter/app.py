@@ -185,13 +185,14 @@ class App:
         if not self.backend_ready:
             return False, "NVML not initialised"
         snap = self.collector.last_snapshot
-        if snap is None:
+        rendered_at = self.renderer.current.rendered_at
+        if snap is None or not rendered_at:  # the first cycle's bytes are not served yet
             return False, "no collection yet"
         if not snap.inventory.gpus:
             return False, "no GPUs found"
         if not snap.samples:
             return False, f"no GPU selected by --devices {str(self.cfg.devices)!r}: nothing is collected"
-        age = time.time() - self.renderer.current.rendered_at
+        age = time.time() - rendered_at
         if age > 3 * self.interval_s:
             return False, f"served metrics are {age:.0f}s old (more than 3 collection intervals)"
         for problem in (self.events.problem(), self.health.monitor_problem(), self.health.durability_problem()):
