@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Benchmarks for gpu-health-exporter. Prints figures side by side, in one run.
 
-    .venv/bin/python benchmarks/run.py [--only render,scrape,collect,memory,pods,health] [--soak-seconds 600]
+    .venv/bin/python benchmarks/run.py [--only render,scrape,collect,memory,pods,health,peers]
+        [--soak-seconds 600] [--peer-seconds 60]
 
 Each comparison is a ratio measured in the same run (these machines are noisy):
 render vs prometheus_client.generate_latest on the same samples; scrape
@@ -471,6 +472,12 @@ def bench_pods_section() -> None:
     bench_pods()
 
 
+def bench_peers_section(seconds: float) -> None:
+    from benchmarks.peers import bench_peers
+
+    bench_peers(seconds)
+
+
 SECTIONS = {
     "render": lambda a: bench_render(),
     "scrape": lambda a: bench_scrape(a.seconds),
@@ -478,6 +485,7 @@ SECTIONS = {
     "memory": lambda a: bench_memory(a.soak_seconds),
     "health": lambda a: bench_health(),
     "pods": lambda a: bench_pods_section(),
+    "peers": lambda a: bench_peers_section(a.peer_seconds),
 }
 
 
@@ -486,6 +494,7 @@ def main() -> int:
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma list of sections")
     ap.add_argument("--seconds", type=int, default=5, help="wrk duration per measurement")
     ap.add_argument("--soak-seconds", type=int, default=600, help="memory soak duration")
+    ap.add_argument("--peer-seconds", type=float, default=60.0, help="peers: length of each phase (idle, scraped)")
     ap.add_argument("--json", help="also write results to this file")
     args = ap.parse_args()
     for name in args.only.split(","):
