@@ -27,7 +27,7 @@ from exporter.health.control import CONTROL_SOCKET
 from exporter.health.expose import top_action
 from exporter.health.records import DeviceRecord, Records, reason_names
 from exporter.health.signals import Finding, evaluate
-from exporter.health.state import CoalescingWriter, StateStore
+from exporter.health.store import CoalescingWriter, StateStore
 from exporter.health.verdict import HealthState, Reason, Verdict, is_worse
 from exporter.labels import RenderContext
 from exporter.model import EVENT_DOUBLE_BIT_ECC, EVENT_GPU_LOST, EVENT_XID, DeviceEvent, Inventory

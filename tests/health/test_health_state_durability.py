@@ -15,20 +15,12 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from exporter.health import state as state_mod
+from exporter.health import store as store_mod
 from exporter.health.control import ControlError
 from exporter.health.engine import CONTROL_SOCKET, HealthEngine
 from exporter.health.policy import Policy
-from exporter.health.state import (
-    RETRY_FIRST_S,
-    RETRY_MAX_S,
-    SCHEMA_VERSION,
-    STATE_FILE,
-    CoalescingWriter,
-    StateError,
-    StateStore,
-    validate,
-)
+from exporter.health.state import SCHEMA_VERSION, STATE_FILE, StateError, validate
+from exporter.health.store import RETRY_FIRST_S, RETRY_MAX_S, CoalescingWriter, StateStore
 from exporter.health.verdict import HealthState
 from exporter.labels import RenderContext
 from exporter.model import EVENT_XID, DeviceEvent
@@ -403,7 +395,7 @@ def test_a_symlink_at_the_chosen_temp_name_is_skipped_for_a_new_name(
     victim = tmp_path / "victim"
     victim.write_text("precious")
     names = iter(["guessed", "taken", "fresh"])
-    monkeypatch.setattr(state_mod.secrets, "token_hex", lambda n=None: next(names))
+    monkeypatch.setattr(store_mod.secrets, "token_hex", lambda n=None: next(names))
     plant(sd / ".state.json.tmp-guessed", victim)
     plant(sd / ".state.json.tmp-taken", tmp_path / "dangling")  # a dangling link: O_CREAT would create it
     eng.on_events([xid(79)])
