@@ -12,11 +12,10 @@ from exporter.config import (
     FLAGS,
     Config,
     ConfigError,
-    ListenAddress,
-    parse_address,
     parse_config,
 )
 from exporter.devices import DeviceSelector, DeviceSelectorError, parse_device_selector
+from exporter.flags import ListenAddress, parse_address
 from exporter.model import Gpu, MigDevice
 
 ROOT = Path(__file__).resolve().parents[2]
