@@ -162,3 +162,41 @@ def test_not_supported_is_asked_again_after_the_retry_interval() -> None:
     assert "DCGM_FI_DEV_FB_USED" in b.asked[-1][1]  # asked again: supported now
     assert snap.samples[0].values["DCGM_FI_DEV_FB_USED"] == 7
     assert snap.samples[0].unsupported == frozenset()
+
+
+def test_a_hung_first_device_hands_the_others_to_another_reader() -> None:
+    # Reads of a cycle run in order on one reader thread; the one queued behind a hung read is
+    # handed to another reader, so it is read fresh well inside the deadline.
+    b = ScriptedBackend(gpus=4)
+    b.values = {f"GPU-0000000{i}": {"DCGM_FI_DEV_GPU_TEMP": 40 + i} for i in range(4)}
+    c = make(b, timeout=1.0)
+    c.run_once()
+    b.hang["GPU-00000000"] = threading.Event()
+    b.hang["GPU-00000002"] = threading.Event()
+    b.values["GPU-00000003"]["DCGM_FI_DEV_GPU_TEMP"] = 50
+    try:
+        snap = c.run_once()
+        stale = [s.stale for s in snap.samples]
+        assert stale == [True, False, True, False]
+        assert snap.samples[3].values["DCGM_FI_DEV_GPU_TEMP"] == 50
+        t0 = time.monotonic()
+        for _ in range(3):  # the hung ones are not asked again, the others stay fresh
+            assert [s.stale for s in c.run_once().samples] == [True, False, True, False]
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        for ev in b.hang.values():
+            ev.set()
+    time.sleep(0.05)
+    b.hang.clear()
+    assert not any(s.stale for s in c.run_once().samples)
+
+
+def test_healthy_devices_share_one_reader_thread() -> None:
+    before = {t.name for t in threading.enumerate()}
+    b = ScriptedBackend(gpus=8)
+    c = make(b)
+    for _ in range(5):
+        c.run_once()
+    readers = {t.name for t in threading.enumerate()} - before
+    assert len(readers) <= 2, readers  # one reader (plus discovery), not a thread per device
+    c.stop()
