@@ -15,6 +15,12 @@ window measures both processes over the same wall-clock span, so machine noise h
 - samples per scrape: non-comment lines of the exposition;
 - CPU per exported sample: scraped-window CPU / (scrapes x samples per scrape);
 - RSS: VmRSS at the end.
+
+Our process also runs the XID event thread (`nvml-events`), which nvitop-exporter has no counterpart
+for. Against the fake its nvmlEventSetWait polls the fake's control file every 5 ms (a real driver
+blocks in the kernel), which is most of our idle CPU here; so ours is also reported without that
+thread's CPU (/proc/<pid>/task/<tid>/stat, the thread found by name with `py-spy dump`; skipped if
+py-spy is not installed or may not attach).
 """
 
 from __future__ import annotations
@@ -72,9 +78,24 @@ class Proc:
             body = r.read().decode()
         return sum(1 for line in body.splitlines() if line and not line.startswith("#"))
 
-    def cpu_s(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    def cpu_s(self, tid: int | None = None) -> float:
+        where = f"/proc/{self.proc.pid}" + (f"/task/{tid}" if tid is not None else "")
+        fields = Path(f"{where}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def thread_id(self, name: str) -> int | None:
+        """The native id of the Python thread called `name` (py-spy dump), or None."""
+        spy = Path(sys.executable).parent / "py-spy"
+        binary = str(spy) if spy.exists() else shutil.which("py-spy")
+        if binary is None:
+            return None
+        try:
+            argv = [binary, "dump", "--pid", str(self.proc.pid)]
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        m = re.search(rf'^Thread (?:0x[0-9a-fA-F]+ )?\(?(\d+)\)? \([^)]*\): "{re.escape(name)}"', out.stdout, re.M)
+        return int(m.group(1)) if m else None
 
     def rss_mb(self) -> float:
         m = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{self.proc.pid}/status").read_text())
@@ -120,6 +141,8 @@ def bench_peers(seconds: float = 60.0, scenario: Path = SCENARIOS / "h100x8.json
     procs = [start_ours(scenario), start_nvitop(binary, scenario)]
     try:
         time.sleep(3.0)  # past start-up: first discovery, imports, first cycles
+        events_tid = procs[0].thread_id("nvml-events")
+        ev_idle = ev_busy = 0.0
         idle = {p.name: 0.0 for p in procs}
         busy = {p.name: 0.0 for p in procs}
         samples = {p.name: 0 for p in procs}
@@ -132,6 +155,7 @@ def bench_peers(seconds: float = 60.0, scenario: Path = SCENARIOS / "h100x8.json
                 if span <= 0:
                     continue
                 c0 = {p.name: p.cpu_s() for p in procs}
+                e0 = procs[0].cpu_s(events_tid) if events_tid is not None else 0.0
                 t0 = time.monotonic()
                 end = t0 + span
                 tick = 0
@@ -150,6 +174,12 @@ def bench_peers(seconds: float = 60.0, scenario: Path = SCENARIOS / "h100x8.json
                 took = time.monotonic() - t0
                 for p in procs:
                     (busy if scraped else idle)[p.name] += p.cpu_s() - c0[p.name]
+                if events_tid is not None:
+                    spent = procs[0].cpu_s(events_tid) - e0
+                    if scraped:
+                        ev_busy += spent
+                    else:
+                        ev_idle += spent
                 if scraped:
                     busy_s += took
                 else:
@@ -175,6 +205,20 @@ def bench_peers(seconds: float = 60.0, scenario: Path = SCENARIOS / "h100x8.json
         report("peers", f"{name}: CPU per exported sample (us)", f"{f['per_sample_us']:.1f}")
         report("peers", f"{name}: RSS (MB)", f"{f['rss']:.1f}")
     o, n = figures["ours"], figures["nvitop"]
+    if events_tid is not None:
+        o_idle = (idle["ours"] - ev_idle) / idle_s * 100
+        o_busy = (busy["ours"] - ev_busy) / busy_s * 100
+        o_per = (busy["ours"] - ev_busy) / max(1, samples["ours"]) * 1e6
+        report("peers", "ours: nvml-events thread alone (the fake's poll), idle", f"{ev_idle / idle_s * 100:.2f}%")
+        report("peers", "ours without the nvml-events thread: idle CPU", f"{o_idle:.2f}%")
+        report("peers", "ours without the nvml-events thread: CPU scraped once a second", f"{o_busy:.2f}%")
+        report("peers", "ours without the nvml-events thread: CPU per exported sample (us)", f"{o_per:.1f}")
+        report("peers", "ours without nvml-events / nvitop: idle CPU", f"{o_idle / n['idle']:.2f}x")
+        report("peers", "ours without nvml-events / nvitop: CPU scraped once a second", f"{o_busy / n['busy']:.2f}x")
+        ratio = o_per / n["per_sample_us"]
+        report("peers", "ours without nvml-events / nvitop: CPU per exported sample", f"{ratio:.2f}x")
+    else:
+        print("  (py-spy not available: ours is not also reported without its event thread)")
     report("peers", "ours / nvitop: idle CPU", f"{o['idle'] / n['idle']:.2f}x")
     report("peers", "ours / nvitop: CPU scraped once a second", f"{o['busy'] / n['busy']:.2f}x")
     report("peers", "ours / nvitop: CPU per exported sample", f"{o['per_sample_us'] / n['per_sample_us']:.2f}x")
