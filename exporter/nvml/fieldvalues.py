@@ -7,6 +7,7 @@ field, never a verdict on their support: only a driver without the call makes th
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 from collections.abc import Sequence
@@ -26,6 +27,22 @@ _MEMORY_TEMP_MAX = 200
 
 # nvmlValueType_t -> union member
 _VALUE_MEMBERS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
+
+
+
+class _FieldValueView(ctypes.Structure):
+    """pynvml's nvmlFieldValue_t layout without its Python-level attribute hooks: a read-only view
+    over the array the call filled, so decoding reads the members at C speed."""
+
+    _fields_ = list(pynvml.c_nvmlFieldValue_t._fields_)
+
+
+def _fast_view(values: Any, n: int) -> Any:
+    """`values` seen through _FieldValueView (same bytes), or `values` itself if it is no such array."""
+    if isinstance(values, ctypes.Array) and ctypes.sizeof(values) == n * ctypes.sizeof(_FieldValueView):
+        return (_FieldValueView * n).from_buffer(values)
+    return values
+
 
 Decoded: TypeAlias = float | str | None  # a number, None (not supported), or an error name
 
@@ -96,8 +113,9 @@ class FieldValueReader:
             return
         now = time.monotonic()
         decoded: dict[int, Decoded] = {}
+        entries = _fast_view(values, len(ids))
         for i in range(len(ids)):
-            decoded[ids[i][0]] = decode(uuid, values[i])
+            decoded[ids[i][0]] = decode(uuid, entries[i])
         for spec in fv_specs:
             self._sum(spec, decoded, result)
         rates: dict[int, float | None] = {}
