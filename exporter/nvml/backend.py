@@ -32,6 +32,16 @@ from exporter.nvml.gpm import GpmSampler
 
 log = structlog.get_logger("exporter.nvml")
 
+# How a field set splits by reader: (MIG-unsupported names, field values, rates, calls, GPM).
+_Plan = tuple[
+    tuple[str, ...],
+    list[FieldSpec],
+    list[tuple[FieldSpec, int]],
+    list[tuple[FieldSpec, str]],
+    list[tuple[FieldSpec, int]],
+]
+_PLANS_KEPT = 64  # field sets whose split is remembered (one or two per device)
+
 
 class NvmlBackend:
     """`exporter.backend.Backend` over NVML."""
@@ -48,6 +58,8 @@ class NvmlBackend:
         self._gpm = GpmSampler(self._symbols, self._discovery)
         self._field_values = FieldValueReader()
         self._calls = CallReader(self._symbols)
+        # id(fields), is_mig -> (fields, its split): the collector asks with the same tuple every cycle.
+        self._plans: dict[tuple[int, bool], tuple[Sequence[FieldSpec], _Plan]] = {}
 
     @property
     def discovery_log(self) -> Reminder:
@@ -129,6 +141,26 @@ class NvmlBackend:
         handle = self._discovery.handle_for(uuid)
         is_mig = uuid.startswith("MIG-")
         result = ReadResult()
+        plan = self._plan(fields, is_mig)
+        mig_unsupported, fv_specs, rate_specs, call_specs, gpm_specs = plan
+        if mig_unsupported:
+            result.unsupported.update(mig_unsupported)
+        if fv_specs or rate_specs:
+            self._field_values.read(uuid, handle, fv_specs, rate_specs, result)
+        if call_specs:
+            self._calls.read(uuid, handle, call_specs, result)
+        if gpm_specs:
+            self._gpm.read(uuid, handle, gpm_specs, result)
+        if len(result.errors) >= 2 and not result.values:  # one field failing says nothing of the device
+            raise_whole_device_failure(uuid, result)
+        return result
+
+    def _plan(self, fields: Sequence[FieldSpec], is_mig: bool) -> _Plan:
+        key = (id(fields), is_mig)
+        kept = self._plans.get(key)
+        if kept is not None and kept[0] is fields:
+            return kept[1]
+        mig_unsupported: list[str] = []
         fv_specs: list[FieldSpec] = []
         rate_specs: list[tuple[FieldSpec, int]] = []
         call_specs: list[tuple[FieldSpec, str]] = []
@@ -138,7 +170,7 @@ class NvmlBackend:
             if isinstance(reader, NOT_POLLED):
                 continue
             if is_mig and spec.scope != "instance":
-                result.unsupported.add(spec.name)
+                mig_unsupported.append(spec.name)
             elif isinstance(reader, FieldValue):
                 fv_specs.append(spec)
             elif isinstance(reader, Rate):
@@ -149,15 +181,12 @@ class NvmlBackend:
                 gpm_specs.append((spec, reader.metric_id))
             else:
                 assert_never(reader)
-        if fv_specs or rate_specs:
-            self._field_values.read(uuid, handle, fv_specs, rate_specs, result)
-        if call_specs:
-            self._calls.read(uuid, handle, call_specs, result)
-        if gpm_specs:
-            self._gpm.read(uuid, handle, gpm_specs, result)
-        if len(result.errors) >= 2 and not result.values:  # one field failing says nothing of the device
-            raise_whole_device_failure(uuid, result)
-        return result
+        plan: _Plan = (tuple(mig_unsupported), fv_specs, rate_specs, call_specs, gpm_specs)
+        if isinstance(fields, tuple):  # immutable: safe to reuse while the same object is asked for
+            if len(self._plans) >= _PLANS_KEPT:
+                self._plans.clear()
+            self._plans[key] = (fields, plan)
+        return plan
 
     # --------------------------------------------------------------- events
 
