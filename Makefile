@@ -42,11 +42,15 @@ demo: venv
 fakenvml:
 	$(MAKE) -C tests/fakenvml
 
+# What ruff and mypy check (pyproject.toml keeps the generated protobuf stubs out of both).
+PY_SOURCES = exporter podresources tests benchmarks deploy
+
 lint: venv
-	$(VENV)/bin/ruff check exporter podresources tests benchmarks
+	$(VENV)/bin/ruff check $(PY_SOURCES)
+	$(VENV)/bin/ruff format --check $(PY_SOURCES)
 
 typecheck: venv
-	$(VENV)/bin/mypy exporter podresources
+	$(VENV)/bin/mypy $(PY_SOURCES)
 
 unit: deps fakenvml
 	$(PY) -m pytest -q

@@ -270,8 +270,13 @@ class DevicePluginManager:
                 register(self._config.plugin_dir, endpoint, plugin.state.name)
             except grpc.RpcError as exc:
                 self._backoff(plugin)
-                log.warning("device plugin registration failed; retrying", resource=plugin.state.name,
-                            code=str(exc.code()), details=exc.details(), failures=plugin.failures)
+                log.warning(
+                    "device plugin registration failed; retrying",
+                    resource=plugin.state.name,
+                    code=str(exc.code()),
+                    details=exc.details(),
+                    failures=plugin.failures,
+                )
                 continue
             plugin.registered_with = kubelet
             plugin.failures = 0

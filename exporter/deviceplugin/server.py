@@ -145,8 +145,10 @@ class DevicePluginServicer:
     def ListAndWatch(self, request: pb.Empty, context: Any) -> Iterator[pb.ListAndWatchResponse]:
         with self._lock:
             if self._closed or self._streams >= _MAX_STREAMS:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"{self._state.name}: too many ListAndWatch streams or plugin shutting down")
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{self._state.name}: too many ListAndWatch streams or plugin shutting down",
+                )
             self._streams += 1
         # A cancelled stream (kubelet gone) must not wait for the next health change to free its thread.
         context.add_callback(self._state.wake)
@@ -184,13 +186,16 @@ class DevicePluginServicer:
             unknown = [i for i in ids if i not in devices.by_id]
             if unknown:
                 self._state.count_allocation(RESULT_UNKNOWN)
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"{self._state.name}: unknown device IDs: {', '.join(unknown)}")
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"{self._state.name}: unknown device IDs: {', '.join(unknown)}"
+                )
             unhealthy = [i for i in ids if not health.get(i, False)]
             if unhealthy:
                 self._state.count_allocation(RESULT_UNHEALTHY)
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"{self._state.name}: devices are unhealthy (fenced): {', '.join(unhealthy)}")
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{self._state.name}: devices are unhealthy (fenced): {', '.join(unhealthy)}",
+                )
             # Replicas of one GPU map to the same UUID: the container sees that GPU once.
             uuids = list(dict.fromkeys(devices.by_id[i].uuid for i in ids))
             container = pb.ContainerAllocateResponse()
@@ -202,9 +207,7 @@ class DevicePluginServicer:
         self._state.count_allocation(RESULT_SUCCESS)
         return response
 
-    def PreStartContainer(
-        self, request: pb.PreStartContainerRequest, context: Any
-    ) -> pb.PreStartContainerResponse:
+    def PreStartContainer(self, request: pb.PreStartContainerRequest, context: Any) -> pb.PreStartContainerResponse:
         # pre_start_required is false: the kubelet never calls this; answer anyway for completeness.
         return pb.PreStartContainerResponse()
 

@@ -119,14 +119,20 @@ class NodeStatusReporter:
         if status != self._last_status:
             self._transition_time = _now()
         cond = {
-            "type": CONDITION_TYPE, "status": status, "reason": reason, "message": message[:1024],
-            "lastHeartbeatTime": _now(), "lastTransitionTime": self._transition_time,
+            "type": CONDITION_TYPE,
+            "status": status,
+            "reason": reason,
+            "message": message[:1024],
+            "lastHeartbeatTime": _now(),
+            "lastTransitionTime": self._transition_time,
         }
         try:
             # Strategic merge keys conditions by type, leaving the kubelet's own conditions alone.
             self._client().patch_node_status(
-                self._node, {"status": {"conditions": [cond]}},
-                _content_type="application/strategic-merge-patch+json", _request_timeout=10,
+                self._node,
+                {"status": {"conditions": [cond]}},
+                _content_type="application/strategic-merge-patch+json",
+                _request_timeout=10,
             )
             self._last_status = status
         except Exception as e:
@@ -142,15 +148,22 @@ class NodeStatusReporter:
         causes = ", ".join(f"{r.signal}:{r.code}" if r.code else r.signal for r in t.reasons) or "cleared"
         now = _now()
         body = {
-            "apiVersion": "v1", "kind": "Event",
+            "apiVersion": "v1",
+            "kind": "Event",
             "metadata": {"generateName": f"{self._node}.gpuhealth-", "namespace": self._namespace},
             "involvedObject": {"apiVersion": "v1", "kind": "Node", "name": self._node},
-            "reason": reason, "type": "Warning" if worse else "Normal",
-            "message": (f"{t.uuid}: {t.previous.name.lower()} -> {t.state.name.lower()} ({causes}; action "
-                        f"{top_action([r.action for r in t.reasons])})")[:1024],
+            "reason": reason,
+            "type": "Warning" if worse else "Normal",
+            "message": (
+                f"{t.uuid}: {t.previous.name.lower()} -> {t.state.name.lower()} ({causes}; action "
+                f"{top_action([r.action for r in t.reasons])})"
+            )[:1024],
             "source": {"component": COMPONENT, "host": self._node},
-            "reportingComponent": COMPONENT, "reportingInstance": self._node,
-            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+            "reportingComponent": COMPONENT,
+            "reportingInstance": self._node,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
         }
         try:
             self._client().create_namespaced_event(self._namespace, body, _request_timeout=10)

@@ -65,22 +65,37 @@ def evaluate(sample: DeviceSample, tracker: Tracker, now: float, pol: p.Policy) 
     if not sample.up:
         tracker.slowdown_since = None
         if sample.error == "lost":
-            findings.append(Finding("gpu_lost", "GPU_IS_LOST", HealthState.UNHEALTHY, p.REBOOT_NODE,
-                                    "NVML reports the GPU is lost"))
+            findings.append(
+                Finding("gpu_lost", "GPU_IS_LOST", HealthState.UNHEALTHY, p.REBOOT_NODE, "NVML reports the GPU is lost")
+            )
         else:
             # Failing as a whole (not one field): fence only once it outlasts the grace period,
             # the same patience we give a hung read.
             if tracker.failing_since is None:
                 tracker.failing_since = now
             if now - tracker.failing_since >= pol.nvml_timeout_grace_s:
-                findings.append(Finding("nvml_error", sample.error or "unknown", HealthState.UNHEALTHY,
-                                        p.RESET_GPU, f"device reads failing for {now - tracker.failing_since:.0f}s"))
+                findings.append(
+                    Finding(
+                        "nvml_error",
+                        sample.error or "unknown",
+                        HealthState.UNHEALTHY,
+                        p.RESET_GPU,
+                        f"device reads failing for {now - tracker.failing_since:.0f}s",
+                    )
+                )
         return Evaluation(findings, observed=False, reset_detected=False)
     tracker.failing_since = None
     if sample.stale:
         if sample.age_s >= pol.nvml_timeout_grace_s:
-            findings.append(Finding("nvml_timeout", sample.error or "timeout", HealthState.UNHEALTHY, p.RESET_GPU,
-                                    f"device reads hung for {sample.age_s:.0f}s"))
+            findings.append(
+                Finding(
+                    "nvml_timeout",
+                    sample.error or "timeout",
+                    HealthState.UNHEALTHY,
+                    p.RESET_GPU,
+                    f"device reads hung for {sample.age_s:.0f}s",
+                )
+            )
         return Evaluation(findings, observed=False, reset_detected=False)
     if sample.mig is not None:
         # Health fields are GPU-wide; the parent's sample carries them.
@@ -90,21 +105,43 @@ def evaluate(sample: DeviceSample, tracker: Tracker, now: float, pol: p.Policy) 
     reset = any(k in v and k in tracker.baseline and v[k] < tracker.baseline[k] for k in RESET_COUNTERS)
     if not reset and DBE_VOL in v and DBE_VOL in tracker.baseline and v[DBE_VOL] > tracker.baseline[DBE_VOL]:
         delta = int(v[DBE_VOL] - tracker.baseline[DBE_VOL])
-        findings.append(Finding("dbe", "", HealthState.UNHEALTHY, p.RESET_GPU,
-                                "volatile double-bit ECC error count increased", count=max(delta, 1), level=False))
+        findings.append(
+            Finding(
+                "dbe",
+                "",
+                HealthState.UNHEALTHY,
+                p.RESET_GPU,
+                "volatile double-bit ECC error count increased",
+                count=max(delta, 1),
+                level=False,
+            )
+        )
     for k in RESET_COUNTERS:
         if k in v:
             tracker.baseline[k] = v[k]
 
     if v.get(ROW_REMAP_FAILURE, 0) >= 1:
-        findings.append(Finding("row_remap_failure", "", HealthState.UNHEALTHY, p.RESET_GPU,
-                                "row remapping failed"))
+        findings.append(Finding("row_remap_failure", "", HealthState.UNHEALTHY, p.RESET_GPU, "row remapping failed"))
     if v.get(ROW_REMAP_PENDING, 0) >= 1:
-        findings.append(Finding("row_remap_pending", "", HealthState.DEGRADED, p.RESET_GPU,
-                                "row remapping pending: reset the GPU to apply it"))
+        findings.append(
+            Finding(
+                "row_remap_pending",
+                "",
+                HealthState.DEGRADED,
+                p.RESET_GPU,
+                "row remapping pending: reset the GPU to apply it",
+            )
+        )
     if v.get(RETIRED_PENDING, 0) > 0:
-        findings.append(Finding("retired_pages_pending", "", HealthState.DEGRADED, p.RESET_GPU,
-                                "page retirement pending: reset the GPU to apply it"))
+        findings.append(
+            Finding(
+                "retired_pages_pending",
+                "",
+                HealthState.DEGRADED,
+                p.RESET_GPU,
+                "page retirement pending: reset the GPU to apply it",
+            )
+        )
     ra = int(v.get(RECOVERY_ACTION, 0))
     if ra != 0:
         state, action, message = p.recovery_action(ra)
@@ -116,8 +153,15 @@ def evaluate(sample: DeviceSample, tracker: Tracker, now: float, pol: p.Policy) 
         if tracker.slowdown_since is None:
             tracker.slowdown_since = now
         if now - tracker.slowdown_since >= pol.slowdown_s:
-            findings.append(Finding("hw_slowdown", "", HealthState.DEGRADED, p.NONE,
-                                    f"sustained hardware slowdown (clock event reasons 0x{bits:x})"))
+            findings.append(
+                Finding(
+                    "hw_slowdown",
+                    "",
+                    HealthState.DEGRADED,
+                    p.NONE,
+                    f"sustained hardware slowdown (clock event reasons 0x{bits:x})",
+                )
+            )
     elif CLOCK_REASONS in v:
         tracker.slowdown_since = None
     return Evaluation(findings, observed=True, reset_detected=reset)

@@ -16,7 +16,7 @@ class FailingEvents(ScriptedBackend):
         super().__init__(gpus=1)
         self.opens = 0
 
-    def open_events(self, inventory: Inventory):  # type: ignore[no-untyped-def,override]
+    def open_events(self, inventory: Inventory):  # type: ignore[no-untyped-def]
         self.opens += 1
         raise BackendError("register failed")
 
@@ -28,7 +28,7 @@ class LosingEvents(ScriptedBackend):
         super().__init__(gpus=1)
         self.opens = 0
 
-    def open_events(self, inventory: Inventory):  # type: ignore[no-untyped-def,override]
+    def open_events(self, inventory: Inventory):  # type: ignore[no-untyped-def]
         self.opens += 1
         backend = self
 

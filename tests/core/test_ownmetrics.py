@@ -27,12 +27,11 @@ import pytest
 from exporter.family import DCGM_DEVICE_LABELS, DEVICE_LABELS, Family
 from exporter.labels import escape_help
 from exporter.ownmetrics import BY_NAME, OWN_METRICS
-from tests.conftest import FakeNvmlBuild, load_scenario
 from tests.deviceplugin.fakekubelet_registration import FakeKubelet as RegistrationKubelet
 from tests.e2e.harness import ExporterProcess
-from tests.e2e.nvmlnode import NvmlNode
-from tests.e2e.test_nvml_e2e import GOLDEN, SCENARIOS
+from tests.e2e.nvmlnode import GOLDEN, SCENARIOS, NvmlNode
 from tests.fakekubelet import FakeKubelet as PodResourcesKubelet
+from tests.fakenvmllib import FakeNvmlBuild, load_scenario
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_RESOURCE = "nvidia.com/gpu"

@@ -119,8 +119,14 @@ def substitute_grafana_vars(expr: str, values: dict[str, str] | None = None, all
 
 def check_promql(exprs: dict[str, str], tmp_path: Path) -> None:
     """Validate PromQL syntax with promtool: each expr becomes a recording rule."""
-    rules = {"groups": [{"name": "syntax", "rules": [
-        {"record": f"syntax:check_{i}", "expr": expr} for i, expr in enumerate(exprs.values())]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "syntax",
+                "rules": [{"record": f"syntax:check_{i}", "expr": expr} for i, expr in enumerate(exprs.values())],
+            }
+        ]
+    }
     path = tmp_path / "syntax.rules.yml"
     path.write_text(yaml.safe_dump(rules, sort_keys=False))
     result = run_promtool("check", "rules", str(path))

@@ -62,12 +62,20 @@ def make_config(
 ) -> dict[str, Any]:
     """A prometheus.yml as a dict: one static job (honor_labels like the ServiceMonitor) + extras."""
     return {
-        "global": {"scrape_interval": scrape_interval, "evaluation_interval": evaluation_interval,
-                   "scrape_timeout": scrape_interval},
+        "global": {
+            "scrape_interval": scrape_interval,
+            "evaluation_interval": evaluation_interval,
+            "scrape_timeout": scrape_interval,
+        },
         "rule_files": [str(Path(p).resolve()) for p in rule_files],
         "scrape_configs": [
-            {"job_name": job, "honor_labels": honor_labels, "metrics_path": metrics_path, "scheme": scheme,
-             "static_configs": [{"targets": list(targets)}]},
+            {
+                "job_name": job,
+                "honor_labels": honor_labels,
+                "metrics_path": metrics_path,
+                "scheme": scheme,
+                "static_configs": [{"targets": list(targets)}],
+            },
             *extra_scrape_configs,
         ],
     }
@@ -142,8 +150,13 @@ class PrometheusServer:
         alerts: list[dict[str, Any]] = self._get("/api/v1/alerts")["alerts"]
         return alerts
 
-    def wait_for(self, expr: str, predicate: Callable[[list[dict[str, Any]]], bool] = bool,
-                 timeout: float = 30.0, interval: float = 0.25) -> list[dict[str, Any]]:
+    def wait_for(
+        self,
+        expr: str,
+        predicate: Callable[[list[dict[str, Any]]], bool] = bool,
+        timeout: float = 30.0,
+        interval: float = 0.25,
+    ) -> list[dict[str, Any]]:
         """Poll `expr` until predicate(result) holds; returns that result."""
         deadline = time.monotonic() + timeout
         last: list[dict[str, Any]] = []
@@ -171,8 +184,9 @@ class PrometheusServer:
             self._log = None
 
 
-def start_prometheus(config: dict[str, Any], workdir: Path | None = None, port: int | None = None,
-                     ready_timeout: float = 30.0) -> PrometheusServer:
+def start_prometheus(
+    config: dict[str, Any], workdir: Path | None = None, port: int | None = None, ready_timeout: float = 30.0
+) -> PrometheusServer:
     """Start `prometheus` with `config` on 127.0.0.1 (a free port unless given) and wait until ready."""
     binary = prometheus_binary()
     workdir = Path(workdir or tempfile.mkdtemp(prefix="prom-test-"))
@@ -183,9 +197,17 @@ def start_prometheus(config: dict[str, Any], workdir: Path | None = None, port: 
     log_path = workdir / "prometheus.log"
     log = log_path.open("wb")
     process = subprocess.Popen(
-        [binary, f"--config.file={config_path}", f"--storage.tsdb.path={workdir / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn", "--storage.tsdb.retention.time=1h"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+        [
+            binary,
+            f"--config.file={config_path}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+            "--storage.tsdb.retention.time=1h",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=workdir,
     )
     server = PrometheusServer(port=port, workdir=workdir, process=process, log_path=log_path, _log=log)
     try:
@@ -197,8 +219,13 @@ def start_prometheus(config: dict[str, Any], workdir: Path | None = None, port: 
 
 
 @contextlib.contextmanager
-def running_prometheus(targets: Sequence[str] = (), *, config: dict[str, Any] | None = None,
-                       workdir: Path | None = None, **config_kwargs: Any) -> Iterator[PrometheusServer]:
+def running_prometheus(
+    targets: Sequence[str] = (),
+    *,
+    config: dict[str, Any] | None = None,
+    workdir: Path | None = None,
+    **config_kwargs: Any,
+) -> Iterator[PrometheusServer]:
     """Context manager: start Prometheus scraping `targets` (or with a full `config`), stop it after."""
     server = start_prometheus(config or make_config(targets, **config_kwargs), workdir=workdir)
     try:

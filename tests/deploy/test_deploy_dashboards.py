@@ -119,15 +119,28 @@ def test_rates_use_grafana_windows() -> None:
 def test_required_content() -> None:
     text = {name: str(load_dashboard(name)) for name in DASHBOARD_NAMES}
     fleet, health, workload = text["fleet-overview"], text["health-errors"], text["workload-attribution"]
-    for needle in ["gpuhealth_gpu_allocation_info", "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_POWER_USAGE",
-                   "gpuhealth_health_state", "max_over_time(DCGM_FI_DEV_GPU_UTIL"]:
+    for needle in [
+        "gpuhealth_gpu_allocation_info",
+        "DCGM_FI_DEV_GPU_UTIL",
+        "DCGM_FI_DEV_POWER_USAGE",
+        "gpuhealth_health_state",
+        "max_over_time(DCGM_FI_DEV_GPU_UTIL",
+    ]:
         assert needle in fleet, needle
-    for needle in ["state-timeline", "gpuhealth_xid_errors_total", "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
-                   "DCGM_FI_DEV_ROW_REMAP_PENDING", "DCGM_FI_DEV_PCIE_REPLAY_COUNTER",
-                   "DCGM_FI_DEV_CLOCKS_EVENT_REASONS"]:
+    for needle in [
+        "state-timeline",
+        "gpuhealth_xid_errors_total",
+        "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
+        "DCGM_FI_DEV_ROW_REMAP_PENDING",
+        "DCGM_FI_DEV_PCIE_REPLAY_COUNTER",
+        "DCGM_FI_DEV_CLOCKS_EVENT_REASONS",
+    ]:
         assert needle in health, needle
-    xid_annotations = [a for a in load_dashboard("health-errors")["annotations"]["list"]
-                       if "gpuhealth_xid_errors_total" in a.get("expr", "")]
+    xid_annotations = [
+        a
+        for a in load_dashboard("health-errors")["annotations"]["list"]
+        if "gpuhealth_xid_errors_total" in a.get("expr", "")
+    ]
     assert xid_annotations and "increase(" in xid_annotations[0]["expr"]
     assert "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION" in workload and ") / 1000" in workload  # mJ -> J
     assert "GPU-hours" in workload and "namespace" in workload
@@ -162,7 +175,15 @@ def test_every_query_parses_with_promtool(tmp_path: Path) -> None:
 def test_grafana_12239_compat_queries(tmp_path: Path) -> None:
     lines = [line for line in COMPAT_QUERIES.read_text().splitlines() if line and not line.startswith("#")]
     queries = dict(line.split("\t", 1) for line in lines)
-    for title in ["GPU Temperature", "GPU Avg. Temp", "GPU Power Usage", "GPU Power Total", "GPU SM Clocks",
-                  "GPU Utilization", "Tensor Core Utilization", "GPU Framebuffer Mem Used"]:
+    for title in [
+        "GPU Temperature",
+        "GPU Avg. Temp",
+        "GPU Power Usage",
+        "GPU Power Total",
+        "GPU SM Clocks",
+        "GPU Utilization",
+        "Tensor Core Utilization",
+        "GPU Framebuffer Mem Used",
+    ]:
         assert title in queries, title
     check_promql(queries, tmp_path)

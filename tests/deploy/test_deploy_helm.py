@@ -40,16 +40,41 @@ def validate_crd(doc: dict[str, Any]) -> None:
     assert doc["metadata"]["name"] and doc["metadata"]["namespace"]
     spec = doc["spec"]
     if doc["kind"] == "ServiceMonitor":
-        assert set(spec) <= {"jobLabel", "selector", "namespaceSelector", "endpoints", "targetLabels",
-                             "podTargetLabels", "sampleLimit", "attachMetadata"}
+        assert set(spec) <= {
+            "jobLabel",
+            "selector",
+            "namespaceSelector",
+            "endpoints",
+            "targetLabels",
+            "podTargetLabels",
+            "sampleLimit",
+            "attachMetadata",
+        }
         assert spec["selector"]["matchLabels"] and spec["endpoints"]
         for ep in spec["endpoints"]:
             assert ep["port"] == "metrics" and ep["path"] == "/metrics"
-            assert set(ep) <= {"port", "path", "interval", "scrapeTimeout", "honorLabels", "scheme", "tlsConfig",
-                               "basicAuth", "relabelings", "metricRelabelings"}
+            assert set(ep) <= {
+                "port",
+                "path",
+                "interval",
+                "scrapeTimeout",
+                "honorLabels",
+                "scheme",
+                "tlsConfig",
+                "basicAuth",
+                "relabelings",
+                "metricRelabelings",
+            }
             for relabel in ep.get("relabelings", []) + ep.get("metricRelabelings", []):
-                assert set(relabel) <= {"sourceLabels", "separator", "targetLabel", "regex", "modulus",
-                                        "replacement", "action"}
+                assert set(relabel) <= {
+                    "sourceLabels",
+                    "separator",
+                    "targetLabel",
+                    "regex",
+                    "modulus",
+                    "replacement",
+                    "action",
+                }
     else:
         assert spec["groups"]
         for group in spec["groups"]:
@@ -111,8 +136,18 @@ def test_plain_manifests_validate_and_are_listed() -> None:
             validate(doc)
             kinds.append(doc["kind"])
             assert "helm.sh/chart" not in doc["metadata"].get("labels", {})
-    assert sorted(kinds) == sorted(["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "DaemonSet",
-                                    "Service", "ServiceMonitor", "PrometheusRule"])
+    assert sorted(kinds) == sorted(
+        [
+            "Namespace",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "DaemonSet",
+            "Service",
+            "ServiceMonitor",
+            "PrometheusRule",
+        ]
+    )
 
 
 def test_plain_rbac_is_least_privilege() -> None:
@@ -134,8 +169,10 @@ def test_daemonset_basics(values: dict[str, Any]) -> None:
     assert c["livenessProbe"]["httpGet"]["path"] == "/health"
     assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert c["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
-    assert c["resources"] == {"requests": {"cpu": "50m", "memory": "64Mi"},
-                              "limits": {"cpu": "500m", "memory": "128Mi"}}
+    assert c["resources"] == {
+        "requests": {"cpu": "50m", "memory": "64Mi"},
+        "limits": {"cpu": "500m", "memory": "128Mi"},
+    }
     sc = c["securityContext"]
     assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"] == {"drop": ["ALL"]}
@@ -211,10 +248,17 @@ def test_no_web_config_until_the_exporter_implements_it() -> None:
 
 def test_pod_mapping_options() -> None:
     args = container(daemonset(render_chart(full_values())))["args"]
-    assert {"--kubernetes", "--kubernetes-enable-pod-uid", "--kubernetes-enable-pod-labels", "--kubernetes-dra",
-            "--nvidia-resource-names=nvidia.com/gpu.shared", "--health-auto-recover",
-            "--health-fence-xids=48,62,64,74,79,95,109,119,120,140", "--log-level=debug",
-            "--collectors=/etc/gpu-health-exporter/collectors/collectors.csv"} <= set(args)
+    assert {
+        "--kubernetes",
+        "--kubernetes-enable-pod-uid",
+        "--kubernetes-enable-pod-labels",
+        "--kubernetes-dra",
+        "--nvidia-resource-names=nvidia.com/gpu.shared",
+        "--health-auto-recover",
+        "--health-fence-xids=48,62,64,74,79,95,109,119,120,140",
+        "--log-level=debug",
+        "--collectors=/etc/gpu-health-exporter/collectors/collectors.csv",
+    } <= set(args)
 
 
 def test_service_monitor_keeps_workload_labels() -> None:
@@ -231,8 +275,11 @@ def test_optional_objects_are_off_by_default() -> None:
 
 
 def test_dashboards_configmaps() -> None:
-    maps = [d for d in by_kind(render_chart({"dashboards": {"enabled": True}}), "ConfigMap")
-            if "grafana_dashboard" in d["metadata"]["labels"]]
+    maps = [
+        d
+        for d in by_kind(render_chart({"dashboards": {"enabled": True}}), "ConfigMap")
+        if "grafana_dashboard" in d["metadata"]["labels"]
+    ]
     assert len(maps) == len(DASHBOARD_NAMES)
     for cm in maps:
         assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -242,11 +289,26 @@ def test_dashboards_configmaps() -> None:
 
 def test_values_cover_every_feature() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    for path in ["image.repository", "podMapping.enabled", "podMapping.gpuIdType", "devicePlugin.enabled",
-                 "devicePlugin.resourceName", "devicePlugin.replicas", "devicePlugin.migStrategy",
-                 "health.nodeStatus", "serviceMonitor.enabled", "prometheusRule.enabled",
-                 "prometheusRule.thresholds", "dashboards.enabled", "dashboards.labels", "resources",
-                 "tolerations", "nodeSelector", "priorityClassName", "extraArgs"]:
+    for path in [
+        "image.repository",
+        "podMapping.enabled",
+        "podMapping.gpuIdType",
+        "devicePlugin.enabled",
+        "devicePlugin.resourceName",
+        "devicePlugin.replicas",
+        "devicePlugin.migStrategy",
+        "health.nodeStatus",
+        "serviceMonitor.enabled",
+        "prometheusRule.enabled",
+        "prometheusRule.thresholds",
+        "dashboards.enabled",
+        "dashboards.labels",
+        "resources",
+        "tolerations",
+        "nodeSelector",
+        "priorityClassName",
+        "extraArgs",
+    ]:
         node: Any = values
         for part in path.split("."):
             assert part in node, path

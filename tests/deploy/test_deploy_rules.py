@@ -90,8 +90,14 @@ def test_every_alert_fires_after_for_and_is_silent_just_before() -> None:
 def test_neighbouring_codes_are_covered() -> None:
     """The tests feed the neighbours the rules must ignore (application XIDs, SBE, other clock bits, ...)."""
     text = "\n".join(p.read_text() for p in RULE_TESTS)
-    for needle in ['class="application"', "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL", "values: '40x25'",
-                   'pod=""', 'gpu_i_id="4"', "DCGM_FI_DEV_RETIRED_DBE"]:
+    for needle in [
+        'class="application"',
+        "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL",
+        "values: '40x25'",
+        'pod=""',
+        'gpu_i_id="4"',
+        "DCGM_FI_DEV_RETIRED_DBE",
+    ]:
         assert needle in text, needle
 
 
@@ -134,9 +140,20 @@ def test_chart_threshold_defaults_match_generator() -> None:
 
 
 def test_chart_thresholds_change_the_rules(tmp_path: Path) -> None:
-    values = {"prometheusRule": {"enabled": True, "thresholds": {
-        "collectionStaleSeconds": 300, "deviceDataStaleSeconds": 90, "gpuCountLookback": "12h", "xidWindow": "30m",
-        "slowdownFor": "15m", "pcieReplaysPerMinute": 20, "allocatedIdleFor": "4h"}}}
+    values = {
+        "prometheusRule": {
+            "enabled": True,
+            "thresholds": {
+                "collectionStaleSeconds": 300,
+                "deviceDataStaleSeconds": 90,
+                "gpuCountLookback": "12h",
+                "xidWindow": "30m",
+                "slowdownFor": "15m",
+                "pcieReplaysPerMinute": 20,
+                "allocatedIdleFor": "4h",
+            },
+        }
+    }
     (doc,) = by_kind(render_chart(values), "PrometheusRule")
     rules = {r["alert"]: r for g in doc["spec"]["groups"] for r in g["rules"]}
     assert rules["GpuExporterCollectionStale"]["expr"].endswith("> 300")
@@ -168,8 +185,9 @@ def test_chart_rules_follow_the_job_label(job: str) -> None:
 
 
 def test_chart_disabled_alerts() -> None:
-    (doc,) = by_kind(render_chart({"prometheusRule": {"enabled": True, "disabledAlerts": ["GpuAllocatedButIdle"]}}),
-                     "PrometheusRule")
+    (doc,) = by_kind(
+        render_chart({"prometheusRule": {"enabled": True, "disabledAlerts": ["GpuAllocatedButIdle"]}}), "PrometheusRule"
+    )
     names = {r["alert"] for g in doc["spec"]["groups"] for r in g["rules"] or []}
     assert names == {a["alert"] for a in alerts()} - {"GpuAllocatedButIdle"}
 
@@ -191,6 +209,11 @@ def test_label_scheme_per_family() -> None:
             assert not re.search(_OWN_NAMES, text), name
         else:
             for clause in re.findall(r"\b(?:on|ignoring)\s*\(([^)]*)\)", expr):
-                assert set(re.split(r"\s*,\s*", clause.strip())) <= {"job", "instance", "gpu", "pci_bus_id",
-                                                                     "device"}, f"{name}: on ({clause})"
+                assert set(re.split(r"\s*,\s*", clause.strip())) <= {
+                    "job",
+                    "instance",
+                    "gpu",
+                    "pci_bus_id",
+                    "device",
+                }, f"{name}: on ({clause})"
             assert not re.search(_DCGM_NAMES, " ".join(alert["annotations"].values())), name

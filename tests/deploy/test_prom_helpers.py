@@ -21,10 +21,21 @@ def test_binary_present() -> None:
 
 def test_prometheus_scrapes_itself_and_evaluates_rules(tmp_path: Path) -> None:
     rules = tmp_path / "self.rules.yml"
-    rules.write_text(yaml.safe_dump({"groups": [{"name": "self", "rules": [
-        {"record": "selftest:up", "expr": 'max(up{job="prometheus"})'},
-        {"alert": "SelfTestAlwaysFiring", "expr": "vector(1)", "labels": {"severity": "info"}},
-    ]}]}))
+    rules.write_text(
+        yaml.safe_dump(
+            {
+                "groups": [
+                    {
+                        "name": "self",
+                        "rules": [
+                            {"record": "selftest:up", "expr": 'max(up{job="prometheus"})'},
+                            {"alert": "SelfTestAlwaysFiring", "expr": "vector(1)", "labels": {"severity": "info"}},
+                        ],
+                    }
+                ]
+            }
+        )
+    )
     port = free_port()
     config = self_scrape_config(port, rule_files=[rules])
     server = start_prometheus(config, workdir=tmp_path / "prom", port=port)

@@ -50,8 +50,7 @@ from tests.fakekubelet import FakeKubelet
 
 JOB = "gpu-health-exporter"
 FOR = "2s"
-SPEC_A = ("mig=0:3g.40gb+2g.20gb+1g.10gb+1g.10gb,"
-          "faults=xid:1:79@1;dbe:4@1;remap-failure:5@1;thermal:6@1")
+SPEC_A = "mig=0:3g.40gb+2g.20gb+1g.10gb+1g.10gb,faults=xid:1:79@1;dbe:4@1;remap-failure:5@1;thermal:6@1"
 SPEC_B = "v100x2,seed=2,faults=dbe:1@1"
 # Grafana's built-in variables as Grafana would fill them for "last 5 minutes" at a 1 s scrape
 # interval. Dashboard variables ($node, $gpu, $namespace, ...) become ALL_VALUE: "All" in Grafana is
@@ -98,16 +97,19 @@ def kubelet_layout(spec: str) -> dict[str, Any]:
     assert sorted(migs) == [2, 3, 9, 10], migs
 
     def pod(namespace: str, name: str, resource: str, *ids: str) -> dict[str, Any]:
-        return {"name": name, "namespace": namespace, "containers": [
-            {"name": "main", "devices": [{"resource_name": resource, "device_ids": list(ids)}]}]}
+        return {
+            "name": name,
+            "namespace": namespace,
+            "containers": [{"name": "main", "devices": [{"resource_name": resource, "device_ids": list(ids)}]}],
+        }
 
     shared = [f"{gpus[2].uuid}::{i}" for i in range(4)]
     pods = [
-        pod("ml", "train-1", "nvidia.com/gpu", gpus[1].uuid),          # whole GPU (fenced by XID 79)
-        pod("ml", "idle-holder", "nvidia.com/gpu", gpus[3].uuid),      # whole GPU, "hold" workload: 0 %
-        pod("infer", "infer-a", "nvidia.com/gpu", shared[0]),          # time-shared GPU 2 ...
+        pod("ml", "train-1", "nvidia.com/gpu", gpus[1].uuid),  # whole GPU (fenced by XID 79)
+        pod("ml", "idle-holder", "nvidia.com/gpu", gpus[3].uuid),  # whole GPU, "hold" workload: 0 %
+        pod("infer", "infer-a", "nvidia.com/gpu", shared[0]),  # time-shared GPU 2 ...
         pod("infer", "infer-b", "nvidia.com/gpu", shared[1]),
-        pod("infer", "infer-c", "nvidia.com/gpu", shared[2]),          # ... replica ::3 stays free
+        pod("infer", "infer-c", "nvidia.com/gpu", shared[2]),  # ... replica ::3 stays free
         pod("research", "mig-big", "nvidia.com/mig-3g.40gb", migs[2].uuid),
         pod("research", "mig-mid", "nvidia.com/mig-2g.20gb", migs[3].uuid),
         pod("ml", "mig-small", "nvidia.com/mig-1g.10gb", migs[9].uuid),  # GI 10 stays free
@@ -140,13 +142,20 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
     sock_dir = tempfile.mkdtemp(prefix="k", dir="/tmp")  # unix socket paths are limited to 107 bytes
     started = time.time()
     kubelet = FakeKubelet(Path(sock_dir) / "kubelet.sock", kubelet_layout(SPEC_A)).start()
-    node_a = ExporterProcess([f"--simulate={SPEC_A}", "-c", "500", "-k", "--pod-resources-kubelet-socket",
-                              kubelet.socket_path], tmp / "node-a", env={"NODE_NAME": "node-a"})
+    node_a = ExporterProcess(
+        [f"--simulate={SPEC_A}", "-c", "500", "-k", "--pod-resources-kubelet-socket", kubelet.socket_path],
+        tmp / "node-a",
+        env={"NODE_NAME": "node-a"},
+    )
     node_b = ExporterProcess([f"--simulate={SPEC_B}", "-c", "500"], tmp / "node-b", env={"NODE_NAME": "node-b"})
     prom = None
     try:
-        config = make_config([f"127.0.0.1:{node_a.port}", f"127.0.0.1:{node_b.port}"], job=JOB,
-                             rule_files=[fast_rules(tmp / "rules.yml")], honor_labels=True)
+        config = make_config(
+            [f"127.0.0.1:{node_a.port}", f"127.0.0.1:{node_b.port}"],
+            job=JOB,
+            rule_files=[fast_rules(tmp / "rules.yml")],
+            honor_labels=True,
+        )
         prom = start_prometheus(config, workdir=tmp / "prometheus")
         node_a.wait_ready()
         node_b.wait_ready()
@@ -181,11 +190,17 @@ def dashboard_queries() -> dict[str, tuple[str, bool, str]]:
         for panel in panels:
             for target in panel["targets"]:
                 out[f"{name}/{panel['title']}/{target['refId']}"] = (
-                    target["expr"], bool(target.get("instant")), target.get("legendFormat", ""))
+                    target["expr"],
+                    bool(target.get("instant")),
+                    target.get("legendFormat", ""),
+                )
         for ann in board["annotations"]["list"]:
             if ann.get("expr"):
                 out[f"{name}/annotation/{ann['name']}"] = (
-                    ann["expr"], False, ann.get("titleFormat", "") + ann.get("textFormat", ""))
+                    ann["expr"],
+                    False,
+                    ann.get("titleFormat", "") + ann.get("textFormat", ""),
+                )
         for var in board["templating"]["list"]:
             if var["type"] == "query":
                 match = re.fullmatch(r"label_values\((.*), *\w+\)", var["definition"])
@@ -226,8 +241,9 @@ def test_every_dashboard_query_returns_data(scenario: Scenario) -> None:
     assert not errors, "\n".join(errors)
     assert not legends, "\n".join(legends)
     unexpected = sorted(set(empty) - set(ALLOWLIST))
-    assert not unexpected, "no data (add a fault/pod to the scenario, or allowlist with a reason):\n" + \
-        "\n".join(f"{k}: {substitute_grafana_vars(queries[k][0], GRAFANA_VALUES, ALL_VALUE)}" for k in unexpected)
+    assert not unexpected, "no data (add a fault/pod to the scenario, or allowlist with a reason):\n" + "\n".join(
+        f"{k}: {substitute_grafana_vars(queries[k][0], GRAFANA_VALUES, ALL_VALUE)}" for k in unexpected
+    )
     stale = sorted(set(ALLOWLIST) - set(empty))
     assert not stale, f"allowlisted but returned data (or no longer exists): {stale}"
 
@@ -236,10 +252,20 @@ def test_panels_see_pods_mig_and_shared_gpus(scenario: Scenario) -> None:
     """Spot checks that the data is the scenario's, not just any series."""
     prom = scenario.prom
     wait_for_history(prom)
-    pods = {(s["metric"]["namespace"], s["metric"]["pod"]) for s in prom.query(
-        'gpuhealth_gpu_allocation_info{hostname=~".*", namespace=~".*", pod!=""}')}
-    assert pods == {("ml", "train-1"), ("ml", "idle-holder"), ("infer", "infer-a"), ("infer", "infer-b"),
-                    ("infer", "infer-c"), ("research", "mig-big"), ("research", "mig-mid"), ("ml", "mig-small")}
+    pods = {
+        (s["metric"]["namespace"], s["metric"]["pod"])
+        for s in prom.query('gpuhealth_gpu_allocation_info{hostname=~".*", namespace=~".*", pod!=""}')
+    }
+    assert pods == {
+        ("ml", "train-1"),
+        ("ml", "idle-holder"),
+        ("infer", "infer-a"),
+        ("infer", "infer-b"),
+        ("infer", "infer-c"),
+        ("research", "mig-big"),
+        ("research", "mig-mid"),
+        ("ml", "mig-small"),
+    }
     migs = prom.query('gpuhealth_health_state{hostname="node-a", gpu_i_id!=""}')
     assert {s["metric"]["gpu_i_id"] for s in migs} == {"2", "3", "9", "10"}
     # the shared GPU's DCGM series repeat per pod; per-GPU panels aggregate them to one series
@@ -277,8 +303,11 @@ def test_fence_xid_fires_gpu_unhealthy(scenario: Scenario) -> None:
     description = alert["annotations"]["description"]
     assert f"({scenario.uuids[1]}, NVIDIA H100 80GB HBM3) on node-a" in description
     assert "Active reasons: xid 79 (fence, reboot_node);" in description
-    (xid,) = [a for a in wait_for_alert(prom, "GpuXidFenceError")
-              if a["labels"]["gpu"] == "1" and a["labels"]["hostname"] == "node-a"]
+    (xid,) = [
+        a
+        for a in wait_for_alert(prom, "GpuXidFenceError")
+        if a["labels"]["gpu"] == "1" and a["labels"]["hostname"] == "node-a"
+    ]
     assert xid["labels"]["xid"] == "79"
 
 
@@ -287,8 +316,9 @@ def test_joins_between_own_and_dcgm_families_fire(scenario: Scenario) -> None:
     (idle,) = wait_for_alert(prom, "GpuAllocatedButIdle")  # allocation (snake_case) x DCGM util
     assert (idle["labels"]["pod"], idle["labels"]["gpu"], idle["labels"]["hostname"]) == ("idle-holder", "3", "node-a")
     # GPU 4 (DBE -> XID 48) is fenced but allocatable; GPU 1 is fenced and out of allocatable.
-    allocatable = {(a["labels"]["hostname"], a["labels"]["gpu"])
-                   for a in wait_for_alert(prom, "GpuUnhealthyButAllocatable")}
+    allocatable = {
+        (a["labels"]["hostname"], a["labels"]["gpu"]) for a in wait_for_alert(prom, "GpuUnhealthyButAllocatable")
+    }
     assert ("node-a", "4") in allocatable and ("node-a", "1") not in allocatable
     assert not alerts_named(prom, "GpuUnhealthyOnlyInKubelet")
     (remap,) = wait_for_alert(prom, "GpuRowRemapFailed")  # DCGM-only rule keeps dcgm-exporter's labels
@@ -317,8 +347,9 @@ def test_promtool_check_metrics_on_live_scrape(scenario: Scenario) -> None:
             assert f"# TYPE {family} " in text, family
         if node is scenario.node_a:
             assert "# TYPE gpuhealth_gpu_allocation_info " in text
-        result = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True, text=True,
-                                timeout=30, check=False)
+        result = subprocess.run(
+            [promtool(), "check", "metrics"], input=text, capture_output=True, text=True, timeout=30, check=False
+        )
         lints = (result.stdout + result.stderr).strip()
         assert result.returncode == 0 and not lints, lints
 

@@ -43,9 +43,9 @@ class Node:
 
     def wait_registered(self, *resources: str, timeout: float = 3.0) -> None:
         resources = resources or (GPU,)
-        assert self.kubelet.wait_for(
-            lambda: all(self.kubelet.latest(r) is not None for r in resources), timeout
-        ), f"not registered: {resources}; errors={self.kubelet.errors}"
+        assert self.kubelet.wait_for(lambda: all(self.kubelet.latest(r) is not None for r in resources), timeout), (
+            f"not registered: {resources}; errors={self.kubelet.errors}"
+        )
 
     def close(self) -> None:
         if self.manager is not None:
@@ -93,8 +93,13 @@ def test_unhealthy_verdict_reaches_kubelet_within_one_second(node: Node) -> None
     # A verdict change that changes nothing the kubelet sees sends nothing.
     count = len(node.kubelet.messages(GPU))
     node.health.set(uuid(0), HealthState.DEGRADED)
-    time.sleep(0.3)
-    assert len(node.kubelet.messages(GPU)) == count
+    # Then a change it does see: changes are sent in order, so the first message after `count` would
+    # be the no-op change's; the only one is this change's.
+    node.health.set(uuid(2), HealthState.UNHEALTHY)
+    assert node.kubelet.wait_for(
+        lambda: any(m.health_of(uuid(2)) == "Unhealthy" for m in node.kubelet.messages(GPU)[count:]), 1.0
+    )
+    assert [m.health_of(uuid(2)) for m in node.kubelet.messages(GPU)[count:]] == ["Unhealthy"]
 
 
 def test_unhealthy_at_startup_is_in_the_first_message(node: Node) -> None:
@@ -119,8 +124,11 @@ def test_replicas_of_fenced_gpu_all_unhealthy(node: Node) -> None:
     assert {i for i in last.ids if last.health_of(i) == "Unhealthy"} == {f"{uuid(0)}::{n}" for n in range(4)}
     # Allocate of replicas gives the parent UUID once.
     resp = node.kubelet.stub(GPU).Allocate(
-        pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(
-            devices_ids=[f"{uuid(1)}::0", f"{uuid(1)}::2", f"{uuid(2)}::1"])]),
+        pb.AllocateRequest(
+            container_requests=[
+                pb.ContainerAllocateRequest(devices_ids=[f"{uuid(1)}::0", f"{uuid(1)}::2", f"{uuid(2)}::1"])
+            ]
+        ),
         timeout=5,
     )
     assert resp.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == f"{uuid(1)},{uuid(2)}"
@@ -135,9 +143,12 @@ def test_mig_mixed_resources(node: Node) -> None:
     assert node.kubelet.resources() == {GPU, mig1, mig3}
     assert node.kubelet.latest(GPU).ids == {uuid(0)}  # type: ignore[union-attr]
     assert node.kubelet.latest(mig1).devices == (  # type: ignore[union-attr]
-        (mig_uuid(1, 0), "Healthy", (1,)), (mig_uuid(1, 1), "Healthy", (1,)))
+        (mig_uuid(1, 0), "Healthy", (1,)),
+        (mig_uuid(1, 1), "Healthy", (1,)),
+    )
     resp = node.kubelet.stub(mig1).Allocate(
-        pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=[mig_uuid(1, 1)])]), timeout=5)
+        pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=[mig_uuid(1, 1)])]), timeout=5
+    )
     assert resp.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == mig_uuid(1, 1)
     # Fencing the parent GPU fences its MIG devices in every MIG resource.
     node.health.set(uuid(1), HealthState.UNHEALTHY)
@@ -197,9 +208,15 @@ def test_get_preferred_allocation_over_grpc(node: Node) -> None:
     stub = node.kubelet.stub(GPU)
 
     def prefer(available: list[int], must: list[int], size: int) -> list[str]:
-        req = pb.PreferredAllocationRequest(container_requests=[pb.ContainerPreferredAllocationRequest(
-            available_deviceIDs=[uuid(i) for i in available], must_include_deviceIDs=[uuid(i) for i in must],
-            allocation_size=size)])
+        req = pb.PreferredAllocationRequest(
+            container_requests=[
+                pb.ContainerPreferredAllocationRequest(
+                    available_deviceIDs=[uuid(i) for i in available],
+                    must_include_deviceIDs=[uuid(i) for i in must],
+                    allocation_size=size,
+                )
+            ]
+        )
         return list(stub.GetPreferredAllocation(req, timeout=5).container_responses[0].deviceIDs)
 
     assert sorted(prefer([0, 1, 2, 3, 4, 5], [], 2)) == [uuid(2), uuid(5)]  # NVLink beats NUMA
@@ -218,7 +235,7 @@ def test_kubelet_restart_reregisters_within_one_second(node: Node) -> None:
     restarted = time.monotonic()
     node.kubelet.restart()  # wipes our socket too
     assert node.kubelet.wait_for(lambda: node.kubelet.latest(GPU) is not None, 1.0), node.kubelet.errors
-    (at, req), = node.kubelet.registrations
+    ((at, req),) = node.kubelet.registrations
     assert at - restarted < 1.0
     assert req.resource_name == GPU
     msg = node.kubelet.latest(GPU)
@@ -244,14 +261,16 @@ def test_plugin_started_before_kubelet_registers_when_it_appears(node: Node) -> 
     assert os.path.exists(os.path.join(node.dir, socket_name(GPU)))  # serving already
     time.sleep(0.5)
     assert 'gpuhealth_device_plugin_registered{resource="nvidia.com/gpu"} 0\n' in manager.render_metrics(
-        RenderContext(hostname_label=None, hostname=""))
+        RenderContext(hostname_label=None, hostname="")
+    )
     appeared = time.monotonic()
     node.kubelet.start()
     node.wait_registered(timeout=1.0)
     assert node.kubelet.registrations[0][0] - appeared < 1.0
     assert node.kubelet.allocatable(GPU) == 3
     assert 'gpuhealth_device_plugin_registered{resource="nvidia.com/gpu"} 1\n' in manager.render_metrics(
-        RenderContext(hostname_label=None, hostname=""))
+        RenderContext(hostname_label=None, hostname="")
+    )
 
 
 def test_socket_removed_on_stop(node: Node) -> None:

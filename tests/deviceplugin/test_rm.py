@@ -46,7 +46,12 @@ def test_config_rejects_invalid(kw: dict[str, object], message: str) -> None:
 def test_config_defaults_and_names() -> None:
     c = DevicePluginConfig()
     assert (c.resource_name, c.plugin_dir, c.mig_strategy, c.replicas, c.device_list_strategy) == (
-        "nvidia.com/gpu", "/var/lib/kubelet/device-plugins", "none", 1, "envvar")
+        "nvidia.com/gpu",
+        "/var/lib/kubelet/device-plugins",
+        "none",
+        1,
+        "envvar",
+    )
     assert socket_name("nvidia.com/gpu") == "gpu-health-exporter-nvidia.com-gpu.sock"
     assert mig_resource_name("nvidia.com/gpu", "1g.10gb+me") == "nvidia.com/mig-1g.10gb.me"
     assert mig_resource_name("example.com/accel", "3g.40gb") == "example.com/mig-3g.40gb"
@@ -142,7 +147,7 @@ def test_verdict_error_counts_as_unhealthy() -> None:
 def eight_gpus() -> object:
     # Two NVLink islands {0,1,2,3} and {4,5,6,7} (all-to-all inside), NUMA 0 for 0-3, 1 for 4-7,
     # but interleaved in index order with a lone link 1-6 to tempt a naive picker.
-    links = [(a, b) for isl in ((0, 1, 2, 3), (4, 5, 6, 7)) for i, a in enumerate(isl) for b in isl[i + 1:]]
+    links = [(a, b) for isl in ((0, 1, 2, 3), (4, 5, 6, 7)) for i, a in enumerate(isl) for b in isl[i + 1 :]]
     return inventory([gpu(i, numa=0 if i < 4 else 1) for i in range(8)], [*links, (1, 6)])
 
 

@@ -32,11 +32,24 @@ def test_wire_names_match_the_kubelet() -> None:
     assert fd.name == "exporter/deviceplugin/api/v1beta1/deviceplugin.proto"  # distinct from PodResources' api.proto
     assert [m.name for m in fd.services_by_name["Registration"].methods] == ["Register"]
     assert [m.name for m in fd.services_by_name["DevicePlugin"].methods] == [
-        "GetDevicePluginOptions", "ListAndWatch", "GetPreferredAllocation", "Allocate", "PreStartContainer"]
+        "GetDevicePluginOptions",
+        "ListAndWatch",
+        "GetPreferredAllocation",
+        "Allocate",
+        "PreStartContainer",
+    ]
     assert fd.services_by_name["DevicePlugin"].methods_by_name["ListAndWatch"].server_streaming
     car = fd.message_types_by_name["ContainerAllocateResponse"]
     assert {f.name: f.number for f in car.fields} == {
-        "envs": 1, "mounts": 2, "devices": 3, "annotations": 4, "cdi_devices": 5}
+        "envs": 1,
+        "mounts": 2,
+        "devices": 3,
+        "annotations": 4,
+        "cdi_devices": 5,
+    }
     cpar = fd.message_types_by_name["ContainerPreferredAllocationRequest"]
     assert {f.name: f.number for f in cpar.fields} == {
-        "available_deviceIDs": 1, "must_include_deviceIDs": 2, "allocation_size": 3}
+        "available_deviceIDs": 1,
+        "must_include_deviceIDs": 2,
+        "allocation_size": 3,
+    }

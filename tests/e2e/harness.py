@@ -125,3 +125,13 @@ def run_exporter(
         timeout=timeout,
         cwd=ROOT,
     )
+
+
+def own_families(text: str) -> str:
+    """The exposition minus DCGM families (their names break Prometheus lints by design)."""
+    keep = []
+    for line in text.splitlines(keepends=True):
+        name = line.split(" ")[2] if line.startswith("# ") else line.split("{")[0].split(" ")[0]
+        if not name.startswith(("DCGM_", "python_")):  # python_* are prometheus_client's own
+            keep.append(line)
+    return "".join(keep)

@@ -7,8 +7,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import FakeNvmlBuild, load_scenario
 from tests.e2e.harness import ExporterProcess
+from tests.fakenvmllib import FakeNvmlBuild, load_scenario
+
+# The golden expositions (tests/e2e/golden/<scenario>.prom): scenario -> built for the old driver.
+GOLDEN = Path(__file__).parent / "golden"
+SCENARIOS = {"h100x8": False, "mig": False, "consumer": False, "olddriver": True}
 
 
 def frozen(spec: Any) -> Any:

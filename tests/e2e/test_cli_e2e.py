@@ -9,7 +9,13 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.harness import ExporterProcess, run_exporter
+from tests.e2e.harness import ExporterProcess, own_families, run_exporter
+
+
+def cycles(text: str) -> float:
+    """Collection cycles so far, from an exposition."""
+    m = re.search(r"^gpuhealth_collections_total (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
 
 
 def test_bad_flag_exits_2_naming_the_flag() -> None:
@@ -65,10 +71,6 @@ def test_serves_simulated_node_and_stops_cleanly(tmp_path: Path) -> None:
         # the exposition changes from cycle to cycle without any scrape-time work
         first = families["gpuhealth_collections"].samples[0].value
 
-        def cycles(t: str) -> float:
-            m = re.search(r"^gpuhealth_collections_total (\S+)$", t, re.M)
-            return float(m.group(1)) if m else 0.0
-
         later = exp.wait_for(lambda t: cycles(t) > first + 2)
         assert "DCGM_FI_DEV_POWER_USAGE" in later
     finally:
@@ -88,21 +90,15 @@ def test_sighup_reloads_counters_and_keeps_old_set_on_error(tmp_path: Path) -> N
         exp.wait_for(lambda t: "DCGM_FI_DEV_POWER_USAGE{" in t)
         csv.write_text("this is not a counters file\n")
         exp.proc.send_signal(signal.SIGHUP)
-        time.sleep(0.6)
+        deadline = time.monotonic() + 10
+        while "counters_reload_failed" not in exp.logs() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert "counters_reload_failed" in exp.logs()
-        assert "DCGM_FI_DEV_POWER_USAGE{" in exp.metrics()
+        after = cycles(exp.metrics())
+        exp.wait_for(lambda t: cycles(t) > after)  # a cycle after the failed reload
+        assert "DCGM_FI_DEV_POWER_USAGE{" in exp.metrics()  # the last good counters file is kept
     finally:
         assert exp.stop() == 0
-
-
-def own_families(text: str) -> str:
-    """The exposition minus DCGM families (their names break Prometheus lints by design)."""
-    keep = []
-    for line in text.splitlines(keepends=True):
-        name = line.split(" ")[2] if line.startswith("# ") else line.split("{")[0].split(" ")[0]
-        if not name.startswith(("DCGM_", "python_")):  # python_* are prometheus_client's own
-            keep.append(line)
-    return "".join(keep)
 
 
 def test_promtool_accepts_our_own_families(tmp_path: Path) -> None:

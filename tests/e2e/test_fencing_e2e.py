@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FakeNvmlBuild, load_scenario
 from tests.deviceplugin.fakekubelet_registration import FakeKubelet, Received
 from tests.e2e.harness import ROOT
 from tests.e2e.nvmlnode import NvmlNode
+from tests.fakenvmllib import FakeNvmlBuild, load_scenario
 
 RESOURCE = "nvidia.com/gpu"
 
@@ -162,8 +162,8 @@ def test_mig_instance_xid_fences_only_that_instance(
         # XID 31 (page fault) attributed to GPU instance 9: fences that MIG device only... when configured to
         # fence; by default 31 is an application error. XID 62 concerns the whole GPU: everything on GPU 0 goes.
         node.control("xid", gpu=0, xid=31, gi=9, ci=0)
-        time.sleep(0.5)
-        assert kubelet.allocatable(res) == 2
+        exp.wait_for(lambda t: node.value(t, "gpuhealth_xid_errors_total", gpu="0", xid="31") == 1, timeout=5)
+        assert kubelet.allocatable(res) == 2  # judged (counted above) and not fenced
         node.control("xid", gpu=0, xid=62, gi=9, ci=0)
         assert kubelet.wait_for(lambda: kubelet.allocatable(res) == 0, timeout=1.0)
         assert kubelet.wait_for(lambda: kubelet.allocatable("nvidia.com/mig-3g.40gb") == 0, timeout=1.0)

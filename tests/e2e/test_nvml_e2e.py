@@ -16,12 +16,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import FakeNvmlBuild, load_scenario
-from tests.e2e.nvmlnode import NvmlNode, frozen, normalise
-from tests.e2e.test_cli_e2e import own_families
-
-GOLDEN = Path(__file__).parent / "golden"
-SCENARIOS = {"h100x8": False, "mig": False, "consumer": False, "olddriver": True}
+from tests.e2e.harness import own_families
+from tests.e2e.nvmlnode import GOLDEN, SCENARIOS, NvmlNode, frozen, normalise
+from tests.fakenvmllib import FakeNvmlBuild, load_scenario
 
 
 def cycles(text: str) -> float:

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import FakeNvmlBuild, load_scenario
 from tests.e2e.harness import ExporterProcess
 from tests.e2e.nvmlnode import NvmlNode
 from tests.fakekubelet import FakeKubelet
+from tests.fakenvmllib import FakeNvmlBuild, load_scenario
 
 GPU = "nvidia.com/gpu"
 H100 = [d["uuid"] for d in load_scenario("h100x8")["devices"]]

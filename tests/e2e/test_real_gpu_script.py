@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import FakeNvmlBuild, load_scenario
 from tests.e2e.harness import ROOT
 from tests.e2e.nvmlnode import frozen
+from tests.fakenvmllib import FakeNvmlBuild, load_scenario
 
 SCRIPT = ROOT / "benchmarks" / "real_gpu.py"
 MIB = 1 << 20
@@ -20,7 +20,6 @@ MIB = 1 << 20
 
 def smi_csv(scenario: dict[str, Any]) -> str:
     """What nvidia-smi --query-gpu would print for this (frozen) scenario, in the script's column order."""
-    sys.path.insert(0, str(ROOT))
     from benchmarks.real_gpu import COMPARED, IDENTITY
 
     defaults = scenario["defaults"]
@@ -88,7 +87,7 @@ def run(build: FakeNvmlBuild, tmp: Path, scenario: dict[str, Any], csv_text: str
 
 
 def two_gpus() -> dict[str, Any]:
-    scenario = frozen(load_scenario("h100x8"))
+    scenario: dict[str, Any] = frozen(load_scenario("h100x8"))
     scenario["devices"] = scenario["devices"][:2]
     return scenario
 

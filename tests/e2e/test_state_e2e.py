@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import FakeNvmlBuild, load_scenario
 from tests.e2e.harness import ExporterProcess, free_port, run_exporter
 from tests.e2e.nvmlnode import NvmlNode
+from tests.fakenvmllib import FakeNvmlBuild, load_scenario
 
 GPU1_FENCED = {"gpu": "1"}
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import FakeNvmlBuild, load_scenario
 from tests.e2e.nvmlnode import NvmlNode
+from tests.fakenvmllib import FakeNvmlBuild, load_scenario
 
 NVML_ERROR_UNKNOWN = 999
 NVML_ERROR_NOT_SUPPORTED = 3
@@ -30,6 +31,11 @@ def scalar(text: str, name: str) -> float:
     m = re.search(rf"^{name} (\S+)$", text, re.M)
     assert m, f"{name} not served"
     return float(m.group(1))
+
+
+def past(cycles: float) -> Callable[[str], bool]:
+    """A wait_for predicate: the exposition shows more than `cycles` collection cycles."""
+    return lambda text: cycles_of(text) > cycles
 
 
 def cycles_of(text: str) -> float:
@@ -233,7 +239,7 @@ def test_hung_gpu_does_not_slow_the_others(fakenvml_build: FakeNvmlBuild, tmp_pa
         text = exp.wait_for(lambda t: cycles_of(t) >= cycles + 5, timeout=4)
         durations = []
         for _ in range(5):
-            text = exp.wait_for(lambda t, c=cycles: cycles_of(t) > c)
+            text = exp.wait_for(past(cycles))
             cycles = cycles_of(text)
             durations.append(scalar(text, "gpuhealth_collection_duration_seconds"))
             assert node.value(text, "gpuhealth_device_data_age_seconds", gpu="1") == 0

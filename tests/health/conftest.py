@@ -9,7 +9,7 @@ import pytest
 
 from exporter.health.engine import HealthEngine
 from exporter.health.policy import Policy
-from exporter.model import Gpu, Inventory, MigDevice
+from exporter.model import EVENT_XID, DeviceEvent, Gpu, Inventory, MigDevice
 from exporter.snapshot import DeviceSample, Snapshot
 
 GPU0 = "GPU-00000000-0000-0000-0000-000000000000"
@@ -34,6 +34,11 @@ def inventory(mig: bool = False) -> Inventory:
             Gpu(1, GPU1, "00000000:9D:00.0", 1, "NVIDIA H100 80GB HBM3"),
         ),
     )
+
+
+def xid(code: int, gpu: str = GPU0, gi: int | None = None, t: float = 0.0) -> DeviceEvent:
+    """An XID event on `gpu` (on GPU instance `gi` of it when given) at time `t`."""
+    return DeviceEvent(gpu, EVENT_XID, code, gi, 0 if gi is not None else None, t)
 
 
 class Clock:
@@ -62,8 +67,12 @@ def snapshot(
         for uuid, mig in [(gpu.uuid, None), *((m.uuid, m) for m in gpu.migs)]:
             samples.append(
                 DeviceSample(
-                    gpu, mig, dict(values.get(uuid, {})), up=uuid not in down,
-                    stale=uuid in stale, age_s=stale.get(uuid, 0.0),
+                    gpu,
+                    mig,
+                    dict(values.get(uuid, {})),
+                    up=uuid not in down,
+                    stale=uuid in stale,
+                    age_s=stale.get(uuid, 0.0),
                     error=down.get(uuid, "timeout" if uuid in stale else ""),
                 )
             )

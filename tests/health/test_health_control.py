@@ -26,7 +26,11 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
         [sys.executable, "-m", "exporter.health.cli", *args],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
     )
 
 

@@ -9,8 +9,7 @@ import pytest
 from exporter.health import control
 from exporter.health.engine import CONTROL_SOCKET
 
-from .conftest import GPU0, GPU1, EngineFactory, inventory, snapshot
-from .test_health_engine import xid
+from .conftest import GPU0, GPU1, EngineFactory, inventory, snapshot, xid
 
 
 class Fake:

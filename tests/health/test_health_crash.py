@@ -33,7 +33,10 @@ def test_kill_9_under_storm(tmp_path: Path, make_engine: EngineFactory) -> None:
     for _ in range(6):
         child = subprocess.Popen(
             [sys.executable, str(Path(__file__).with_name("storm_child.py")), str(sd)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            cwd=REPO,
         )
         try:
             assert child.stdout is not None

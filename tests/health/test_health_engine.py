@@ -17,15 +17,11 @@ from exporter.health.records import MAX_REASONS_PER_DEVICE
 from exporter.health.state import STATE_FILE, validate
 from exporter.health.verdict import HealthState
 from exporter.labels import RenderContext
-from exporter.model import EVENT_DOUBLE_BIT_ECC, EVENT_GPU_LOST, EVENT_SINGLE_BIT_ECC, EVENT_XID, DeviceEvent
+from exporter.model import EVENT_DOUBLE_BIT_ECC, EVENT_GPU_LOST, EVENT_SINGLE_BIT_ECC, DeviceEvent
 
-from .conftest import GPU0, GPU1, MIG_A, MIG_B, Clock, EngineFactory, inventory, snapshot
+from .conftest import GPU0, GPU1, MIG_A, MIG_B, Clock, EngineFactory, inventory, snapshot, xid
 
 H, D, U = HealthState.HEALTHY, HealthState.DEGRADED, HealthState.UNHEALTHY
-
-
-def xid(code: int, gpu: str = GPU0, gi: int | None = None, t: float = 0.0) -> DeviceEvent:
-    return DeviceEvent(gpu, EVENT_XID, code, gi, 0 if gi is not None else None, t)
 
 
 def test_xid_79_fences_and_xid_13_only_counts(make_engine: EngineFactory, clock: Clock) -> None:
@@ -40,9 +36,11 @@ def test_xid_79_fences_and_xid_13_only_counts(make_engine: EngineFactory, clock:
     ctx.rebuild(inventory())
     text = eng.render_metrics(ctx)
     assert f'gpuhealth_xid_errors_total{{{ctx.device_labels(GPU0)},xid="13",class="application"}} 1' in text
-    assert f'gpuhealth_health_state{{{ctx.device_labels(GPU1)}}} 2' in text
-    assert (f'gpuhealth_health_reason{{{ctx.device_labels(GPU1)},signal="xid",code="79",class="fence",'
-            'action="reboot_node"} 1') in text
+    assert f"gpuhealth_health_state{{{ctx.device_labels(GPU1)}}} 2" in text
+    assert (
+        f'gpuhealth_health_reason{{{ctx.device_labels(GPU1)},signal="xid",code="79",class="fence",'
+        'action="reboot_node"} 1'
+    ) in text
 
 
 def test_override_makes_xid_13_fence(make_engine: EngineFactory) -> None:
@@ -168,8 +166,14 @@ def test_gpus_json(make_engine: EngineFactory, clock: Clock) -> None:
     assert by_uuid[GPU0]["state"] == "unhealthy" and by_uuid[GPU0]["action"] == "reset_gpu"
     assert by_uuid[MIG_A]["parent"] == GPU0 and by_uuid[MIG_A]["gpu_instance_id"] == 1
     assert by_uuid[MIG_A]["state"] == "unhealthy"  # inherited
-    assert by_uuid[GPU1] == {"uuid": GPU1, "kind": "gpu", "index": 1, "state": "healthy", "reasons": [],
-                             "action": "none"}
+    assert by_uuid[GPU1] == {
+        "uuid": GPU1,
+        "kind": "gpu",
+        "index": 1,
+        "state": "healthy",
+        "reasons": [],
+        "action": "none",
+    }
 
 
 def test_auto_recover_is_off_by_default(make_engine: EngineFactory, clock: Clock) -> None:
@@ -231,8 +235,11 @@ def test_storm_is_bounded_and_exact(make_engine: EngineFactory, monkeypatch: pyt
     assert set(rec) == {"79", "94", "109"}
     text = eng.render_metrics(RenderContext(None, ""))
     for code, n in expected.items():
-        got = sum(int(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                  if line.startswith("gpuhealth_xid_errors_total{") and f'xid="{code}"' in line)
+        got = sum(
+            int(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("gpuhealth_xid_errors_total{") and f'xid="{code}"' in line
+        )
         assert got == n, code
     # Persistence coalesced: a handful of synchronous transition writes plus rate-limited count writes.
     assert writes < 100, writes

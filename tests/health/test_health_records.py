@@ -89,7 +89,7 @@ def test_a_gpu_fence_reaches_its_migs_and_the_overlay_counts_without_being_recor
     r = records()
     r.upsert(GPU0, FENCE, 1.0)
     blind = Reason("monitor", "Uninitialized", "m", 2.0, 2.0, 1, "none", UNKNOWN)
-    overlay = {GPU1: (blind,)}
+    overlay: dict[str, tuple[Reason, ...]] = {GPU1: (blind,)}
     assert r.verdict(MIG_A, overlay).state is U
     assert [x.signal for x in r.verdict(MIG_A, overlay).reasons] == ["xid"]
     assert r.verdict(GPU1, overlay).state is UNKNOWN and not r.devs[GPU1].reasons

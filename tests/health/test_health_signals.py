@@ -56,8 +56,13 @@ def test_level_signals(
 
 def test_recovery_action_codes_map_to_actions(make_engine: EngineFactory, clock: Clock) -> None:
     eng = make_engine()
-    eng.on_snapshot(snapshot(INV, clock(), {GPU0: {"DCGM_FI_DEV_GET_GPU_RECOVERY_ACTION": 7},
-                                            GPU1: {"DCGM_FI_DEV_GET_GPU_RECOVERY_ACTION": 6}}))
+    eng.on_snapshot(
+        snapshot(
+            INV,
+            clock(),
+            {GPU0: {"DCGM_FI_DEV_GET_GPU_RECOVERY_ACTION": 7}, GPU1: {"DCGM_FI_DEV_GET_GPU_RECOVERY_ACTION": 6}},
+        )
+    )
     assert eng.verdict(GPU0).reasons[0].action == "reboot_node"
     assert eng.verdict(GPU1).reasons[0].action == "reset_gpu"
 

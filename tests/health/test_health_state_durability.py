@@ -5,17 +5,18 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import secrets
 import shutil
 import stat
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
-from exporter.health import store as store_mod
 from exporter.health.control import ControlError
 from exporter.health.engine import CONTROL_SOCKET, HealthEngine
 from exporter.health.policy import Policy
@@ -153,7 +154,7 @@ def test_retries_back_off_from_a_quarter_second_to_thirty(tmp_path: Path) -> Non
     store.load()
     attempts: list[float] = []
 
-    def failing_write(doc: dict[str, object], gen: int) -> bool:
+    def failing_write(doc: dict[str, Any], generation: int) -> bool:
         attempts.append(time.monotonic())
         return False
 
@@ -395,7 +396,7 @@ def test_a_symlink_at_the_chosen_temp_name_is_skipped_for_a_new_name(
     victim = tmp_path / "victim"
     victim.write_text("precious")
     names = iter(["guessed", "taken", "fresh"])
-    monkeypatch.setattr(store_mod.secrets, "token_hex", lambda n=None: next(names))
+    monkeypatch.setattr(secrets, "token_hex", lambda n=None: next(names))  # what store names temp files with
     plant(sd / ".state.json.tmp-guessed", victim)
     plant(sd / ".state.json.tmp-taken", tmp_path / "dangling")  # a dangling link: O_CREAT would create it
     eng.on_events([xid(79)])

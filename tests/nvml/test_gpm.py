@@ -11,7 +11,7 @@ import pytest
 
 from exporter.fields import BY_NAME, CATALOGUE, FieldSpec, Gpm
 from exporter.nvml import NvmlBackend
-from tests.conftest import load_scenario
+from tests.fakenvmllib import load_scenario
 
 GPM_FIELDS = [spec for spec in CATALOGUE if isinstance(spec.reader, Gpm)]
 ACTIVITY = [spec for spec in GPM_FIELDS if spec.scope == "instance"]

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-# The fakes live in tests/ (shared with the lead's e2e tests) and the helpers here; make both
-# importable whichever import mode pytest uses.
-_HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(_HERE.parent), str(_HERE)]
-
-from fakekubelet import FakeKubelet  # noqa: E402
+from tests.fakekubelet import FakeKubelet
 
 
 @pytest.fixture

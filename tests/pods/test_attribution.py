@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from podfixtures import allocatable, container, gpu_uuid, make_inventory, mig_uuid, pod, pod_resources
-
 from exporter.model import Inventory
 from exporter.pods.attribution import Attribution, attribute
 from exporter.pods.deviceids import DeviceIndex
 from exporter.pods.kube import DRA_DRIVER, PodMeta
 from exporter.pods.settings import PodMappingConfig
 from podresources.client import ClaimResource, DynamicResource
+from tests.pods.podfixtures import allocatable, container, gpu_uuid, make_inventory, mig_uuid, pod, pod_resources
 
 GPU = "nvidia.com/gpu"
 SHARED = "nvidia.com/gpu.shared"

@@ -6,10 +6,10 @@ import time
 from pathlib import Path
 
 import pytest
-from fakekubelet import FakeKubelet
-from podfixtures import big_layout, container, gpu_uuid, pod
 
 from podresources.client import BackingOffError, PodResourcesClient, PodResourcesError
+from tests.fakekubelet import FakeKubelet
+from tests.pods.podfixtures import big_layout, container, gpu_uuid, pod
 
 
 def test_list_allocatable_and_get(kubelet: FakeKubelet) -> None:

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakeapiserver import FakeApiServer
-from fakekubelet import FakeKubelet
-from podfixtures import container, gpu_uuid, make_inventory, mig_uuid, pod
 
 from exporter.model import Inventory
 from exporter.pods import PodMapper, PodMappingConfig
+from tests.fakeapiserver import FakeApiServer
+from tests.fakekubelet import FakeKubelet
+from tests.pods.podfixtures import container, gpu_uuid, make_inventory, mig_uuid, pod
 
 GPU = "nvidia.com/gpu"
 LabelSets = tuple[tuple[tuple[str, str], ...], ...]

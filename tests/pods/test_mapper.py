@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakekubelet import FakeKubelet
-from podfixtures import big_layout, container, gpu_uuid, make_inventory, mig_uuid, pod
 
 from exporter.labels import RenderContext
 from exporter.model import Inventory
 from exporter.pods import PodMapper, PodMappingConfig
 from podresources.client import PodResourcesClient
+from tests.fakekubelet import FakeKubelet
+from tests.pods.podfixtures import big_layout, container, gpu_uuid, make_inventory, mig_uuid, pod
 
 GPU = "nvidia.com/gpu"
 

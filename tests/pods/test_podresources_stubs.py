@@ -7,10 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from podfixtures import container, gpu_uuid, pod
-
 from podresources import regenerate
 from podresources.client import PodResourcesClient
+from tests.pods.podfixtures import container, gpu_uuid, pod
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,18 +14,7 @@ from exporter.backend import BackendError, DeviceError, DeviceLostError
 from exporter.fields import BY_NAME, CATALOGUE, DCGM_DEFAULT_SET, Dcp, FieldSpec, is_polled
 from exporter.model import EVENT_DOUBLE_BIT_ECC, EVENT_XID, DeviceEvent
 from exporter.simulate import SimulatedBackend
-
-
-class Clock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, dt: float) -> None:
-        self.t += dt
-
+from tests.simulate.simnode import Clock, make
 
 POLLED = tuple(f for f in CATALOGUE if is_polled(f))
 DEFAULT_POLLED = tuple(BY_NAME[n] for n in DCGM_DEFAULT_SET if is_polled(BY_NAME[n]))
@@ -41,11 +30,6 @@ COUNTERS = (
     "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS",
     "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS",
 )
-
-
-def make(spec: str | None = None, t: float = 1000.0) -> tuple[SimulatedBackend, Clock]:
-    clock = Clock(t)
-    return SimulatedBackend.from_spec(spec, clock=clock), clock
 
 
 def read_all(b: SimulatedBackend, uuid: str, fields: tuple[FieldSpec, ...] = POLLED) -> dict[str, float]:
@@ -161,7 +145,10 @@ def test_h100_health_fields_like_nvml() -> None:
     res = b.read(uuid, POLLED)
     # Passive cooling, row-remapping GPU: no fan, no retired pages.
     assert res.unsupported == {
-        "DCGM_FI_DEV_FAN_SPEED", "DCGM_FI_DEV_RETIRED_SBE", "DCGM_FI_DEV_RETIRED_DBE", "DCGM_FI_DEV_RETIRED_PENDING",
+        "DCGM_FI_DEV_FAN_SPEED",
+        "DCGM_FI_DEV_RETIRED_SBE",
+        "DCGM_FI_DEV_RETIRED_DBE",
+        "DCGM_FI_DEV_RETIRED_PENDING",
     }
     v = res.values
     assert v["DCGM_FI_DEV_ECC_DBE_VOL_TOTAL"] == 0 == v["DCGM_FI_DEV_ECC_DBE_AGG_TOTAL"]
@@ -183,8 +170,13 @@ def test_other_models_support_matrix() -> None:
     rtx, _ = make("rtx4090x1")
     res = rtx.read(rtx.discover().gpus[0].uuid, POLLED)
     assert 30 <= res.values["DCGM_FI_DEV_FAN_SPEED"] <= 100
-    for name in ("DCGM_FI_DEV_ECC_SBE_VOL_TOTAL", "DCGM_FI_DEV_MEMORY_TEMP", "DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL",
-                 "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS", "DCGM_FI_DEV_VGPU_LICENSE_STATUS"):
+    for name in (
+        "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL",
+        "DCGM_FI_DEV_MEMORY_TEMP",
+        "DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL",
+        "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS",
+        "DCGM_FI_DEV_VGPU_LICENSE_STATUS",
+    ):
         assert name in res.unsupported
     l4, _ = make("l4x1")
     res = l4.read(l4.discover().gpus[0].uuid, POLLED)
@@ -226,9 +218,15 @@ def test_values_change_over_time() -> None:
         for k, v in read_all(b, uuid).items():
             seen.setdefault(k, set()).add(v)
         clock.advance(7)
-    for name in ("DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_FB_USED",
-                 "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL",
-                 "DCGM_FI_DEV_PCIE_RX_THROUGHPUT"):
+    for name in (
+        "DCGM_FI_DEV_GPU_UTIL",
+        "DCGM_FI_DEV_POWER_USAGE",
+        "DCGM_FI_DEV_GPU_TEMP",
+        "DCGM_FI_DEV_FB_USED",
+        "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+        "DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL",
+        "DCGM_FI_DEV_PCIE_RX_THROUGHPUT",
+    ):
         assert len(seen[name]) > 5, name
 
 
@@ -290,7 +288,10 @@ def test_mig_layout_discovered() -> None:
     g0 = inv.gpus[0]
     assert g0.mig_enabled
     assert [(m.profile, m.gpu_instance_id, m.compute_instance_id, m.slot) for m in g0.migs] == [
-        ("3g.40gb", 2, 0, 0), ("2g.20gb", 3, 0, 1), ("1g.10gb", 9, 0, 2), ("1g.10gb", 10, 0, 3),
+        ("3g.40gb", 2, 0, 0),
+        ("2g.20gb", 3, 0, 1),
+        ("1g.10gb", 9, 0, 2),
+        ("1g.10gb", 10, 0, 3),
     ]
     for m in g0.migs:
         assert m.parent_uuid == g0.uuid and m.parent_index == 0
@@ -309,12 +310,22 @@ def test_mig_reads() -> None:
     b, _ = make("mig=0:3g.40gb+4g.40gb")
     g0 = b.discover().gpus[0]
     parent = b.read(g0.uuid, POLLED)
-    for name in ("DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_MEM_COPY_UTIL", "DCGM_FI_DEV_ENC_UTIL", "DCGM_FI_DEV_DEC_UTIL",
-                 "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS", "DCGM_FI_DEV_ROW_REMAP_FAILURE"):
+    for name in (
+        "DCGM_FI_DEV_GPU_UTIL",
+        "DCGM_FI_DEV_MEM_COPY_UTIL",
+        "DCGM_FI_DEV_ENC_UTIL",
+        "DCGM_FI_DEV_DEC_UTIL",
+        "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS",
+        "DCGM_FI_DEV_ROW_REMAP_FAILURE",
+    ):
         assert name in parent.unsupported
     # GPU-wide values are still there on the parent.
-    for name in ("DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
-                 "DCGM_FI_DEV_FB_USED"):
+    for name in (
+        "DCGM_FI_DEV_POWER_USAGE",
+        "DCGM_FI_DEV_GPU_TEMP",
+        "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+        "DCGM_FI_DEV_FB_USED",
+    ):
         assert name in parent.values
     mig = b.read(g0.migs[0].uuid, POLLED)
     instance = {f.name for f in POLLED if f.scope == "instance"}
@@ -383,11 +394,19 @@ def test_spec_order_does_not_matter_and_repeats_accumulate() -> None:
 
 def test_file_spec(tmp_path: Path) -> None:
     path = tmp_path / "node.json"
-    path.write_text(json.dumps({
-        "model": "a100", "gpus": 4, "seed": 7, "driver": "550.90.07",
-        "mig": {"1": ["3g.40gb", "4g.40gb"]}, "workload": {"0-1": "idle"},
-        "faults": ["xid:2:79@30", "lost:2@31"],
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "model": "a100",
+                "gpus": 4,
+                "seed": 7,
+                "driver": "550.90.07",
+                "mig": {"1": ["3g.40gb", "4g.40gb"]},
+                "workload": {"0-1": "idle"},
+                "faults": ["xid:2:79@30", "lost:2@31"],
+            }
+        )
+    )
     b, _ = make(f"file:{path}")
     inv = b.discover()
     assert inv.driver_version == "550.90.07" and len(inv.gpus) == 4
@@ -687,7 +706,7 @@ def test_deterministic_given_seed_and_elapsed_time() -> None:
     assert a == b
     # The read history does not matter: only the elapsed time does.
     c = _trace(spec, [1000])
-    assert c == a[-len(c):]
+    assert c == a[-len(c) :]
     # Another seed is another node.
     d = _trace("seed=43,mig=1:2g.20gb*3+1g.10gb", [0, 3.5, 10, 250.25, 1000])
     assert d != a
