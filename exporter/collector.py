@@ -259,6 +259,7 @@ class Collector:
         self._clock = clock
         self.set_counters(counters)
         self._lanes = _Lanes()
+        self._stuck_batches: list[_Batch] = []  # earlier cycles' batches with reads not started yet
         self._devices: dict[str, _DeviceState] = {}
         self._listeners: list[Callable[[Snapshot], None]] = []
         self._layout_listeners: list[Callable[[Inventory], None]] = []
@@ -370,6 +371,8 @@ class Collector:
         inventory = self.inventory or Inventory(driver_version="", gpus=())
         targets = self._targets(inventory)
         deadline = started + self.device_timeout_s
+        if self._stuck_batches:
+            self._unstick()
         batch = _Batch()
         for t in targets:
             self._submit(t, batch)
@@ -437,7 +440,27 @@ class Collector:
                     self._lanes.run(batch)
                 batch.cond.wait(min(deadline - now, handoff))
             if batch.queued:  # past the deadline with reads not started: never leave them stuck
+                batch.taken_at = time.monotonic()
                 self._lanes.run(batch)
+                self._stuck_batches.append(batch)
+
+    def _unstick(self) -> None:
+        """Hand on earlier cycles' batches whose queued reads still wait behind stuck lanes.
+
+        Only when more reads hang at once than hand-offs fit in the deadline: one more lane per
+        such batch and cycle, so no read waits for good behind hung ones."""
+        handoff = min(HANDOFF_S, self.device_timeout_s / 10)
+        now = time.monotonic()
+        still: list[_Batch] = []
+        for batch in self._stuck_batches:
+            with batch.cond:
+                if not batch.queued:
+                    continue
+                if now - batch.taken_at >= handoff:
+                    batch.taken_at = now
+                    self._lanes.run(batch)
+            still.append(batch)
+        self._stuck_batches = still
 
     def _collect(self, t: _Target) -> DeviceSample:
         state = self._devices[t.uuid]

@@ -200,3 +200,28 @@ def test_healthy_devices_share_one_reader_thread() -> None:
     readers = {t.name for t in threading.enumerate()} - before
     assert len(readers) <= 2, readers  # one reader (plus discovery), not a thread per device
     c.stop()
+
+
+def test_reads_queued_behind_more_hung_reads_than_the_deadline_fits_are_still_read() -> None:
+    # 12 hung GPUs and a 0.1 s deadline: more hand-offs than fit in one cycle. The healthy GPUs
+    # queued behind them are handed on in the following cycles, not left waiting for the hangs.
+    b = ScriptedBackend(gpus=14)
+    b.values = {f"GPU-{i:08d}": {"DCGM_FI_DEV_GPU_TEMP": 40 + i} for i in range(14)}
+    c = make(b, timeout=0.1)
+    c.run_once()
+    for i in range(12):
+        b.hang[f"GPU-{i:08d}"] = threading.Event()
+    try:
+        fresh_after = None
+        for cycle in range(30):
+            snap = c.run_once()
+            if not snap.samples[12].stale and not snap.samples[13].stale and cycle > 0:
+                fresh_after = cycle
+                break
+            time.sleep(0.02)
+        assert fresh_after is not None
+        assert all(s.stale for s in snap.samples[:12])
+    finally:
+        for ev in b.hang.values():
+            ev.set()
+        c.stop()
