@@ -31,7 +31,7 @@ def generated_names(proto: str) -> list[str]:
 def generate(out_dir: Path) -> list[Path]:
     """Write the stubs under out_dir (mirroring the repo layout); return their paths."""
     import grpc_tools  # type: ignore[import-untyped]  # dev-only dependency (grpcio-tools)
-    from grpc_tools import protoc  # type: ignore[import-untyped]
+    from grpc_tools import protoc
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # The well-known types ship inside grpc_tools; include them like protoc's CLI does.

@@ -11,15 +11,12 @@ guessing at a format we do not know would mean dropping the fences in it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
 from exporter.health.records import DeviceRecord, ReasonRecord
 from exporter.health.verdict import HealthState
-
-if TYPE_CHECKING:
-    from exporter.health.store import StateStore as StateStore
 
 # 2: adds "signals_seen": {"<GPU model>": ["DCGM_FI_...", ...]} (health fields that model reports).
 SCHEMA_VERSION = 2
@@ -214,13 +211,3 @@ def _device_record(uuid: str, d: dict[str, Any]) -> DeviceRecord:
         rec.reasons[(rr.signal, rr.code)] = rr
     rec.tracker.baseline = {k: float(v) for k, v in d.get("baseline", {}).items()}
     return rec
-
-
-def __getattr__(name: str) -> Any:
-    # StateStore lives in exporter.health.store; tests/health/test_health_engine.py still reaches it
-    # (and patches its write) through this module. Imported lazily: store imports this module.
-    if name == "StateStore":
-        from exporter.health import store
-
-        return store.StateStore
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,6 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from exporter.health import state as state_mod
+from exporter.health import store as store_mod
 from exporter.health.policy import Policy
 from exporter.health.records import MAX_REASONS_PER_DEVICE
 from exporter.health.state import STATE_FILE, validate
@@ -207,14 +208,14 @@ def test_auto_recover_clears_after_a_detected_reset(make_engine: EngineFactory, 
 
 def test_storm_is_bounded_and_exact(make_engine: EngineFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     writes = 0
-    real_write = state_mod.StateStore.write
+    real_write = store_mod.StateStore.write
 
-    def counting(self: state_mod.StateStore, doc: dict[str, object], gen: int) -> bool:
+    def counting(self: store_mod.StateStore, doc: dict[str, object], gen: int) -> bool:
         nonlocal writes
         writes += 1
         return real_write(self, doc, gen)
 
-    monkeypatch.setattr(state_mod.StateStore, "write", counting)
+    monkeypatch.setattr(store_mod.StateStore, "write", counting)
     eng = make_engine()
     rng = random.Random(7)
     codes = [79, 13, 31, 94, 109]
