@@ -80,7 +80,9 @@ def smi_rows(recorded: str | None) -> list[dict[str, str]]:
             raise SystemExit("nvidia-smi not found (pass --nvidia-smi-csv to compare with a recorded output)")
         text = subprocess.run(
             [exe, f"--query-gpu={','.join(props)}", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
     return [dict(zip(props, (c.strip() for c in row), strict=True)) for row in csv.reader(io.StringIO(text)) if row]
 
@@ -164,8 +166,10 @@ def main() -> int:
         for spec in polled:
             by_reader.setdefault(str(spec.reader), []).append(spec)
         for reader, specs in sorted(by_reader.items()):
-            lines.append(f"| {reader} ({len(specs)} field{'s' if len(specs) > 1 else ''}) | "
-                         f"{median_ms(lambda s=specs: backend.read(uuid, s)):.3f} |")
+            lines.append(
+                f"| {reader} ({len(specs)} field{'s' if len(specs) > 1 else ''}) | "
+                f"{median_ms(lambda s=specs: backend.read(uuid, s)):.3f} |"
+            )
         whole = median_ms(lambda: backend.read(uuid, polled))
         lines.append(f"| whole device read ({len(polled)} fields) | {whole:.3f} |")
         lines.append(f"| discovery (all GPUs) | {median_ms(backend.discover, 5):.3f} |")

@@ -96,7 +96,7 @@ def _prom_client_registry(snapshots: list[Snapshot], fields: Sequence[FieldSpec]
                     yield fam
 
         reg = prometheus_client.CollectorRegistry()
-        reg.register(OneCycle())  # type: ignore[arg-type]
+        reg.register(OneCycle())
         return prometheus_client.generate_latest(reg)
 
     return render
@@ -410,10 +410,12 @@ def bench_health() -> None:
             uuid = uuids[i % 8]
             t0 = time.monotonic()
             inject({"op": "xid", "gpu": index_of[uuid], "xid": 79})
-            ok = kubelet.wait_for(
-                lambda u=uuid: kubelet.latest(res) is not None and kubelet.latest(res).health_of(u) == "Unhealthy",
-                timeout=5,
-            )
+
+            def unhealthy(u: str = uuid) -> bool:
+                latest = kubelet.latest(res)
+                return latest is not None and latest.health_of(u) == "Unhealthy"
+
+            ok = kubelet.wait_for(unhealthy, timeout=5)
             latencies.append(time.monotonic() - t0 if ok else float("inf"))
             request(Path(exp.state) / "control.sock", {"op": "clear", "target": uuid, "reason": "benchmark"})
             kubelet.wait_for(lambda: kubelet.allocatable(res) == 8, timeout=5)

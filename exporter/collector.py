@@ -20,15 +20,12 @@ field must not stay unread for good because of one odd answer.
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 import structlog
 
@@ -36,13 +33,12 @@ from exporter.backend import Backend, DeviceError, DeviceLostError, MonitorError
 from exporter.counters import CounterSet
 from exporter.devices import DeviceSelector
 from exporter.fields import FieldSpec, is_polled
+from exporter.lanes import Batch, Lanes, Read, Worker
 from exporter.logs import Reminder
 from exporter.model import Gpu, Inventory, MigDevice, ReadResult
 from exporter.snapshot import DeviceSample, Snapshot
 
 log = structlog.get_logger("exporter.collector")
-
-T = TypeVar("T")
 
 # Re-enumerate at least this often even without a MIG-change event, so a
 # GPU that vanished or came back is noticed.
@@ -54,161 +50,6 @@ UNSUPPORTED_RETRY_S = 300.0
 # A read running longer than this (or a tenth of the device deadline, if shorter) hands the rest of
 # its cycle's batch to another lane.
 HANDOFF_S = 0.05
-
-# Idle lanes kept for later hand-offs; more exit once their hung read returns.
-SPARE_LANES = 8
-
-
-class Worker:
-    """A thread that runs one call at a time; `busy` while a call is in flight."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._jobs: queue.Queue[tuple[Callable[[], Any], Future[Any]] | None] = queue.Queue()
-        self.busy_since: float | None = None
-        self._thread = threading.Thread(target=self._run, name=f"worker-{name}", daemon=True)
-        self._thread.start()
-
-    @property
-    def busy(self) -> bool:
-        return self.busy_since is not None
-
-    def submit(self, fn: Callable[[], T]) -> Future[T]:
-        fut: Future[T] = Future()
-        self.busy_since = time.monotonic()
-        self._jobs.put((fn, fut))
-        return fut
-
-    def stop(self) -> None:
-        self._jobs.put(None)
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            fn, fut = job
-            try:
-                fut.set_result(fn())
-            except BaseException as exc:  # delivered to the waiting collector
-                fut.set_exception(exc)
-            finally:
-                self.busy_since = None
-
-
-class _Read:
-    """One device read of a cycle's batch; `done` once run (result or exception kept)."""
-
-    __slots__ = ("batch", "done", "error", "fn", "value")
-
-    def __init__(self, fn: Callable[[], ReadResult], batch: _Batch) -> None:
-        self.fn = fn
-        self.batch = batch
-        self.done = False
-        self.value: ReadResult | None = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.value = self.fn()
-        except BaseException as exc:  # delivered to the collector
-            self.error = exc
-        self.fn = _spent  # drop the closure (its field tuple) once run
-        self.batch.finished(self)
-
-    def result(self) -> ReadResult:
-        if self.error is not None:
-            raise self.error
-        assert self.value is not None
-        return self.value
-
-
-def _spent() -> ReadResult:
-    raise RuntimeError("read already run")
-
-
-class _Batch:
-    """The reads submitted in one cycle, taken in order by one or more lanes."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition(threading.Lock())
-        self.queued: deque[_Read] = deque()
-        self.left = 0  # reads not finished yet
-        self.taken_at = 0.0  # monotonic time the newest read was taken by a lane
-
-    def add(self, fn: Callable[[], ReadResult]) -> _Read:
-        read = _Read(fn, self)
-        self.queued.append(read)
-        self.left += 1
-        return read
-
-    def take(self) -> _Read | None:
-        with self.cond:
-            if not self.queued:
-                return None
-            self.taken_at = time.monotonic()
-            return self.queued.popleft()
-
-    def finished(self, read: _Read) -> None:
-        with self.cond:
-            read.done = True
-            self.left -= 1
-            if self.left == 0:
-                self.cond.notify_all()
-
-
-class _Lanes:
-    """Reader threads: one runs a batch; another is added when every lane on it is stuck."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._idle: list[_Lane] = []
-        self._all: set[_Lane] = set()
-        self._count = 0
-
-    def run(self, batch: _Batch) -> None:
-        with self._lock:
-            lane = self._idle.pop() if self._idle else None
-            if lane is None:
-                self._count += 1
-                lane = _Lane(self, self._count)
-                self._all.add(lane)
-        lane.jobs.put(batch)
-
-    def idle(self, lane: _Lane) -> bool:
-        """A lane is done with its batch: keep it (True) or let it exit."""
-        with self._lock:
-            if len(self._idle) < SPARE_LANES:
-                self._idle.append(lane)
-                return True
-            self._all.discard(lane)
-            return False
-
-    def stop(self) -> None:
-        with self._lock:
-            lanes, self._idle = list(self._all), []
-            self._all.clear()
-        for lane in lanes:
-            lane.jobs.put(None)
-
-
-class _Lane:
-    def __init__(self, pool: _Lanes, number: int) -> None:
-        self.pool = pool
-        self.jobs: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=f"reader-{number}", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            batch = self.jobs.get()
-            if batch is None:
-                return
-            while (read := batch.take()) is not None:
-                read.run()
-            del batch, read
-            if not self.pool.idle(self):
-                return
 
 
 @dataclass
@@ -223,7 +64,7 @@ class _DeviceState:
     wanted: tuple[FieldSpec, ...] | None = None
     wanted_from: tuple[FieldSpec, ...] = ()
     wanted_until: float = 0.0
-    pending: _Read | None = None
+    pending: Read | None = None
     pending_since_cycle: int = 0  # the cycle that submitted `pending`
 
 
@@ -258,8 +99,8 @@ class Collector:
         self.device_timeout_s = device_timeout_s
         self._clock = clock
         self.set_counters(counters)
-        self._lanes = _Lanes()
-        self._stuck_batches: list[_Batch] = []  # earlier cycles' batches with reads not started yet
+        self._lanes = Lanes()
+        self._stuck_batches: list[Batch] = []  # earlier cycles' batches with reads not started yet
         self._devices: dict[str, _DeviceState] = {}
         self._listeners: list[Callable[[Snapshot], None]] = []
         self._layout_listeners: list[Callable[[Inventory], None]] = []
@@ -373,7 +214,7 @@ class Collector:
         deadline = started + self.device_timeout_s
         if self._stuck_batches:
             self._unstick()
-        batch = _Batch()
+        batch = Batch()
         for t in targets:
             self._submit(t, batch)
         if batch.left:
@@ -397,7 +238,7 @@ class Collector:
                 log.exception("snapshot_listener_failed", listener=getattr(fn, "__qualname__", repr(fn)))
         return snapshot
 
-    def _submit(self, t: _Target, batch: _Batch) -> None:
+    def _submit(self, t: _Target, batch: Batch) -> None:
         state = self._devices.get(t.uuid)
         if state is None:
             state = self._devices[t.uuid] = _DeviceState()
@@ -422,7 +263,7 @@ class Collector:
         state.wanted_until = min(skip.values()) + UNSUPPORTED_RETRY_S
         return wanted
 
-    def _wait(self, batch: _Batch, deadline: float) -> None:
+    def _wait(self, batch: Batch, deadline: float) -> None:
         """Run the batch; wait until every read is done or the deadline passes.
 
         Reads still queued behind a read running for longer than the hand-off time go to
@@ -451,7 +292,7 @@ class Collector:
         such batch and cycle, so no read waits for good behind hung ones."""
         handoff = min(HANDOFF_S, self.device_timeout_s / 10)
         now = time.monotonic()
-        still: list[_Batch] = []
+        still: list[Batch] = []
         for batch in self._stuck_batches:
             with batch.cond:
                 if not batch.queued:
@@ -478,8 +319,16 @@ class Collector:
             age = now - state.last_good if state.last_good is not None else 0.0
             if self._said.due((uuid, "late")):
                 log.warning("device_read_late", uuid=uuid, timeout_s=self.device_timeout_s, stale_for_s=round(age, 1))
-            return DeviceSample(t.gpu, t.mig, dict(state.last_values), up=True, stale=True, age_s=age, error="timeout",
-                                unsupported=state.unsupported_names)
+            return DeviceSample(
+                t.gpu,
+                t.mig,
+                dict(state.last_values),
+                up=True,
+                stale=True,
+                age_s=age,
+                error="timeout",
+                unsupported=state.unsupported_names,
+            )
         except DeviceLostError as exc:
             state.pending = None
             state.last_values = {}

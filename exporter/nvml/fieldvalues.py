@@ -29,7 +29,6 @@ _MEMORY_TEMP_MAX = 200
 _VALUE_MEMBERS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
 
 
-
 class _FieldValueView(ctypes.Structure):
     """pynvml's nvmlFieldValue_t layout without its Python-level attribute hooks: a read-only view
     over the array the call filled, so decoding reads the members at C speed."""
