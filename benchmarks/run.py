@@ -167,7 +167,7 @@ def bench_render() -> None:
         report("render", f"{label}: ours (ms/cycle)", f"{ours * 1e3:.3f}")
         report("render", f"{label}: prometheus_client generate_latest (ms/cycle)", f"{theirs * 1e3:.3f}")
         report("render", f"{label}: speed-up", f"{theirs / ours:.1f}x")
-        full = renderer.render(snaps[-1], counters.fields, {}, 1)
+        full = renderer.render(snaps[-1])
         report("render", f"{label}: exposition bytes (plain / gzip)", f"{len(full.plain)} / {len(full.gzipped)}")
 
 

@@ -205,8 +205,7 @@ class App:
         if self.pods is not None:
             self.pods.refresh(snapshot.inventory)
         self.health.on_snapshot(snapshot)
-        collector = self.collector
-        self.renderer.render(snapshot, collector.counters.fields, collector.nvml_errors, collector.collections)
+        self.renderer.render(snapshot)
 
     def reload_counters(self) -> None:
         path = self.cfg.collectors

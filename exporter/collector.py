@@ -229,6 +229,9 @@ class Collector:
             taken_at=self._clock(),
             duration_s=time.monotonic() - started,
             vanished=vanished,
+            fields=self.counters.fields,
+            nvml_errors=dict(self.nvml_errors),
+            collections=self.collections,
         )
         self.last_snapshot = snapshot
         for fn in self._listeners:

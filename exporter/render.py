@@ -268,7 +268,7 @@ class Renderer:
         return "".join(out)
 
     # --- own families ---
-    def render_own(self, snapshot: Snapshot, nvml_errors: dict[tuple[str, str], int], collections: int) -> str:
+    def render_own(self, snapshot: Snapshot) -> str:
         """The core part: build info, discovery, per-device freshness, the collection loop, NVML errors."""
         ctx = self.ctx
         build = format_labels(
@@ -298,10 +298,10 @@ class Renderer:
             LAST_COLLECTION.header,
             LAST_COLLECTION.scalar(format_value(round(snapshot.taken_at, 3))),
             COLLECTIONS.header,
-            COLLECTIONS.scalar(collections),
+            COLLECTIONS.scalar(snapshot.collections),
             NVML_ERRORS.header,
         ]
-        errors = sorted(nvml_errors.items())
+        errors = sorted(snapshot.nvml_errors.items())
         out += [NVML_ERRORS.sample(format_labels([("field", f), ("error", e)]), n) for (f, e), n in errors]
         return "".join(out)
 
@@ -350,13 +350,7 @@ class Renderer:
         lines += [RENDER_SUCCESS.sample(format_labels([("part", part)]), int(ok)) for part, ok in success.items()]
         return "".join(lines).encode("utf-8")
 
-    def render(
-        self,
-        snapshot: Snapshot,
-        fields: Sequence[FieldSpec],
-        nvml_errors: dict[tuple[str, str], int],
-        collections: int,
-    ) -> Exposition:
+    def render(self, snapshot: Snapshot) -> Exposition:
         """Render the exposition and make it current. Raises (keeping the previous one
         current) only when something all parts share fails; a failing part does not."""
         layout = snapshot.inventory.layout_key()
@@ -366,9 +360,9 @@ class Renderer:
         success: dict[str, bool] = {}
         gpu_uuids = [g.uuid for g in snapshot.inventory.gpus]
         texts = [
-            self._render_part("dcgm", lambda: self.render_dcgm(snapshot, fields), success),
+            self._render_part("dcgm", lambda: self.render_dcgm(snapshot, snapshot.fields), success),
             self._render_part("xid", lambda: self.xids.render_count_family(self.ctx, gpu_uuids), success),
-            self._render_part("core", lambda: self.render_own(snapshot, nvml_errors, collections), success),
+            self._render_part("core", lambda: self.render_own(snapshot), success),
         ]
         for name, contributor in self._contributor_parts():
             texts.append(self._render_part(name, partial(contributor.render_metrics, self.ctx), success))

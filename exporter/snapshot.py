@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from exporter.fields import FieldSpec
 from exporter.model import Gpu, Inventory, MigDevice
 
 
@@ -43,6 +44,10 @@ class Snapshot:
     duration_s: float
     # GPUs seen in an earlier cycle that enumeration no longer returns.
     vanished: tuple[str, ...] = field(default=())
+    # What the renderer needs besides the samples, so it never reaches into the collector:
+    fields: tuple[FieldSpec, ...] = ()  # the counters file's fields this cycle
+    nvml_errors: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (field, error) -> count so far
+    collections: int = 0  # cycles run, this one included
 
     def sample(self, uuid: str) -> DeviceSample | None:
         for s in self.samples:

@@ -40,7 +40,7 @@ def render(backend: ScriptedBackend, pods: Pods | None = None, host: str | None 
     xids.on_events([DeviceEvent("GPU-00000001", EVENT_XID, xid=79)])
     c = Collector(backend, FIELDS, parse_device_selector("f"), 1.0, 0.5)
     r = Renderer(RenderContext(host, 'node"1'), xids, "scripted", pods=pods, process_registry=None)
-    expo = r.render(c.run_once(), FIELDS.fields, c.nvml_errors, c.collections)
+    expo = r.render(c.run_once())
     return expo.plain.decode()
 
 
@@ -124,7 +124,7 @@ def test_default_field_set_renders_faster_than_generate_latest_would_need() -> N
         "scripted",
         process_registry=prometheus_client.REGISTRY,
     )
-    text = r.render(c.run_once(), default_counters().fields, {}, 1).plain.decode()
+    text = r.render(c.run_once()).plain.decode()
     names = {f.name for f in text_string_to_metric_families(text)}
     assert {"DCGM_FI_DEV_GPU_TEMP", "process_resident_memory_bytes"} <= names
 
@@ -174,7 +174,7 @@ def flaky_renderer(clock: Clock | None = None) -> tuple[Renderer, Collector, Fla
 
 def cycle(r: Renderer, c: Collector) -> dict[str, float]:
     """Render one cycle; the gpuhealth_render_success value per part."""
-    text = r.render(c.run_once(), FIELDS.fields, c.nvml_errors, c.collections).plain.decode()
+    text = r.render(c.run_once()).plain.decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     return {s.labels["part"]: s.value for s in families["gpuhealth_render_success"].samples}
 
@@ -286,8 +286,8 @@ def test_whole_render_failure_keeps_the_previous_exposition() -> None:
     registry = prometheus_client.CollectorRegistry()
     c = Collector(backend(), FIELDS, parse_device_selector("f"), 1.0, 0.5)
     r = Renderer(RenderContext("Hostname", "n"), XidTracker(300, message=str), "scripted", process_registry=registry)
-    good = r.render(c.run_once(), FIELDS.fields, c.nvml_errors, c.collections)
+    good = r.render(c.run_once())
     registry.register(Broken())  # type: ignore[arg-type]
     with pytest.raises(RuntimeError):
-        r.render(c.run_once(), FIELDS.fields, c.nvml_errors, c.collections)
+        r.render(c.run_once())
     assert r.current is good  # rendered_at did not advance: /ready can tell
