@@ -41,6 +41,7 @@ from exporter.flags import (
     xid_list,
 )
 from exporter.flags import ConfigError as ConfigError  # the error parse_config raises
+from podresources import DEFAULT_SOCKET
 
 HostnameLabel = Literal["Hostname", "hostname"]
 LogFormat = Literal["auto", "json", "console"]
@@ -155,7 +156,7 @@ class Config:
     )
     pod_resources_socket: str = flag(
         "--pod-resources-kubelet-socket",
-        default="/var/lib/kubelet/pod-resources/kubelet.sock",
+        default=DEFAULT_SOCKET,
         section=PODS,
         metavar="PATH",
         help="Kubelet PodResources socket.",

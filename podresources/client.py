@@ -25,12 +25,12 @@ from typing import Any
 
 import grpc
 
+from podresources import DEFAULT_SOCKET
 from podresources.api.v1 import podresources_pb2 as v1_pb2
 from podresources.api.v1 import podresources_pb2_grpc as v1_grpc
 from podresources.api.v1alpha1 import podresources_pb2 as v1alpha1_pb2
 from podresources.api.v1alpha1 import podresources_pb2_grpc as v1alpha1_grpc
 
-DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 MAX_RECEIVE_BYTES = 16 * 1024 * 1024
 
 # Method labels for request counters (gpuhealth_kubelet_requests_total{method,code}).
