@@ -139,6 +139,7 @@ class App:
         return PodMapper(
             PodMappingConfig(
                 socket_path=cfg.pod_resources_socket,
+                kubelet_timeout_s=cfg.pod_resources_timeout_s,
                 gpu_id_type=cfg.kubernetes_gpu_id_type,
                 resource_names=cfg.nvidia_resource_names,
                 shared_mode=cfg.kubernetes_shared_gpus,

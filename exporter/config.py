@@ -161,6 +161,15 @@ class Config:
         metavar="PATH",
         help="Kubelet PodResources socket.",
     )
+    pod_resources_timeout_s: float = flag(
+        "--pod-resources-timeout",
+        default="10000",
+        parse=millis_as_seconds(100),
+        section=PODS,
+        metavar="MS",
+        help="Deadline for one kubelet PodResources call, in ms. A call past it fails; the last good mapping "
+        "is kept and ages.",
+    )
     kubernetes_gpu_id_type: GpuIdType = flag(
         "--kubernetes-gpu-id-type",
         default="uid",

@@ -319,7 +319,7 @@ def test_hung_kubelet_never_slows_scrapes_or_collection(
 ) -> None:
     kubelet.set_pods([gpu_pod("p", "ns", [H100[0]])])
     kubelet.start()
-    with exporter_on(fakenvml_build, tmp_path, h100s(2), kubelet) as exp:
+    with exporter_on(fakenvml_build, tmp_path, h100s(2), kubelet, "--pod-resources-timeout", "3000") as exp:
         exp.wait_for(lambda t: bool(family(t, "DCGM_FI_DEV_GPU_UTIL", pod="p")))
         kubelet.set_behaviour("List", "hang")
         hung_at = time.monotonic()
@@ -333,7 +333,7 @@ def test_hung_kubelet_never_slows_scrapes_or_collection(
         exp.wait_for(lambda t: cycles(t) >= before + 5)  # collection keeps turning
         assert pods_on(text, "DCGM_FI_DEV_GPU_UTIL", UUID=H100[0]) == {("ns", "p", "c")}
 
-        # the List times out (10 s): refresh fails, the last good mapping stays and keeps ageing
+        # the List times out (--pod-resources-timeout): refresh fails, the last good mapping stays and ages
         text = exp.wait_for(lambda t: scalar(t, "gpuhealth_pod_mapping_refresh_success") == 0, timeout=20)
         assert (scalar(text, "gpuhealth_pod_mapping_age_seconds") or 0) >= time.monotonic() - hung_at - 1.5
         assert pods_on(text, "DCGM_FI_DEV_GPU_UTIL", UUID=H100[0]) == {("ns", "p", "c")}
