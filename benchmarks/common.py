@@ -8,6 +8,9 @@ there first).
 from __future__ import annotations
 
 import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,6 +23,21 @@ def report(section: str, what: str, value: str) -> None:
     """Record one figure in RESULTS and print it."""
     RESULTS.append((section, what, value))
     print(f"  {what:<62} {value}", flush=True)
+
+
+def wait_ready(proc: subprocess.Popen[bytes], url: str, name: str, log: Path, timeout_s: float = 30) -> None:
+    """Wait until `url` answers 200; raise with the log's tail if the process exits or never does."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{name} did not become ready")
 
 
 def free_port() -> int:

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import FAKE_LIB, SCENARIOS, free_port, report  # noqa: E402
+from benchmarks.common import FAKE_LIB, SCENARIOS, free_port, report, wait_ready  # noqa: E402
 
 WINDOW_S = 10.0  # one idle or scraped window; the phases alternate in windows this long
 
@@ -59,18 +59,11 @@ class Proc:
             stdout=subprocess.DEVNULL,
             stderr=open(Path(self.tmp) / "log", "wb"),  # noqa: SIM115
         )
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{name} exited: {(Path(self.tmp) / 'log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}{ready_path}", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"{name} did not become ready")
+        try:
+            wait_ready(self.proc, f"http://127.0.0.1:{port}{ready_path}", name, Path(self.tmp) / "log")
+        except RuntimeError:
+            self.stop()
+            raise
 
     def scrape(self) -> int:
         """Samples in one /metrics response."""

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import prometheus_client  # noqa: E402
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily  # noqa: E402
 
-from benchmarks.common import FAKE_LIB, RESULTS, SCENARIOS, free_port, report  # noqa: E402
+from benchmarks.common import FAKE_LIB, RESULTS, SCENARIOS, free_port, report, wait_ready  # noqa: E402
 from exporter.collector import Collector  # noqa: E402
 from exporter.counters import default_counters  # noqa: E402
 from exporter.devices import parse_device_selector  # noqa: E402
@@ -198,16 +198,11 @@ class Exporter:
             stdout=subprocess.DEVNULL,
             stderr=open(Path(self.state) / "exporter.log", "wb"),  # noqa: SIM115
         )
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("exporter did not become ready")
+        try:
+            wait_ready(self.proc, f"http://127.0.0.1:{self.port}/ready", "exporter", Path(self.state) / "exporter.log")
+        except RuntimeError:
+            self.stop()
+            raise
 
     def get(self, path: str = "/metrics") -> bytes:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
