@@ -97,6 +97,7 @@ class Collector:
         self.selector = selector
         self.interval_s = interval_s
         self.device_timeout_s = device_timeout_s
+        self._handoff_s = min(HANDOFF_S, device_timeout_s / 10)
         self._clock = clock
         self.set_counters(counters)
         self._lanes = Lanes()
@@ -271,7 +272,7 @@ class Collector:
 
         Reads still queued behind a read running for longer than the hand-off time go to
         another lane, so one hung device holds up the others by at most that long."""
-        handoff = min(HANDOFF_S, self.device_timeout_s / 10)
+        handoff = self._handoff_s
         batch.taken_at = time.monotonic()
         self._lanes.run(batch)
         with batch.cond:
@@ -293,7 +294,7 @@ class Collector:
 
         Only when more reads hang at once than hand-offs fit in the deadline: one more lane per
         such batch and cycle, so no read waits for good behind hung ones."""
-        handoff = min(HANDOFF_S, self.device_timeout_s / 10)
+        handoff = self._handoff_s
         now = time.monotonic()
         still: list[Batch] = []
         for batch in self._stuck_batches:

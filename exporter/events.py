@@ -70,10 +70,6 @@ class EventPump:
         self.attempted = False  # the first registration attempt has finished (either way)
         self.last_error = ""
 
-    @property
-    def healthy(self) -> bool:
-        return bool(self.monitored)
-
     def add_listener(self, fn: Callable[[list[DeviceEvent]], None]) -> None:
         self._listeners.append(fn)
 
@@ -90,10 +86,11 @@ class EventPump:
             return f"no GPU is monitored for XID events{why}"
         return None
 
-    def _set_monitored(self, uuids: frozenset[str], *, attempted: bool = True) -> None:
-        changed = uuids != self.monitored or (attempted and not self.attempted)
+    def _set_monitored(self, uuids: frozenset[str]) -> None:
+        """After a registration attempt or a failure: the first call always reaches the listeners."""
+        changed = uuids != self.monitored or not self.attempted
         self.monitored = uuids
-        self.attempted = self.attempted or attempted
+        self.attempted = True
         if not changed:
             return
         for fn in self._status_listeners:

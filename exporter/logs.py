@@ -59,10 +59,6 @@ class Reminder:
             self._said[key] = now
             return True
 
-    def active(self, key: Hashable) -> bool:
-        with self._lock:
-            return key in self._said
-
     def clear(self, key: Hashable) -> bool:
         with self._lock:
             return self._said.pop(key, None) is not None

@@ -51,7 +51,6 @@ def monitor_faults(snap: Snapshot) -> dict[str, str]:
     gpus = [s for s in snap.samples if s.mig is None]
     failing = [s for s in gpus if not s.up or s.stale]
     errors = {s.error or "unknown" for s in failing}
-    faulty: dict[str, str] = {}
     if len(gpus) >= 2 and len(failing) == len(gpus) and len(errors) == 1:
         # The same failure on every GPU at once says more about us than about any of them.
         error = errors.pop()

@@ -268,8 +268,7 @@ class HealthEngine:
             if sample.mig is None and sample.up and not sample.stale:
                 new, lost = blindspots.signal_coverage(sample, self.signals_seen)
                 if new:
-                    self.signals_seen.setdefault(blindspots.model_key(sample.gpu), set()).update(new)
-                    self._gen_counts += 1
+                    self.note_signals_seen(blindspots.model_key(sample.gpu), new)
                 if lost:
                     missing[sample.uuid] = lost
             ev = evaluate(sample, dev.tracker, now, self.policy)
