@@ -70,10 +70,12 @@ def handle_error(uuid: str, err: pynvml.NVMLError) -> Exception:
     """What a failed handle lookup means: the device is gone, we failed, or it failed."""
     if code(err) in (NOT_FOUND, GPU_IS_LOST):
         return DeviceLostError(uuid)
-    name = type(err).__name__
-    if name in MONITOR_ERRORS:
-        return MonitorError(f"{uuid}: {err}", name)
-    return DeviceError(f"{uuid}: {err}", name)
+    return _failure(f"{uuid}: {err}", type(err).__name__)
+
+
+def _failure(message: str, error: str) -> DeviceError:
+    """A whole-device failure: ours (MonitorError) for our error codes, else the device's."""
+    return (MonitorError if error in MONITOR_ERRORS else DeviceError)(message, error)
 
 
 def raise_whole_device_failure(uuid: str, result: ReadResult) -> None:
@@ -82,7 +84,4 @@ def raise_whole_device_failure(uuid: str, result: ReadResult) -> None:
     for error in result.errors.values():
         counts[error] = counts.get(error, 0) + 1
     error = max(sorted(counts), key=lambda e: counts[e])
-    message = f"{uuid}: every field failed ({error})"
-    if error in MONITOR_ERRORS:
-        raise MonitorError(message, error)
-    raise DeviceError(message, error)
+    raise _failure(f"{uuid}: every field failed ({error})", error)
