@@ -17,9 +17,25 @@ class CountersError(Exception):
 
 
 @dataclass(frozen=True)
+class ExporterCounter:
+    """A `DCGM_EXP_*` line: a family dcgm-exporter computes itself (XID and clock-event
+    counts in a window, health status, P2P status), emitted only when listed."""
+
+    name: str
+    type: str
+    help: str
+
+
+@dataclass(frozen=True)
 class CounterSet:
     fields: tuple[FieldSpec, ...]
     source: str  # file path, or "built-in"
+    exporter_counters: tuple[ExporterCounter, ...] = ()
+    # One message per line skipped (file:line, field, why); logged once when the file is loaded.
+    skipped: tuple[str, ...] = ()
+
+    def exporter_counter(self, name: str) -> ExporterCounter | None:
+        return next((c for c in self.exporter_counters if c.name == name), None)
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -131,6 +131,14 @@ class FieldSpec:
     # "instance": also readable per MIG device (memory, BAR1); "gpu": GPU-wide only.
     scope: Scope = "gpu"
     nvml_unit: str = ""  # what NVML returns, for the reference docs
+    # The metric name the counters file asked for (a legacy `dcgm_sm_clock`, an old
+    # `DCGM_FI_DEV_CLOCK_THROTTLE_REASONS`); "" means `name`. Values stay keyed by `name`.
+    metric: str = ""
+
+    @property
+    def metric_name(self) -> str:
+        """The exposed metric name: the counters file's spelling, else the DCGM field name."""
+        return self.metric or self.name
 
 
 def _f(

@@ -218,9 +218,10 @@ class Renderer:
         for spec in fields:
             if spec.type == "label":
                 continue
-            header = f"# HELP {spec.name} {escape_help(spec.help)}\n# TYPE {spec.name} {spec.type}\n"
+            metric = spec.metric_name
+            header = f"# HELP {metric} {escape_help(spec.help)}\n# TYPE {metric} {spec.type}\n"
             devices = [
-                (s.uuid, tuple(f"{spec.name}{{{head}" for head in heads[s.uuid]))
+                (s.uuid, tuple(f"{metric}{{{head}" for head in heads[s.uuid]))
                 for s in live
                 # MIG devices only carry per-instance fields (and the last-XID gauge is per GPU)
                 if s.mig is None or (spec.scope == "instance" and not isinstance(spec.reader, Event))
