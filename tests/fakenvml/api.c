@@ -392,6 +392,39 @@ EXPORT nvmlReturn_t nvmlDeviceGetPciInfo(void *device, nvmlPciInfo_v1_t *pci)
     OUT(NVML_SUCCESS);
 }
 
+static nvmlReturn_t by_pci_impl(const char *sym, const char *bus_id, void **device)
+{
+    target T;
+    nvmlReturn_t r = enter(sym, NULL, &T, F_NOHANDLE);
+    if (r)
+        return r;
+    unsigned dom, bus, dev;
+    if (!bus_id || !device || sscanf(bus_id, "%x:%x:%x", &dom, &bus, &dev) != 3)
+        OUT(NVML_ERROR_INVALID_ARGUMENT);
+    for (int i = 0; i < g_ndev; i++) {
+        nvmlPciInfo_t p;
+        fill_pci(&g_dev[i], &p);
+        if (g_dev[i].vanished || p.domain != dom || p.bus != bus || p.device != dev)
+            continue;
+        if (g_dev[i].lost)
+            OUT(NVML_ERROR_GPU_IS_LOST);
+        *device = &g_dev[i];
+        OUT(NVML_SUCCESS);
+    }
+    OUT(NVML_ERROR_NOT_FOUND);
+}
+
+/* Both forms take "0000:18:00.0" or "00000000:18:00.0" (hex, any case). */
+EXPORT nvmlReturn_t nvmlDeviceGetHandleByPciBusId_v2(const char *bus_id, void **device)
+{
+    return by_pci_impl(__func__, bus_id, device);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetHandleByPciBusId(const char *bus_id, void **device)
+{
+    return by_pci_impl(__func__, bus_id, device);
+}
+
 EXPORT nvmlReturn_t nvmlDeviceGetMinorNumber(void *device, unsigned int *minor)
 {
     ENTER(device, 0);
@@ -733,6 +766,255 @@ EXPORT nvmlReturn_t nvmlDeviceGetPcieReplayCounter(void *device, unsigned int *v
     OUT(NVML_SUCCESS);
 }
 
+/* ------------------------------------------------------------ processes */
+
+/* Processes of the scenario (README: "processes"). A GPU handle lists the GPU's own processes and, with
+ * MIG enabled, every instance's with its gi/ci (nvml.h: "In MIG mode, if device handle is provided, the
+ * API returns aggregate information"); a MIG handle lists only its instance's. */
+#define MAX_LISTED (MAX_PROCS + MAX_MIG_PER_DEV * MAX_MIG_PROCS)
+
+static unsigned collect_procs(const target *t, int kind, const fake_proc **procs, const fake_mig **where)
+{
+    unsigned n = 0;
+    if (t->m) {
+        for (int i = 0; i < t->m->nproc; i++)
+            if (t->m->procs[i].kinds & kind) {
+                procs[n] = &t->m->procs[i];
+                where[n++] = t->m;
+            }
+        return n;
+    }
+    for (int i = 0; i < t->d->nproc; i++)
+        if (t->d->procs[i].kinds & kind) {
+            procs[n] = &t->d->procs[i];
+            where[n++] = NULL;
+        }
+    if (!t->d->mig_enabled)
+        return n;
+    for (int k = 0; k < t->d->nmig; k++)
+        for (int i = 0; i < t->d->migs[k]->nproc; i++)
+            if (t->d->migs[k]->procs[i].kinds & kind) {
+                procs[n] = &t->d->migs[k]->procs[i];
+                where[n++] = t->d->migs[k];
+            }
+    return n;
+}
+
+/* v2: infos is nvmlProcessInfo_v2_t[] (also _v3's nvmlProcessInfo_t), else nvmlProcessInfo_v1_t[].
+ * kind 0 (MPS clients) never matches: the scenario has no MPS clients. */
+static nvmlReturn_t procs_impl(const char *sym, void *device, int kind, unsigned int *count, void *infos, int v2)
+{
+    target T;
+    nvmlReturn_t r = enter(sym, device, &T, F_MIG_OK);
+    if (r)
+        return r;
+    if (!count)
+        OUT(NVML_ERROR_INVALID_ARGUMENT);
+    const fake_proc *procs[MAX_LISTED];
+    const fake_mig *where[MAX_LISTED];
+    unsigned n = collect_procs(&T, kind, procs, where);
+    if (*count < n) {
+        *count = n;
+        OUT(NVML_ERROR_INSUFFICIENT_SIZE);
+    }
+    if (n > 0 && !infos)
+        OUT(NVML_ERROR_INVALID_ARGUMENT);
+    for (unsigned i = 0; i < n; i++) {
+        if (v2) {
+            nvmlProcessInfo_v2_t *p = &((nvmlProcessInfo_v2_t *)infos)[i];
+            p->pid = procs[i]->pid;
+            p->usedGpuMemory = procs[i]->used;
+            p->gpuInstanceId = where[i] ? where[i]->gi : NO_ID;
+            p->computeInstanceId = where[i] ? where[i]->ci : NO_ID;
+        } else {
+            nvmlProcessInfo_v1_t *p = &((nvmlProcessInfo_v1_t *)infos)[i];
+            p->pid = procs[i]->pid;
+            p->usedGpuMemory = procs[i]->used;
+        }
+    }
+    *count = n;
+    OUT(NVML_SUCCESS);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses(void *device, unsigned int *count,
+                                                         nvmlProcessInfo_v1_t *infos)
+{
+    return procs_impl(__func__, device, PROC_COMPUTE, count, infos, 0);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v2(void *device, unsigned int *count,
+                                                            nvmlProcessInfo_v2_t *infos)
+{
+    return procs_impl(__func__, device, PROC_COMPUTE, count, infos, 1);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses(void *device, unsigned int *count,
+                                                          nvmlProcessInfo_v1_t *infos)
+{
+    return procs_impl(__func__, device, PROC_GRAPHICS, count, infos, 0);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v2(void *device, unsigned int *count,
+                                                             nvmlProcessInfo_v2_t *infos)
+{
+    return procs_impl(__func__, device, PROC_GRAPHICS, count, infos, 1);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetMPSComputeRunningProcesses(void *device, unsigned int *count,
+                                                            nvmlProcessInfo_v1_t *infos)
+{
+    return procs_impl(__func__, device, 0, count, infos, 0);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetMPSComputeRunningProcesses_v2(void *device, unsigned int *count,
+                                                               nvmlProcessInfo_v2_t *infos)
+{
+    return procs_impl(__func__, device, 0, count, infos, 1);
+}
+
+/* _v3 came with R510 (NVML 11.6): an R470 library lacks it. */
+#ifndef FAKE_OLD_DRIVER
+EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(void *device, unsigned int *count,
+                                                            nvmlProcessInfo_v2_t *infos)
+{
+    return procs_impl(__func__, device, PROC_COMPUTE, count, infos, 1);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v3(void *device, unsigned int *count,
+                                                             nvmlProcessInfo_v2_t *infos)
+{
+    return procs_impl(__func__, device, PROC_GRAPHICS, count, infos, 1);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetMPSComputeRunningProcesses_v3(void *device, unsigned int *count,
+                                                               nvmlProcessInfo_v2_t *infos)
+{
+    return procs_impl(__func__, device, 0, count, infos, 1);
+}
+#endif
+
+/* No per-process utilisation samples are kept: NOT_FOUND is the driver's "no sample since
+ * lastSeenTimeStamp" answer, which clients treat as 0 %. */
+EXPORT nvmlReturn_t nvmlDeviceGetProcessUtilization(void *device, void *utilization, unsigned int *count,
+                                                    unsigned long long last_seen)
+{
+    ENTER(device, 0);
+    if (!count)
+        OUT(NVML_ERROR_INVALID_ARGUMENT);
+    *count = 0;
+    OUT(NVML_ERROR_NOT_FOUND);
+}
+
+/* ------------------------------------------------------------ modes, ECC */
+
+EXPORT nvmlReturn_t nvmlDeviceGetPersistenceMode(void *device, int *mode)
+{
+    ENTER(device, 0);
+    *mode = T.d->persistence;
+    OUT(NVML_SUCCESS);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetDisplayMode(void *device, int *mode)
+{
+    ENTER(device, 0);
+    *mode = T.d->display_mode;
+    OUT(NVML_SUCCESS);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetDisplayActive(void *device, int *active)
+{
+    ENTER(device, 0);
+    *active = T.d->display_active;
+    OUT(NVML_SUCCESS);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetComputeMode(void *device, int *mode)
+{
+    ENTER(device, 0);
+    *mode = T.d->compute_mode;
+    OUT(NVML_SUCCESS);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetCudaComputeCapability(void *device, int *major, int *minor)
+{
+    ENTER(device, 0);
+    *major = T.d->cc_major;
+    *minor = T.d->cc_minor;
+    OUT(NVML_SUCCESS);
+}
+
+/* The driver model (WDDM/TCC) is a Windows notion: Linux drivers export the call and answer NOT_SUPPORTED. */
+EXPORT nvmlReturn_t nvmlDeviceGetDriverModel(void *device, int *current, int *pending)
+{
+    ENTER(device, 0);
+    OUT(NVML_ERROR_NOT_SUPPORTED);
+}
+
+#ifndef FAKE_OLD_DRIVER
+EXPORT nvmlReturn_t nvmlDeviceGetDriverModel_v2(void *device, int *current, int *pending)
+{
+    ENTER(device, 0);
+    OUT(NVML_ERROR_NOT_SUPPORTED);
+}
+#endif
+
+/* ECC: supported where the scenario serves the ECC counters (DCGM_FI_DEV_ECC_*); the mode is "ecc". */
+EXPORT nvmlReturn_t nvmlDeviceGetEccMode(void *device, int *current, int *pending)
+{
+    ENTER(device, 0);
+    REQUIRE(S_ECC_SBE_VOL);
+    *current = T.d->ecc_enabled;
+    *pending = T.d->ecc_enabled;
+    OUT(NVML_SUCCESS);
+}
+
+static nvmlReturn_t ecc_total(const target *t, int error_type, int counter_type, unsigned long long *count)
+{
+    if (error_type < 0 || error_type > 1 || counter_type < 0 || counter_type > 1 || !count)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    static const int SRC[2][2] = {{S_ECC_SBE_VOL, S_ECC_SBE_AGG}, {S_ECC_DBE_VOL, S_ECC_DBE_AGG}};
+    int src = SRC[error_type][counter_type];
+    if (!src_ok(t->d, src) || !t->d->ecc_enabled)
+        return NVML_ERROR_NOT_SUPPORTED;
+    *count = src_u64(t->d, src);
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetTotalEccErrors(void *device, int error_type, int counter_type,
+                                                unsigned long long *count)
+{
+    ENTER(device, 0);
+    OUT(ecc_total(&T, error_type, counter_type, count));
+}
+
+/* Every error of the ECC counters is put in device memory (DRAM); the other locations count none. */
+EXPORT nvmlReturn_t nvmlDeviceGetMemoryErrorCounter(void *device, int error_type, int counter_type, int location,
+                                                    unsigned long long *count)
+{
+    ENTER(device, 0);
+    if (location < 0 || location >= NVML_MEMORY_LOCATION_COUNT)
+        OUT(NVML_ERROR_INVALID_ARGUMENT);
+    nvmlReturn_t r = ecc_total(&T, error_type, counter_type, count);
+    if (r == NVML_SUCCESS && location != NVML_MEMORY_LOCATION_DRAM)
+        *count = 0;
+    OUT(r);
+}
+
+/* ------------------------------------------------------------------ PCIe */
+
+/* KB/s: the rate of the scenario's PCIe byte counter (a constant counter moves at 0). */
+EXPORT nvmlReturn_t nvmlDeviceGetPcieThroughput(void *device, int counter, unsigned int *value)
+{
+    ENTER(device, 0);
+    if (counter < 0 || counter > 1 || !value)
+        OUT(NVML_ERROR_INVALID_ARGUMENT);
+    int src = counter == 0 ? S_PCIE_TX : S_PCIE_RX;
+    REQUIRE(src);
+    const vspec *v = &T.d->v[src];
+    *value = v->kind == V_COUNTER && v->b > 0 ? (unsigned)(v->b / 1024.0) : 0;
+    OUT(NVML_SUCCESS);
+}
+
 /* --------------------------------------------------------- field values */
 
 enum { FV_U32, FV_U64, FV_MEMTEMP, FV_NVL_TX, FV_NVL_RX };
@@ -765,6 +1047,13 @@ static void fill_fv(const target *t, nvmlFieldValue_t *v)
     v->latencyUsec = 3;
     v->valueType = NVML_VALUE_TYPE_UNSIGNED_LONG_LONG;
     v->value.ullVal = 0;
+    if (v->fieldId == NVML_FI_DEV_NVLINK_LINK_COUNT) {
+        /* no value spec: the link count is the device's "nvlink_links" */
+        v->nvmlReturn = t->m || t->d->nvlink_links <= 0 ? NVML_ERROR_NOT_SUPPORTED : NVML_SUCCESS;
+        v->valueType = NVML_VALUE_TYPE_UNSIGNED_INT;
+        v->value.uiVal = t->m ? 0 : (unsigned)t->d->nvlink_links;
+        return;
+    }
     if (k < 0 || t->m || !src_ok(t->d, FV[k].src)) {
         v->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
         return;
@@ -795,11 +1084,13 @@ static void fill_fv(const target *t, nvmlFieldValue_t *v)
     case FV_NVL_RX: {
         unsigned long long part = FV[k].how == FV_NVL_TX ? x / 2 : x - x / 2;
         if (v->scopeId != NO_ID) {
-            if (v->scopeId >= 18) {
+            /* one link's share; a GPU with no link count given keeps the 18 of an H100 SXM */
+            unsigned links = t->d->nvlink_links > 0 ? (unsigned)t->d->nvlink_links : 18;
+            if (v->scopeId >= links) {
                 v->nvmlReturn = NVML_ERROR_INVALID_ARGUMENT;
                 return;
             }
-            part /= 18;
+            part /= links;
         }
         v->value.ullVal = part;
         break;
@@ -834,6 +1125,81 @@ EXPORT nvmlReturn_t nvmlDeviceGetP2PStatus(void *device1, void *device2, int ind
     else
         *status = T.d != T2.d ? NVML_P2P_STATUS_OK : NVML_P2P_STATUS_NOT_SUPPORTED;
     OUT(NVML_SUCCESS);
+}
+
+/* --------------------------------------------------------------- NVLink */
+
+/* Links: the device's "nvlink_links" (18 by default on a GPU with an NVLink peer), all active; link l
+ * leads to the l-th peer in turn, so every peer of "nvlink"/"nvlink_peers" is reached. */
+static nvmlReturn_t nvlink_check(const target *t, unsigned link)
+{
+    if (t->d->nvlink_links <= 0)
+        return NVML_ERROR_NOT_SUPPORTED;
+    if (link >= (unsigned)t->d->nvlink_links)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    return NVML_SUCCESS;
+}
+
+static const fake_dev *nvlink_peer_of(const fake_dev *d, unsigned link)
+{
+    int peers[MAX_DEV], n = 0;
+    for (int b = 0; b < g_ndev; b++)
+        if (d->nvlink_peer[b])
+            peers[n++] = b;
+    return n ? &g_dev[peers[link % (unsigned)n]] : NULL;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetNvLinkState(void *device, unsigned int link, int *active)
+{
+    ENTER(device, 0);
+    nvmlReturn_t r = nvlink_check(&T, link);
+    if (r == NVML_SUCCESS)
+        *active = 1;
+    OUT(r);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetNvLinkVersion(void *device, unsigned int link, unsigned int *version)
+{
+    ENTER(device, 0);
+    nvmlReturn_t r = nvlink_check(&T, link);
+    if (r == NVML_SUCCESS)
+        *version = (unsigned)T.d->nvlink_version;
+    OUT(r);
+}
+
+/* nvmlNvLinkCapability_t: P2P, sysmem access, P2P atomics, sysmem atomics, SLI bridge, valid */
+EXPORT nvmlReturn_t nvmlDeviceGetNvLinkCapability(void *device, unsigned int link, int capability,
+                                                  unsigned int *result)
+{
+    static const unsigned CAPS[NVML_NVLINK_CAP_COUNT] = {1, 1, 1, 0, 0, 1};
+    ENTER(device, 0);
+    nvmlReturn_t r = nvlink_check(&T, link);
+    if (r == NVML_SUCCESS && (capability < 0 || capability >= NVML_NVLINK_CAP_COUNT))
+        r = NVML_ERROR_INVALID_ARGUMENT;
+    if (r == NVML_SUCCESS)
+        *result = CAPS[capability];
+    OUT(r);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetNvLinkRemotePciInfo_v2(void *device, unsigned int link, nvmlPciInfo_t *pci)
+{
+    ENTER(device, 0);
+    nvmlReturn_t r = nvlink_check(&T, link);
+    const fake_dev *peer = r == NVML_SUCCESS ? nvlink_peer_of(T.d, link) : NULL;
+    if (r == NVML_SUCCESS && !peer)
+        r = NVML_ERROR_NOT_SUPPORTED;
+    if (r == NVML_SUCCESS)
+        fill_pci(peer, pci);
+    OUT(r);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetNvLinkRemoteDeviceType(void *device, unsigned int link, int *type)
+{
+    ENTER(device, 0);
+    nvmlReturn_t r = nvlink_check(&T, link);
+    if (r == NVML_SUCCESS)
+        *type = 0; /* NVML_NVLINK_DEVICE_TYPE_GPU */
+    OUT(r);
 }
 
 /* --------------------------------------------------------------- events */

@@ -74,6 +74,25 @@ typedef struct {
 } nvmlUtilization_t;
 
 typedef struct {
+    unsigned int pid;
+    unsigned long long usedGpuMemory;
+} nvmlProcessInfo_v1_t; /* what the unversioned ...RunningProcesses fill */
+
+typedef struct {
+    unsigned int pid;
+    unsigned long long usedGpuMemory;
+    unsigned int gpuInstanceId;     /* NO_ID unless MIG is enabled */
+    unsigned int computeInstanceId; /* NO_ID unless MIG is enabled */
+} nvmlProcessInfo_v2_t; /* _v2 and _v3 (nvmlProcessInfo_t) share this layout */
+
+/* nvmlDeviceGetMemoryErrorCounter locations (nvmlMemoryLocation_t) */
+#define NVML_MEMORY_LOCATION_DRAM 2
+#define NVML_MEMORY_LOCATION_SRAM 7
+#define NVML_MEMORY_LOCATION_COUNT 8
+#define NVML_NVLINK_CAP_COUNT 6
+#define NVML_FI_DEV_NVLINK_LINK_COUNT 91
+
+typedef struct {
     unsigned long long total;
     unsigned long long free;
     unsigned long long used;

@@ -319,6 +319,46 @@ EXPORT void fakenvml_reset_counters(void)
     pthread_mutex_unlock(&g_mu);
 }
 
+/* ------------------------------------------------------------ processes */
+
+/* A scenario "processes" list: [{"pid", "used_memory_mib", "kind"}]. Memory is given in MiB because
+ * the driver accounts process memory in whole MiB anyway; NVML reports bytes. Returns the count kept. */
+static int parse_procs(const cJSON *list, fake_proc *out, int max)
+{
+    int n = 0;
+    const cJSON *it;
+    cJSON_ArrayForEach(it, list)
+    {
+        const cJSON *pid = cJSON_GetObjectItemCaseSensitive(it, "pid");
+        if (!cJSON_IsNumber(pid) || pid->valuedouble <= 0) {
+            fprintf(stderr, "fakenvml: process without a positive \"pid\" ignored\n");
+            continue;
+        }
+        if (n >= max) {
+            fprintf(stderr, "fakenvml: too many processes (at most %d per device)\n", max);
+            break;
+        }
+        fake_proc *p = &out[n];
+        p->pid = (unsigned)pid->valuedouble;
+        const cJSON *mem = cJSON_GetObjectItemCaseSensitive(it, "used_memory_mib");
+        p->used = cJSON_IsNumber(mem) && mem->valuedouble > 0 ? (unsigned long long)mem->valuedouble << 20 : 0;
+        const cJSON *kind = cJSON_GetObjectItemCaseSensitive(it, "kind");
+        const char *k = cJSON_IsString(kind) ? kind->valuestring : "compute";
+        if (strcmp(k, "compute") == 0)
+            p->kinds = PROC_COMPUTE;
+        else if (strcmp(k, "graphics") == 0)
+            p->kinds = PROC_GRAPHICS;
+        else if (strcmp(k, "compute+graphics") == 0)
+            p->kinds = PROC_COMPUTE | PROC_GRAPHICS;
+        else {
+            fprintf(stderr, "fakenvml: process %u: unknown kind %s (ignored)\n", p->pid, k);
+            continue;
+        }
+        n++;
+    }
+    return n;
+}
+
 /* ------------------------------------------------------------------ MIG */
 
 static void mig_apply(fake_dev *d, const cJSON *mig)
@@ -379,6 +419,7 @@ static void mig_apply(fake_dev *d, const cJSON *mig)
             if (parse_vspec(f, &m->gpm[s - S_GPM_FIRST]) == 0)
                 m->gpm_set[s - S_GPM_FIRST] = 1;
         }
+        m->nproc = parse_procs(cJSON_GetObjectItemCaseSensitive(it, "processes"), m->procs, MAX_MIG_PROCS);
         d->migs[d->nmig++] = m;
     }
 }
@@ -423,6 +464,25 @@ static void apply_device(fake_dev *d, const cJSON *j)
         d->gpm_supported = cJSON_IsTrue(x);
     if ((x = cJSON_GetObjectItemCaseSensitive(j, "virtualization_mode")) && cJSON_IsNumber(x))
         d->virt_mode = x->valueint;
+    if ((x = cJSON_GetObjectItemCaseSensitive(j, "persistence_mode")))
+        d->persistence = cJSON_IsTrue(x);
+    if ((x = cJSON_GetObjectItemCaseSensitive(j, "display_mode")))
+        d->display_mode = cJSON_IsTrue(x);
+    if ((x = cJSON_GetObjectItemCaseSensitive(j, "display_active")))
+        d->display_active = cJSON_IsTrue(x);
+    if ((x = cJSON_GetObjectItemCaseSensitive(j, "compute_mode")) && cJSON_IsNumber(x))
+        d->compute_mode = x->valueint;
+    if ((x = cJSON_GetObjectItemCaseSensitive(j, "nvlink_links")) && cJSON_IsNumber(x))
+        d->nvlink_links = x->valueint < 0 ? 0 : x->valueint > 18 ? 18 : x->valueint;
+    if ((x = cJSON_GetObjectItemCaseSensitive(j, "nvlink_version")) && cJSON_IsNumber(x))
+        d->nvlink_version = x->valueint;
+    if ((x = cJSON_GetObjectItemCaseSensitive(j, "cuda_compute_capability")) && cJSON_IsArray(x) &&
+        cJSON_GetArraySize(x) == 2) {
+        d->cc_major = cJSON_GetArrayItem(x, 0)->valueint;
+        d->cc_minor = cJSON_GetArrayItem(x, 1)->valueint;
+    }
+    if ((x = cJSON_GetObjectItemCaseSensitive(j, "processes")))
+        d->nproc = parse_procs(x, d->procs, MAX_PROCS);
     if ((x = cJSON_GetObjectItemCaseSensitive(j, "supported_events")) && cJSON_IsNumber(x)) {
         d->supported_events = (unsigned long long)x->valuedouble;
         d->supported_events_set = 1;
@@ -570,6 +630,11 @@ nvmlReturn_t load_config_locked(void)
         snprintf(d->name, sizeof(d->name), "NVIDIA H100 80GB HBM3");
         snprintf(d->uuid, sizeof(d->uuid), "GPU-00000000-0000-4000-8000-0000000000%02d", g_ndev);
         snprintf(d->pci, sizeof(d->pci), "00000000:%02X:00.0", 0x10 + g_ndev);
+        d->nvlink_links = -1;
+        d->nvlink_version = 4;
+        d->persistence = 1; /* GPU nodes run nvidia-persistenced */
+        d->cc_major = 9;
+        d->cc_minor = 0;
         for (int s = 0; s < S_COUNT; s++)
             d->v[s].kind = V_NONE;
         if (cJSON_IsObject(defaults))
@@ -594,6 +659,16 @@ nvmlReturn_t load_config_locked(void)
         for (int b = 0; b < g_ndev; b++)
             if (g_dev[a].nvlink_peer[b])
                 g_dev[b].nvlink_peer[a] = 1;
+    /* 18 links (NVLink 4 on an H100 SXM) unless the scenario says otherwise: the per-link field values
+     * and the link count nvitop-exporter sums over agree with "nvlink"/"nvlink_peers". */
+    for (int a = 0; a < g_ndev; a++) {
+        if (g_dev[a].nvlink_links >= 0)
+            continue;
+        g_dev[a].nvlink_links = 0;
+        for (int b = 0; b < g_ndev; b++)
+            if (g_dev[a].nvlink_peer[b])
+                g_dev[a].nvlink_links = 18;
+    }
     cJSON_Delete(root);
     if (ret == NVML_SUCCESS)
         control_poll_locked();
@@ -773,6 +848,16 @@ static void apply_op(const char *line)
         x = cJSON_GetObjectItemCaseSensitive(o, "field");
         if (cJSON_IsString(x))
             set_field(d, x->valuestring, cJSON_GetObjectItemCaseSensitive(o, "value"));
+    } else if (strcmp(op, "processes") == 0 && d) {
+        const cJSON *list = cJSON_GetObjectItemCaseSensitive(o, "processes");
+        x = cJSON_GetObjectItemCaseSensitive(o, "gi");
+        if (cJSON_IsNumber(x)) {
+            for (int i = 0; i < d->nmig; i++)
+                if (d->migs[i]->gi == (unsigned)x->valueint)
+                    d->migs[i]->nproc = parse_procs(list, d->migs[i]->procs, MAX_MIG_PROCS);
+        } else {
+            d->nproc = parse_procs(list, d->procs, MAX_PROCS);
+        }
     } else if (strcmp(op, "mig") == 0 && d) {
         mig_apply(d, o);
         d->supported_events |= EV_MIG;

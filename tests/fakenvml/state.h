@@ -12,6 +12,12 @@
 #define MAX_RULES 128
 #define MAX_SYMS 160
 #define MAX_FI 256
+#define MAX_PROCS 64     /* per GPU (processes not tied to a MIG instance) */
+#define MAX_MIG_PROCS 16 /* per MIG instance */
+
+/* what a scenario process is: bits of fake_proc.kinds */
+#define PROC_COMPUTE 0x1
+#define PROC_GRAPHICS 0x2
 
 #define EV_SBE 0x1ULL
 #define EV_DBE 0x2ULL
@@ -87,6 +93,12 @@ typedef struct {
 } vspec;
 
 typedef struct {
+    unsigned pid;
+    unsigned long long used; /* bytes (the scenario gives MiB) */
+    int kinds;               /* PROC_COMPUTE | PROC_GRAPHICS */
+} fake_proc;
+
+typedef struct {
     int live;
     int parent;
     int slot;
@@ -96,6 +108,8 @@ typedef struct {
     unsigned long long mem_total, mem_reserved, mem_used, bar1_total, bar1_used;
     vspec gpm[GPM_N];    /* per GPU instance GPM values */
     int gpm_set[GPM_N]; /* 0: use the parent's */
+    fake_proc procs[MAX_MIG_PROCS];
+    int nproc;
 } fake_mig;
 
 typedef struct {
@@ -116,6 +130,12 @@ typedef struct {
     int nmig;
     vspec v[S_COUNT];
     unsigned char nvlink_peer[MAX_DEV];
+    int nvlink_links;   /* -1: not given (18 if the GPU has an NVLink peer, else 0) */
+    int nvlink_version;
+    int persistence, display_mode, display_active, compute_mode;
+    int cc_major, cc_minor;
+    fake_proc procs[MAX_PROCS];
+    int nproc;
     int lost, vanished;
     unsigned hang_gen;
 } fake_dev;
