@@ -359,10 +359,8 @@ class Renderer:
             self.ctx.rebuild(snapshot.inventory)
             self._layout = layout
         success: dict[str, bool] = {}
-        gpu_uuids = [g.uuid for g in snapshot.inventory.gpus]
         texts = [
             self._render_part("dcgm", lambda: self.render_dcgm(snapshot, snapshot.fields), success),
-            self._render_part("xid", lambda: self.xids.render_count_family(self.ctx, gpu_uuids), success),
             self._render_part("core", lambda: self.render_own(snapshot), success),
         ]
         for name, contributor in self._contributor_parts():

@@ -1,9 +1,9 @@
-"""dcgm-compatible XID series: the last XID per GPU and the count in a window.
+"""dcgm-compatible XID series: the last XID per GPU, and the XIDs in a window.
 
-DCGM_FI_DEV_XID_ERRORS is a gauge of the last XID (0 before the first), with
-`err_code`/`err_msg` labels as in dcgm-exporter 4.x. DCGM_EXP_XID_ERRORS_COUNT
-counts XIDs per code within `--xid-count-window-size`. The counter that never
-loses counts across restarts is the health engine's gpuhealth_xid_errors_total.
+DCGM_FI_DEV_XID_ERRORS is a gauge of the last XID (0 before the first), with `err_code`/`err_msg`
+labels worded as dcgm-exporter words them (exporter/dcgmxid.py). `window_counts` feeds
+DCGM_EXP_XID_ERRORS_COUNT (exporter/dcgmexp.py, served only when the counters file lists it). The
+counter that never loses counts across restarts is the health engine's gpuhealth_xid_errors_total.
 """
 
 from __future__ import annotations
@@ -13,22 +13,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from exporter.family import DCGM_DEVICE_LABELS, Family
-from exporter.labels import RenderContext, escape_label_value
+from exporter.dcgmxid import dcgm_xid_message
+from exporter.labels import escape_label_value
 from exporter.model import EVENT_XID, DeviceEvent
-from exporter.xidcatalog import xid_message
 
-# dcgm-exporter's family, with its HELP text word for word. Served only while some GPU had an XID
-# in the window.
-XID_ERRORS_COUNT = Family(
-    "DCGM_EXP_XID_ERRORS_COUNT",
-    "gauge",
-    "Count of XID Errors within user-specified time window (see xid-count-window-size flag).",
-    f"{DCGM_DEVICE_LABELS}, window_size_in_ms, xid",
-    "xid",
-    note="dcgm-exporter's family and HELP text; served only while a GPU had an XID within the window.",
-)
-FAMILIES = (XID_ERRORS_COUNT,)
+# No own family here any more: DCGM_EXP_XID_ERRORS_COUNT takes its HELP and TYPE from the counters
+# file (exporter/dcgmexp.py). Kept so exporter/ownmetrics.py's list of sources stays as it is.
+FAMILIES: tuple[()] = ()
 
 # Bound per GPU so an XID storm cannot grow memory without limit; past it the
 # window count saturates (documented in docs/metrics.md).
@@ -40,7 +31,7 @@ class XidTracker:
         self,
         window_s: float,
         clock: Callable[[], float] = time.monotonic,
-        message: Callable[[int], str] = xid_message,
+        message: Callable[[int], str] = dcgm_xid_message,
     ) -> None:
         self.window_s = window_s
         self._clock = clock
@@ -65,7 +56,7 @@ class XidTracker:
     def xid_labels(self, gpu_uuid: str) -> tuple[int, str]:
         """(value, extra labels) for DCGM_FI_DEV_XID_ERRORS."""
         code = self.last_xid(gpu_uuid)
-        msg = "No Error" if code == 0 else self._message(code)
+        msg = self._message(code)  # dcgm-exporter's table has 0 too ("No Error")
         return code, f'err_code="{code}",err_msg="{escape_label_value(msg)}"'
 
     def window_counts(self, gpu_uuid: str) -> dict[int, int]:
@@ -80,13 +71,3 @@ class XidTracker:
             for _, code in recent:
                 counts[code] = counts.get(code, 0) + 1
             return counts
-
-    def render_count_family(self, ctx: RenderContext, gpu_uuids: list[str]) -> str:
-        fam = XID_ERRORS_COUNT
-        window = f'window_size_in_ms="{int(self.window_s * 1000)}"'
-        lines: list[str] = []
-        for uuid in gpu_uuids:
-            labels = ctx.dcgm_labels(uuid)
-            for code, n in sorted(self.window_counts(uuid).items()):
-                lines.append(fam.sample(f'{labels},{window},xid="{code}"', n))
-        return fam.header + "".join(lines) if lines else ""
