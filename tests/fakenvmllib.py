@@ -22,6 +22,8 @@ SCENARIOS_DIR = FAKENVML_DIR / "scenarios"
 class FakeNvmlBuild:
     lib: Path  # current-driver fake
     old_lib: Path  # built with -DFAKE_OLD_DRIVER: the newer symbols are absent
+    # built with -DFAKE_R470: exactly what an R470 libnvidia-ml.so exports (README.md: Build)
+    r470_lib: Path = FAKENVML_DIR / "build" / "r470" / "libnvidia-ml.so.1"
 
 
 def load_scenario(name: str) -> dict[str, Any]:

@@ -8,10 +8,20 @@
  *
  * Built with -DFAKE_OLD_DRIVER, the newer symbols listed in README.md are
  * not compiled in, so a binding sees FunctionNotFound exactly as with an old
- * driver.
+ * driver. -DFAKE_R470 (build/r470) is the same old driver with exactly the
+ * symbol set of an R470 libnvidia-ml.so (NVML 11.4 nvml.h): it keeps the
+ * _v2/_v3 forms NVML declares since R450 (HAVE_R450_SYMS), which build/old
+ * drops so that the exporter's fallbacks for them stay tested.
  */
 #define _GNU_SOURCE
 #include "state.h"
+
+#if defined(FAKE_R470) && !defined(FAKE_OLD_DRIVER)
+#define FAKE_OLD_DRIVER
+#endif
+#if !defined(FAKE_OLD_DRIVER) || defined(FAKE_R470)
+#define HAVE_R450_SYMS 1
+#endif
 
 #include <stdint.h>
 #include <stdio.h>
@@ -260,7 +270,7 @@ static nvmlReturn_t count_impl(const char *sym, unsigned int *count)
 }
 
 EXPORT nvmlReturn_t nvmlDeviceGetCount(unsigned int *count) { return count_impl(__func__, count); }
-#ifndef FAKE_OLD_DRIVER
+#ifdef HAVE_R450_SYMS
 EXPORT nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *count) { return count_impl(__func__, count); }
 #endif
 
@@ -285,7 +295,7 @@ EXPORT nvmlReturn_t nvmlDeviceGetHandleByIndex(unsigned int index, void **device
 {
     return by_index_impl(__func__, index, device);
 }
-#ifndef FAKE_OLD_DRIVER
+#ifdef HAVE_R450_SYMS
 EXPORT nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, void **device)
 {
     return by_index_impl(__func__, index, device);
@@ -361,7 +371,7 @@ static void fill_pci(const fake_dev *d, nvmlPciInfo_t *p)
     p->pciSubSystemId = d->pci_subsys;
 }
 
-#ifndef FAKE_OLD_DRIVER
+#ifdef HAVE_R450_SYMS
 EXPORT nvmlReturn_t nvmlDeviceGetPciInfo_v3(void *device, nvmlPciInfo_t *pci)
 {
     ENTER(device, 0);
@@ -1297,7 +1307,7 @@ static nvmlReturn_t wait_impl(const char *sym, void *set, nvmlEventData_t *out, 
     }
 }
 
-#ifndef FAKE_OLD_DRIVER
+#ifdef HAVE_R450_SYMS
 EXPORT nvmlReturn_t nvmlEventSetWait_v2(void *set, nvmlEventData_t *data, unsigned int timeoutms)
 {
     return wait_impl(__func__, set, data, 1, timeoutms);
