@@ -41,6 +41,7 @@ from exporter.flags import (
     xid_list,
 )
 from exporter.flags import ConfigError as ConfigError  # the error parse_config raises
+from exporter.labels import MigLayout
 from podresources import DEFAULT_SOCKET
 
 HostnameLabel = Literal["Hostname", "hostname"]
@@ -94,6 +95,16 @@ class Config:
         help="Devices to monitor, dcgm-exporter syntax: f (GPUs, or their MIG instances when MIG is on), "
         "g[:ids] (GPUs), i[:ids] (MIG GPU instances). ids: comma list with ranges, e.g. 0,2-4.",
     )
+    mig_layout: MigLayout = flag(
+        "--mig-layout",
+        default="dcgm",
+        choices=get_args(MigLayout),
+        section=CORE,
+        help="DCGM series of a MIG-enabled GPU: dcgm (as dcgm-exporter: one series per GPU instance for every "
+        "field, GPU-wide values repeated, none for the GPU itself) or parent (the GPU's own series for GPU-wide "
+        "fields, per-instance series only for per-instance fields). Own gpuhealth_* families are the same "
+        "under both.",
+    )
     device_timeout_s: float = flag(
         "--device-timeout",
         default="2000",
@@ -144,6 +155,14 @@ class Config:
         section=CORE,
         metavar="MS",
         help="Window of DCGM_EXP_XID_ERRORS_COUNT, in ms.",
+    )
+    clock_events_count_window_s: float = flag(
+        "--clock-events-count-window-size",
+        default="300000",  # dcgm-exporter's default: 5 minutes
+        parse=millis_as_seconds(1000),
+        section=CORE,
+        metavar="MS",
+        help="Window of DCGM_EXP_CLOCK_EVENTS_COUNT, in ms.",
     )
     # --- pod attribution ---
     kubernetes: bool = flag(

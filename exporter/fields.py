@@ -10,8 +10,13 @@ Reading strategies (`FieldSpec.reader`, one of the `Reader` dataclasses below):
 - `Call(name)`: a dedicated NVML call; the adapter maps the name to a function.
 - `Rate(field_id)`: a per-second rate derived from a cumulative NVML byte counter
   (avoids nvmlDeviceGetPcieThroughput, which blocks ~20 ms per call).
+- `LinkRate()`: DCGM's NVLink throughput: the change of the KiB counters in `fi`
+  (summed over all links) per second, divided by 1000 and truncated, 0 on the first
+  read and while the counters read 0 (DcgmCacheManager::ReadAndCacheNvLinkBandwidth).
 - `Event()` (`EVENT`): filled from NVML events (XIDs), never polled.
-- `Label()` (`LABEL`): a label-type field (driver version).
+- `Label(source)`: a label-type field (driver version, serial, VBIOS, ...): read once
+  at discovery (`Gpu.attributes`, `Inventory.driver_version`/`nvml_version`), put on
+  every series of the device as a label named after the field.
 - `Gpm(metric_id)`: a DCGM profiling (DCP) field computed by NVML's GPM API (Hopper
   and newer) as metric NVML_GPM_METRIC_<id> between the previous read's sample and
   this one's (so the first read gives no value). GPM reports percent (scale 0.01 gives
@@ -31,6 +36,9 @@ from dataclasses import dataclass
 from typing import Final, Literal, NoReturn, TypeAlias
 
 MetricType = Literal["gauge", "counter", "label"]
+# DCGM's storage type of the field (dcgm_fields.cpp): how dcgm-exporter prints its value.
+# int64: whole numbers ("42"); double: six decimals ("52.636000", Go's %f); string: labels.
+ValueType = Literal["int64", "double", "string"]
 Scope = Literal["gpu", "instance"]
 
 # NVML's scopeId for "all NVLink links".
@@ -56,6 +64,14 @@ class Rate:
 
     def __str__(self) -> str:
         return f"rate:{self.field_id}"
+
+
+@dataclass(frozen=True)
+class LinkRate:
+    """DCGM's NVLink throughput from the summed KiB counters in FieldSpec.fi (see the module doc)."""
+
+    def __str__(self) -> str:
+        return "linkrate"
 
 
 @dataclass(frozen=True)
@@ -88,10 +104,14 @@ class Event:
 
 @dataclass(frozen=True)
 class Label:
-    """A label-type field (driver version); never polled."""
+    """A label-type field, read once at discovery; never polled.
+
+    `source`: "driver_version" and "nvml_version" (the node's), else a key of `Gpu.attributes`."""
+
+    source: str = "driver_version"
 
     def __str__(self) -> str:
-        return "label"
+        return f"label:{self.source}"
 
 
 @dataclass(frozen=True)
@@ -102,8 +122,8 @@ class Dcp:
         return "dcp"
 
 
-Reader: TypeAlias = FieldValue | Rate | Call | Gpm | Event | Label | Dcp
-PolledReader: TypeAlias = FieldValue | Rate | Call | Gpm
+Reader: TypeAlias = FieldValue | Rate | LinkRate | Call | Gpm | Event | Label | Dcp
+PolledReader: TypeAlias = FieldValue | Rate | LinkRate | Call | Gpm
 
 FV = FieldValue()
 EVENT = Event()
@@ -131,6 +151,7 @@ class FieldSpec:
     # "instance": also readable per MIG device (memory, BAR1); "gpu": GPU-wide only.
     scope: Scope = "gpu"
     nvml_unit: str = ""  # what NVML returns, for the reference docs
+    value_type: ValueType = "int64"
     # The metric name the counters file asked for (a legacy `dcgm_sm_clock`, an old
     # `DCGM_FI_DEV_CLOCK_THROTTLE_REASONS`); "" means `name`. Values stay keyed by `name`.
     metric: str = ""
@@ -151,8 +172,11 @@ def _f(
     scale: float = 1.0,
     scope: Scope = "gpu",
     nvml_unit: str = "",
+    value_type: ValueType | None = None,
 ) -> FieldSpec:
-    return FieldSpec(name, dcgm_id, type_, help_, reader, fi, scale, scope, nvml_unit)
+    if value_type is None:
+        value_type = "string" if type_ == "label" else "int64"
+    return FieldSpec(name, dcgm_id, type_, help_, reader, fi, scale, scope, nvml_unit, value_type)
 
 
 MIB = 1.0 / (1 << 20)
@@ -166,7 +190,8 @@ CATALOGUE: tuple[FieldSpec, ...] = (
     _f("DCGM_FI_DEV_MEM_CLOCK", 101, "gauge", "Memory clock frequency (in MHz).", Call("mem_clock"), nvml_unit="MHz"),
     _f("DCGM_FI_DEV_MEMORY_TEMP", 140, "gauge", "Memory temperature (in C).", FV, (82,), nvml_unit="C"),
     _f("DCGM_FI_DEV_GPU_TEMP", 150, "gauge", "GPU temperature (in C).", Call("gpu_temp"), nvml_unit="C"),
-    _f("DCGM_FI_DEV_POWER_USAGE", 155, "gauge", "Power draw (in W).", Call("power_usage"), scale=0.001, nvml_unit="mW"),
+    _f("DCGM_FI_DEV_POWER_USAGE", 155, "gauge", "Power draw (in W).", Call("power_usage"), scale=0.001, nvml_unit="mW",
+       value_type="double"),
     _f(
         "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", 156, "counter",
         "Total energy consumption since boot (in mJ).", FV, (83,), nvml_unit="mJ",
@@ -191,7 +216,8 @@ CATALOGUE: tuple[FieldSpec, ...] = (
     ),
     _f(
         "DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL", 449, "counter",
-        "Total number of NVLink bandwidth counters for all lanes.", FV, (138, 139), nvml_unit="KiB",
+        "Total number of NVLink bandwidth counters for all lanes.", LinkRate(), (138, 139),
+        nvml_unit="KiB (rate: KiB/s / 1000)",
     ),
     _f("DCGM_FI_DEV_VGPU_LICENSE_STATUS", 526, "gauge", "vGPU License status", Call("vgpu_license")),
     _f(
@@ -203,7 +229,20 @@ CATALOGUE: tuple[FieldSpec, ...] = (
         "Number of remapped rows for correctable errors", FV, (142,),
     ),
     _f("DCGM_FI_DEV_ROW_REMAP_FAILURE", 395, "gauge", "Whether remapping of rows has failed", FV, (145,)),
-    _f("DCGM_FI_DRIVER_VERSION", None, "label", "Driver Version", LABEL),
+    _f("DCGM_FI_DRIVER_VERSION", 1, "label", "Driver Version", LABEL),
+    # --- label fields dcgm-exporter ships commented out ---
+    _f("DCGM_FI_NVML_VERSION", 2, "label", "NVML Version", Label("nvml_version")),
+    _f("DCGM_FI_DEV_NAME", 50, "label", "Device Name", Label("name")),
+    _f("DCGM_FI_DEV_BRAND", 51, "label", "Device Brand", Label("brand")),
+    _f("DCGM_FI_DEV_SERIAL", 53, "label", "Device Serial Number", Label("serial")),
+    _f("DCGM_FI_DEV_OEM_INFOROM_VER", 56, "label", "OEM inforom version", Label("inforom_oem")),
+    _f("DCGM_FI_DEV_ECC_INFOROM_VER", 80, "label", "ECC inforom version", Label("inforom_ecc")),
+    _f(
+        "DCGM_FI_DEV_POWER_INFOROM_VER", 81, "label", "Power management object inforom version",
+        Label("inforom_power"),
+    ),
+    _f("DCGM_FI_DEV_INFOROM_IMAGE_VER", 82, "label", "Inforom image version", Label("inforom_image")),
+    _f("DCGM_FI_DEV_VBIOS_VERSION", 85, "label", "VBIOS version of the device", Label("vbios")),
     # --- health fields (commented out upstream; on by default here) ---
     _f("DCGM_FI_DEV_ROW_REMAP_PENDING", 396, "gauge", "Whether remapping of rows is pending", FV, (144,)),
     _f("DCGM_FI_DEV_ECC_SBE_VOL_TOTAL", 310, "counter", "Total number of single-bit volatile ECC errors.", FV, (3,)),
@@ -231,36 +270,36 @@ CATALOGUE: tuple[FieldSpec, ...] = (
     ),
     _f(
         "DCGM_FI_DEV_POWER_VIOLATION", 240, "counter",
-        "Throttling duration due to power constraints (in us).", FV, (74,), scale=0.001, nvml_unit="ns",
+        "Throttling duration due to power constraints (in ns).", FV, (74,), nvml_unit="ns",
     ),
     _f(
         "DCGM_FI_DEV_THERMAL_VIOLATION", 241, "counter",
-        "Throttling duration due to thermal constraints (in us).", FV, (75,), scale=0.001, nvml_unit="ns",
+        "Throttling duration due to thermal constraints (in ns).", FV, (75,), nvml_unit="ns",
     ),
     _f(
         "DCGM_FI_DEV_SYNC_BOOST_VIOLATION", 242, "counter",
-        "Throttling duration due to sync-boost constraints (in us).", FV, (76,), scale=0.001, nvml_unit="ns",
+        "Throttling duration due to sync-boost constraints (in ns).", FV, (76,), nvml_unit="ns",
     ),
     _f(
         "DCGM_FI_DEV_BOARD_LIMIT_VIOLATION", 243, "counter",
-        "Throttling duration due to board limit constraints (in us).", FV, (77,), scale=0.001, nvml_unit="ns",
+        "Throttling duration due to board limit constraints (in ns).", FV, (77,), nvml_unit="ns",
     ),
     _f(
         "DCGM_FI_DEV_LOW_UTIL_VIOLATION", 244, "counter",
-        "Throttling duration due to low utilization (in us).", FV, (78,), scale=0.001, nvml_unit="ns",
+        "Throttling duration due to low utilization (in ns).", FV, (78,), nvml_unit="ns",
     ),
     _f(
         "DCGM_FI_DEV_RELIABILITY_VIOLATION", 245, "counter",
-        "Throttling duration due to reliability constraints (in us).", FV, (79,), scale=0.001, nvml_unit="ns",
+        "Throttling duration due to reliability constraints (in ns).", FV, (79,), nvml_unit="ns",
     ),
     _f(
         "DCGM_FI_DEV_POWER_MGMT_LIMIT", 160, "gauge", "Power management limit (in W).", Call("power_limit"),
-        scale=0.001, nvml_unit="mW",
+        scale=0.001, nvml_unit="mW", value_type="double",
     ),
     _f("DCGM_FI_DEV_PSTATE", 190, "gauge", "Performance state (P-State) 0-15. 0=highest", Call("pstate")),
     _f("DCGM_FI_DEV_FAN_SPEED", 191, "gauge", "Fan speed (in 0-100%).", Call("fan_speed"), nvml_unit="%"),
     _f(
-        "DCGM_FI_DEV_BAR1_USED", 91, "gauge", "Used BAR1 memory (in MiB).", Call("bar1_used"),
+        "DCGM_FI_DEV_BAR1_USED", 92, "gauge", "Used BAR1 memory (in MiB).", Call("bar1_used"),
         scale=MIB, scope="instance", nvml_unit="bytes",
     ),
     _f(
@@ -278,9 +317,9 @@ CATALOGUE: tuple[FieldSpec, ...] = (
         nvml_unit="bytes",
     ),
     _f(
-        "DCGM_FI_DEV_GET_GPU_RECOVERY_ACTION", None, "gauge",
+        "DCGM_FI_DEV_GET_GPU_RECOVERY_ACTION", 1523, "gauge",
         "Recovery action the driver asks for (0 none, 1 GPU reset, 2 node reboot, 3 drain P2P, "
-        "4 drain and reset, 5 recover IMEX domain, 6 bus reset, 7 system reboot).",
+        "4 drain and reset).",
         FV, (230,),
     ),
     # --- DCGM profiling (DCP) fields ---
@@ -296,37 +335,37 @@ CATALOGUE: tuple[FieldSpec, ...] = (
     ),
     _f(
         "DCGM_FI_PROF_GR_ENGINE_ACTIVE", 1001, "gauge", "Ratio of time the graphics engine is active.", Gpm(1),
-        scale=PERCENT, scope="instance", nvml_unit="% (GPM GRAPHICS_UTIL)",
+        scale=PERCENT, scope="instance", nvml_unit="% (GPM GRAPHICS_UTIL)", value_type="double",
     ),
     _f(
         "DCGM_FI_PROF_SM_ACTIVE", 1002, "gauge", "The ratio of cycles an SM has at least 1 warp assigned.", Gpm(2),
-        scale=PERCENT, scope="instance", nvml_unit="% (GPM SM_UTIL)",
+        scale=PERCENT, scope="instance", nvml_unit="% (GPM SM_UTIL)", value_type="double",
     ),
     _f(
         "DCGM_FI_PROF_SM_OCCUPANCY", 1003, "gauge", "The ratio of number of warps resident on an SM.", Gpm(3),
-        scale=PERCENT, scope="instance", nvml_unit="% (GPM SM_OCCUPANCY)",
+        scale=PERCENT, scope="instance", nvml_unit="% (GPM SM_OCCUPANCY)", value_type="double",
     ),
     _f(
         "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", 1004, "gauge",
         "Ratio of cycles the tensor (HMMA) pipe is active.", Gpm(5),
-        scale=PERCENT, scope="instance", nvml_unit="% (GPM ANY_TENSOR_UTIL)",
+        scale=PERCENT, scope="instance", nvml_unit="% (GPM ANY_TENSOR_UTIL)", value_type="double",
     ),
     _f(
         "DCGM_FI_PROF_DRAM_ACTIVE", 1005, "gauge",
         "Ratio of cycles the device memory interface is active sending or receiving data.", Gpm(10),
-        scale=PERCENT, scope="instance", nvml_unit="% (GPM DRAM_BW_UTIL)",
+        scale=PERCENT, scope="instance", nvml_unit="% (GPM DRAM_BW_UTIL)", value_type="double",
     ),
     _f(
         "DCGM_FI_PROF_PIPE_FP64_ACTIVE", 1006, "gauge", "Ratio of cycles the fp64 pipes are active.", Gpm(11),
-        scale=PERCENT, scope="instance", nvml_unit="% (GPM FP64_UTIL)",
+        scale=PERCENT, scope="instance", nvml_unit="% (GPM FP64_UTIL)", value_type="double",
     ),
     _f(
         "DCGM_FI_PROF_PIPE_FP32_ACTIVE", 1007, "gauge", "Ratio of cycles the fp32 pipes are active.", Gpm(12),
-        scale=PERCENT, scope="instance", nvml_unit="% (GPM FP32_UTIL)",
+        scale=PERCENT, scope="instance", nvml_unit="% (GPM FP32_UTIL)", value_type="double",
     ),
     _f(
         "DCGM_FI_PROF_PIPE_FP16_ACTIVE", 1008, "gauge", "Ratio of cycles the fp16 pipes are active.", Gpm(13),
-        scale=PERCENT, scope="instance", nvml_unit="% (GPM FP16_UTIL)",
+        scale=PERCENT, scope="instance", nvml_unit="% (GPM FP16_UTIL)", value_type="double",
     ),
     _f(
         "DCGM_FI_PROF_NVLINK_TX_BYTES", 1011, "gauge", "The rate of data transmitted over NVLink (bytes/s).",

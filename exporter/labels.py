@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from exporter.model import Gpu, Inventory, MigDevice
+
+# How a MIG-enabled GPU appears in the DCGM families (`--mig-layout`):
+# dcgm: as dcgm-exporter's default (`-d f`) shows it, only as its GPU instances, each with every
+#       field (GPU-wide values repeated per instance), no series of the GPU itself;
+# parent: the GPU's own series for GPU-wide fields, plus per-instance series for the fields
+#       NVML gives per instance (memory, BAR1, GPM activity).
+MigLayout = Literal["dcgm", "parent"]
 
 # Own metrics use this prefix everywhere.
 PREFIX = "gpuhealth_"

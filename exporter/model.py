@@ -7,7 +7,13 @@ on real and simulated GPUs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+
+def dcgm_profile_name(slices: int, memory_mib: int) -> str:
+    """DCGM's GPU instance profile name: "<slices>g.<ceil(memory MiB / 1024)>gb" (DcgmCacheManager)."""
+    return f"{slices}g.{math.ceil(memory_mib / 1024)}gb"
 
 
 @dataclass(frozen=True)
@@ -19,7 +25,9 @@ class MigDevice:
     parent_index: int
     gpu_instance_id: int
     compute_instance_id: int
-    profile: str  # e.g. "1g.10gb", as in the MIG device name
+    # GPU instance profile as DCGM names it: "<slices>g.<ceil(memory MiB / 1024)>gb" (e.g. "7g.79gb";
+    # never the "+me" of the NVML device name), so GPU_I_PROFILE matches dcgm-exporter's.
+    profile: str
     slot: int  # index passed to nvmlDeviceGetMigDeviceHandleByIndex
 
 
@@ -35,11 +43,17 @@ class Gpu:
     mig_enabled: bool = False
     migs: tuple[MigDevice, ...] = ()
     numa_node: int | None = None
+    # Static facts read once at discovery for label-type fields (`fields.Label.source` -> value):
+    # brand, serial, vbios, inforom_*, name. A fact NVML cannot give is left out.
+    attributes: tuple[tuple[str, str], ...] = ()
 
     @property
     def device(self) -> str:
-        """dcgm-exporter's `device` label value."""
-        return f"nvidia{self.minor}"
+        """dcgm-exporter's `device` label value: nvidia<DCGM GPU id>, i.e. the NVML index (not the minor)."""
+        return f"nvidia{self.index}"
+
+    def attribute(self, source: str) -> str | None:
+        return next((value for key, value in self.attributes if key == source), None)
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,7 @@ class Inventory:
 
     driver_version: str
     gpus: tuple[Gpu, ...]
+    nvml_version: str = ""
     # Pairs of GPU UUIDs (sorted within the pair) that are linked by NVLink.
     nvlink_pairs: frozenset[tuple[str, str]] = frozenset()
 

@@ -28,8 +28,8 @@ import structlog
 
 from exporter import __version__
 from exporter.family import DEVICE_LABELS, Family
-from exporter.fields import Event, FieldSpec
-from exporter.labels import RenderContext, escape_help, escape_label_value, format_labels
+from exporter.fields import Event, FieldSpec, Label
+from exporter.labels import MigLayout, RenderContext, escape_help, format_labels
 from exporter.logs import Reminder
 from exporter.snapshot import DeviceSample, Snapshot
 from exporter.xid import XidTracker
@@ -150,10 +150,35 @@ def format_value(value: float) -> str:
 
 @dataclass(frozen=True)
 class _FamilyPlan:
-    name: str
+    name: str  # the canonical field name: the key of the values
     from_events: bool
     header: str  # HELP and TYPE lines
-    devices: list[tuple[str, tuple[str, ...]]]  # uuid -> "name{labels" per series
+    # Per series target: whose values (a device's UUID: itself, or under the dcgm MIG layout the
+    # parent GPU for GPU-wide fields) and its "name{labels" heads (one per pod sharing it).
+    devices: list[tuple[str, tuple[str, ...]]]
+    format: Callable[[float], str]
+
+
+def format_int64(value: float) -> str:
+    """An int64 DCGM field as dcgm-exporter prints it (Go's %d): whole, truncated toward zero."""
+    return str(int(value))
+
+
+def format_double(value: float) -> str:
+    """A double DCGM field as dcgm-exporter prints it (Go's %f): six decimals, "52.636000"."""
+    return f"{value:.6f}"
+
+
+_FORMATS: dict[str, Callable[[float], str]] = {"int64": format_int64, "double": format_double}
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One device the DCGM block has series for."""
+
+    sample: DeviceSample
+    all_fields: bool  # every field (a GPU; a GPU instance under the dcgm layout), else instance-scope ones
+    parent_uuid: str | None  # where a GPU instance's GPU-wide values come from (dcgm layout)
 
 
 class Renderer:
@@ -164,17 +189,19 @@ class Renderer:
         backend_name: str,
         pods: PodAttribution | None = None,
         process_registry: prometheus_client.CollectorRegistry | None = prometheus_client.REGISTRY,
+        mig_layout: MigLayout = "dcgm",
     ) -> None:
         self.ctx = ctx
         self.xids = xids
         self.backend_name = backend_name
         self.pods = pods
+        self.mig_layout = mig_layout
         self.contributors: list[Contributor] = []
         self._process_registry = process_registry
         self._layout: tuple[object, ...] | None = None
         self._plan_key: object = None
         self._plan_cache: list[_FamilyPlan] = []
-        self._value_text: dict[float, str] = {}
+        self._value_text: dict[tuple[int, float], str] = {}
         self._lock = threading.Lock()
         self._current = Exposition(b"", gzip.compress(b""), 0.0)
         self.renders = 0
@@ -190,8 +217,51 @@ class Renderer:
         return self._current
 
     # --- the DCGM block ---
-    def _series_heads(self, sample: DeviceSample, label_fields: str) -> list[str]:
+    def _targets(self, snapshot: Snapshot) -> list[_Target]:
+        """The devices with DCGM series, in snapshot order.
+
+        dcgm layout (dcgm-exporter's `-d f`): a MIG-enabled GPU with GPU instances is watched only
+        as its instances, each with every field (GPU-wide values are the parent's), and has no
+        series of its own. parent layout: the GPU has its series and its instances carry only the
+        instance-scope fields. Either way one series per GPU instance: a second compute instance
+        of the same GPU instance would repeat its labels."""
+        live = [s for s in snapshot.samples if s.up]
+        with_instances = {s.gpu.uuid for s in live if s.mig is not None}
+        dcgm = self.mig_layout == "dcgm"
+        targets: list[_Target] = []
+        seen_instances: set[tuple[str, int]] = set()
+        for s in live:
+            if s.mig is None:
+                if dcgm and s.gpu.mig_enabled and s.gpu.uuid in with_instances:
+                    continue
+                targets.append(_Target(s, True, None))
+                continue
+            instance = (s.gpu.uuid, s.mig.gpu_instance_id)
+            if instance in seen_instances:
+                continue
+            seen_instances.add(instance)
+            targets.append(_Target(s, dcgm, s.gpu.uuid if dcgm else None))
+        return targets
+
+    def _label_fields(self, snapshot: Snapshot, sample: DeviceSample, labels: Sequence[FieldSpec]) -> str:
+        """Label-type fields as labels, sorted by name as dcgm-exporter's template writes its map."""
+        inventory = snapshot.inventory
+        pairs: list[tuple[str, str]] = []
+        for spec in labels:
+            source = spec.reader.source if isinstance(spec.reader, Label) else ""
+            if source == "driver_version":
+                value: str | None = inventory.driver_version
+            elif source == "nvml_version":
+                value = inventory.nvml_version
+            else:
+                value = sample.gpu.attribute(source)
+            if value:
+                pairs.append((spec.metric_name, value))
+        return format_labels(sorted(pairs))
+
+    def _series_heads(self, target: _Target, label_fields: str) -> list[str]:
         """Label strings (inside braces) for each series of one device."""
+        sample = target.sample
         base = self.ctx.dcgm_labels(sample.uuid)
         if label_fields:
             base = f"{base},{label_fields}" if base else label_fields
@@ -206,12 +276,15 @@ class Renderer:
             return [base]
         return [f"{base},{format_labels(pairs)}" if pairs else base for pairs in sets]
 
-    def _plan(self, snapshot: Snapshot, fields: Sequence[FieldSpec], label_fields: str) -> list[_FamilyPlan]:
-        """Per field, the series heads of every live device: rebuilt only when the
+    def _plan(self, snapshot: Snapshot, fields: Sequence[FieldSpec]) -> list[_FamilyPlan]:
+        """Per field, the series heads of every target device: rebuilt only when the
         layout, the field set or the pod labels change, not every cycle."""
-        live = [s for s in snapshot.samples if s.up]
-        heads = {s.uuid: tuple(self._series_heads(s, label_fields)) for s in live}
-        key = (tuple(heads.items()), tuple(fields))
+        targets = self._targets(snapshot)
+        labels = [f for f in fields if f.type == "label"]
+        heads = {
+            t.sample.uuid: tuple(self._series_heads(t, self._label_fields(snapshot, t.sample, labels))) for t in targets
+        }
+        key = (tuple(heads.items()), tuple(fields), tuple((t.sample.uuid, t.parent_uuid) for t in targets))
         if key == self._plan_key:
             return self._plan_cache
         plan: list[_FamilyPlan] = []
@@ -220,29 +293,34 @@ class Renderer:
                 continue
             metric = spec.metric_name
             header = f"# HELP {metric} {escape_help(spec.help)}\n# TYPE {metric} {spec.type}\n"
-            devices = [
-                (s.uuid, tuple(f"{metric}{{{head}" for head in heads[s.uuid]))
-                for s in live
-                # MIG devices only carry per-instance fields (and the last-XID gauge is per GPU)
-                if s.mig is None or (spec.scope == "instance" and not isinstance(spec.reader, Event))
-            ]
-            plan.append(_FamilyPlan(spec.name, isinstance(spec.reader, Event), header, devices))
+            from_events = isinstance(spec.reader, Event)
+            devices: list[tuple[str, tuple[str, ...]]] = []
+            for t in targets:
+                uuid = t.sample.uuid
+                instance_scope = spec.scope == "instance" and not from_events
+                if t.sample.mig is not None and not t.all_fields and not instance_scope:
+                    continue  # parent layout: MIG devices only carry per-instance fields (the XID gauge is per GPU)
+                source = uuid
+                if t.parent_uuid is not None and not instance_scope:
+                    source = t.parent_uuid
+                devices.append((source, tuple(f"{metric}{{{head}" for head in heads[uuid])))
+            fmt = _FORMATS.get(spec.value_type, format_value)
+            plan.append(_FamilyPlan(spec.name, from_events, header, devices, fmt))
         self._plan_key, self._plan_cache = key, plan
         return plan
 
     def render_dcgm(self, snapshot: Snapshot, fields: Sequence[FieldSpec]) -> str:
-        label_fields = ""
-        if any(f.type == "label" and f.name == "DCGM_FI_DRIVER_VERSION" for f in fields):
-            label_fields = f'DCGM_FI_DRIVER_VERSION="{escape_label_value(snapshot.inventory.driver_version)}"'
         values = {s.uuid: s.values for s in snapshot.samples if s.up}
         gpu_of = {s.uuid: s.gpu.uuid for s in snapshot.samples}
+        no_values: dict[str, float] = {}
         # Formatted values of the previous cycle: constants (clocks, limits, zero error
         # counts) repeat every cycle and skip float formatting. Only this cycle's values
-        # are kept, so counters that never repeat cannot grow it.
+        # are kept, so counters that never repeat cannot grow it. Keyed by (format, value):
+        # 52.0 is "52" for an int64 field and "52.000000" for a double one.
         previous = self._value_text
-        memo: dict[float, str] = {}
+        memo: dict[tuple[int, float], str] = {}
         out: list[str] = []
-        for fam in self._plan(snapshot, fields, label_fields):
+        for fam in self._plan(snapshot, fields):
             lines: list[str] = []
             if fam.from_events:
                 for uuid, prefixes in fam.devices:
@@ -250,14 +328,16 @@ class Renderer:
                     lines += [f"{p},{extra}}} {code}\n" for p in prefixes]
             else:
                 name = fam.name
+                fmt_id = id(fam.format)
                 for uuid, prefixes in fam.devices:
-                    value = values[uuid].get(name)
-                    if value is None:
+                    value = values.get(uuid, no_values).get(name)
+                    if value is None or value != value:  # absent, or NaN: blank in DCGM, never sent
                         continue
-                    text = memo.get(value) or previous.get(value)
+                    key = (fmt_id, value)
+                    text = memo.get(key) or previous.get(key)
                     if text is None:
-                        text = "} " + format_value(value) + "\n"
-                    memo[value] = text
+                        text = "} " + fam.format(value) + "\n"
+                    memo[key] = text
                     if len(prefixes) == 1:  # the common case: no pod sharing the device
                         lines.append(prefixes[0] + text)
                     else:

@@ -15,7 +15,7 @@ import pynvml
 import structlog
 
 from exporter.backend import BackendError, DeviceError, DeviceLostError
-from exporter.fields import NOT_POLLED, Call, FieldSpec, FieldValue, Gpm, Rate, assert_never
+from exporter.fields import NOT_POLLED, Call, FieldSpec, FieldValue, Gpm, LinkRate, Rate, assert_never
 from exporter.logs import Reminder
 from exporter.model import Inventory, ReadResult
 from exporter.nvml.calls import CallReader
@@ -32,11 +32,12 @@ from exporter.nvml.gpm import GpmSampler
 
 log = structlog.get_logger("exporter.nvml")
 
-# How a field set splits by reader: (MIG-unsupported names, field values, rates, calls, GPM).
+# How a field set splits by reader: (MIG-unsupported names, field values, rates, link rates, calls, GPM).
 _Plan = tuple[
     tuple[str, ...],
     list[FieldSpec],
     list[tuple[FieldSpec, int]],
+    list[FieldSpec],
     list[tuple[FieldSpec, str]],
     list[tuple[FieldSpec, int]],
 ]
@@ -52,6 +53,7 @@ class NvmlBackend:
         self._library_path = library_path
         self._started = False
         self._driver_version = ""
+        self._nvml_version = ""
         self._symbols = Symbols()
         self._gpm: GpmSampler
         self._discovery = Discovery(self._symbols, forget=lambda uuids: self._gpm.forget(uuids))
@@ -92,6 +94,10 @@ class NvmlBackend:
         except pynvml.NVMLError as err:
             log.warning("nvml_driver_version_failed", error=str(err))
             self._driver_version = ""
+        try:
+            self._nvml_version = text(pynvml.nvmlSystemGetNVMLVersion())
+        except pynvml.NVMLError:
+            self._nvml_version = ""  # only the DCGM_FI_NVML_VERSION label needs it: left out
 
     def _init_failure(self, err: BaseException) -> str:
         error_code = code(err)
@@ -132,7 +138,9 @@ class NvmlBackend:
         gpus = self._discovery.gpus()
         self._gpm.keep_only({g.uuid for g in gpus} | {m.uuid for g in gpus for m in g.migs})
         pairs = self._discovery.nvlink(gpus)
-        return Inventory(driver_version=self._driver_version, gpus=tuple(gpus), nvlink_pairs=pairs)
+        return Inventory(
+            driver_version=self._driver_version, gpus=tuple(gpus), nvml_version=self._nvml_version, nvlink_pairs=pairs
+        )
 
     # -------------------------------------------------------------- reading
 
@@ -142,11 +150,11 @@ class NvmlBackend:
         is_mig = uuid.startswith("MIG-")
         result = ReadResult()
         plan = self._plan(fields, is_mig)
-        mig_unsupported, fv_specs, rate_specs, call_specs, gpm_specs = plan
+        mig_unsupported, fv_specs, rate_specs, link_specs, call_specs, gpm_specs = plan
         if mig_unsupported:
             result.unsupported.update(mig_unsupported)
-        if fv_specs or rate_specs:
-            self._field_values.read(uuid, handle, fv_specs, rate_specs, result)
+        if fv_specs or rate_specs or link_specs:
+            self._field_values.read(uuid, handle, fv_specs, rate_specs, result, link_specs)
         if call_specs:
             self._calls.read(uuid, handle, call_specs, result)
         if gpm_specs:
@@ -163,6 +171,7 @@ class NvmlBackend:
         mig_unsupported: list[str] = []
         fv_specs: list[FieldSpec] = []
         rate_specs: list[tuple[FieldSpec, int]] = []
+        link_specs: list[FieldSpec] = []
         call_specs: list[tuple[FieldSpec, str]] = []
         gpm_specs: list[tuple[FieldSpec, int]] = []
         for spec in fields:
@@ -175,13 +184,15 @@ class NvmlBackend:
                 fv_specs.append(spec)
             elif isinstance(reader, Rate):
                 rate_specs.append((spec, reader.field_id))
+            elif isinstance(reader, LinkRate):
+                link_specs.append(spec)
             elif isinstance(reader, Call):
                 call_specs.append((spec, reader.name))
             elif isinstance(reader, Gpm):
                 gpm_specs.append((spec, reader.metric_id))
             else:
                 assert_never(reader)
-        plan: _Plan = (tuple(mig_unsupported), fv_specs, rate_specs, call_specs, gpm_specs)
+        plan: _Plan = (tuple(mig_unsupported), fv_specs, rate_specs, link_specs, call_specs, gpm_specs)
         if isinstance(fields, tuple):  # immutable: safe to reuse while the same object is asked for
             if len(self._plans) >= _PLANS_KEPT:
                 self._plans.clear()

@@ -20,7 +20,8 @@ from exporter.nvml.errors import UNSUPPORTED_CODES, InvalidValue, Unsupported, c
 
 log = structlog.get_logger("exporter.nvml")
 
-_PSTATE_UNKNOWN = 32
+_GPU_TEMP_MAX = 200
+_VGPU_FEATURE = getattr(pynvml, "NVML_GRID_LICENSE_FEATURE_CODE_VGPU", 1)
 _VGPU_GUEST = getattr(pynvml, "NVML_GPU_VIRTUALIZATION_MODE_VGPU", 2)
 
 
@@ -65,11 +66,20 @@ def _fb_reserved(r: CallRead) -> float:
     return float(reserved)
 
 
-def _pstate(r: CallRead) -> float:
-    pstate = int(pynvml.nvmlDeviceGetPerformanceState(r.handle))
-    if pstate == _PSTATE_UNKNOWN:
-        raise InvalidValue("pstate")
-    return float(pstate)
+class NoValue(Exception):
+    """This read gives no value, and that is neither an error nor a lack of support (asked again next cycle)."""
+
+
+def _gpu_temp(r: CallRead) -> float:
+    temp = r.symbols.gpu_temp(r.handle)
+    if temp > _GPU_TEMP_MAX:  # DCGM drops readings above 200 C as out of range: no value, no error
+        raise NoValue("gpu_temp")
+    return temp
+
+
+def _power_limit(r: CallRead) -> float:
+    # DCGM stores limit_mW / 1000 in integer arithmetic: whole watts (a 299.5 W limit reads 299).
+    return float(int(pynvml.nvmlDeviceGetPowerManagementLimit(r.handle)) // 1000 * 1000)
 
 
 def _vgpu_license(r: CallRead) -> float:
@@ -84,8 +94,15 @@ def _vgpu_license(r: CallRead) -> float:
     if mode != _VGPU_GUEST:
         return 0.0
     features = pynvml.nvmlDeviceGetGridLicensableFeatures(r.handle)
+    if not features.isGridLicenseSupported:
+        return 0.0
     count = min(int(features.licensableFeaturesCount), len(features.gridLicensableFeatures))
-    licensed = any(features.gridLicensableFeatures[i].featureState for i in range(count))
+    # Only the vGPU feature counts (DCGM, DCGM_FI_DEV_VGPU_LICENSE_STATUS): a licensed vWS feature is not it.
+    licensed = any(
+        int(features.gridLicensableFeatures[i].featureCode) == _VGPU_FEATURE
+        and int(features.gridLicensableFeatures[i].featureState) > 0
+        for i in range(count)
+    )
     return 1.0 if licensed else 0.0
 
 
@@ -93,9 +110,9 @@ def _vgpu_license(r: CallRead) -> float:
 CALLS: dict[str, Callable[[CallRead], float]] = {
     "sm_clock": lambda r: float(pynvml.nvmlDeviceGetClockInfo(r.handle, pynvml.NVML_CLOCK_SM)),
     "mem_clock": lambda r: float(pynvml.nvmlDeviceGetClockInfo(r.handle, pynvml.NVML_CLOCK_MEM)),
-    "gpu_temp": lambda r: r.symbols.gpu_temp(r.handle),
+    "gpu_temp": _gpu_temp,
     "power_usage": lambda r: float(pynvml.nvmlDeviceGetPowerUsage(r.handle)),
-    "power_limit": lambda r: float(pynvml.nvmlDeviceGetPowerManagementLimit(r.handle)),
+    "power_limit": _power_limit,
     "gpu_util": lambda r: float(r.utilisation().gpu),
     "mem_util": lambda r: float(r.utilisation().memory),
     "enc_util": lambda r: float(pynvml.nvmlDeviceGetEncoderUtilization(r.handle)[0]),
@@ -106,7 +123,8 @@ CALLS: dict[str, Callable[[CallRead], float]] = {
     "fb_used": lambda r: float(r.memory()[3]),
     "bar1_used": lambda r: float(r.bar1().bar1Used),
     "clocks_event_reasons": lambda r: r.symbols.clock_event_reasons(r.handle),
-    "pstate": _pstate,
+    # 32 (NVML_PSTATE_UNKNOWN) is passed through, as DCGM does.
+    "pstate": lambda r: float(pynvml.nvmlDeviceGetPerformanceState(r.handle)),
     "fan_speed": lambda r: float(pynvml.nvmlDeviceGetFanSpeed(r.handle)),
     "vgpu_license": _vgpu_license,
 }
@@ -125,6 +143,8 @@ class CallReader:
                 value = self._value(name, r)
             except Unsupported:
                 result.unsupported.add(spec.name)
+                continue
+            except NoValue:
                 continue
             except InvalidValue:
                 result.errors[spec.name] = "InvalidValue"

@@ -8,7 +8,6 @@ enumeration (count drops) is dropped.
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -19,12 +18,12 @@ import structlog
 from exporter.backend import BackendError
 from exporter.logs import Reminder
 from exporter.model import Gpu, MigDevice
+from exporter.nvml.attributes import mig_profile, read_attributes
 from exporter.nvml.compat import Symbols, text
 from exporter.nvml.errors import FUNCTION_NOT_FOUND, GPU_IS_LOST, code, handle_error
 
 log = structlog.get_logger("exporter.nvml")
 
-_MIG_PROFILE = re.compile(r"MIG\s+(\S+)\s*$")
 _P2P_NVLINK = getattr(pynvml, "NVML_P2P_CAPS_INDEX_NVLINK", 2)
 _P2P_OK = getattr(pynvml, "NVML_P2P_STATUS_OK", 0)
 
@@ -42,7 +41,7 @@ class Discovery:
         self._lock = threading.Lock()
         self._handles: dict[str, Any] = {}
         self._migs_of: dict[str, frozenset[str]] = {}
-        self._identity: dict[str, tuple[str, str, int, int | None]] = {}
+        self._identity: dict[str, tuple[str, str, int, int | None, tuple[tuple[str, str], ...]]] = {}
         self._mig_mode: dict[str, bool] = {}
         self._known: dict[int, Gpu] = {}
         self._nvlink_key: tuple[str, ...] | None = None
@@ -143,9 +142,9 @@ class Discovery:
                 if code(err) == GPU_IS_LOST:
                     raise
                 minor = index
-            identity = (name, bus_id, minor, self._numa_node(handle))
+            identity = (name, bus_id, minor, self._numa_node(handle), read_attributes(handle))
             self._identity[uuid] = identity
-        name, bus_id, minor, numa = identity
+        name, bus_id, minor, numa, attributes = identity
         mig_enabled = self._mig_enabled(handle)
         migs = self._discover_migs(handle, index, uuid) if mig_enabled else ()
         dropped: list[str] = []
@@ -173,6 +172,7 @@ class Discovery:
             mig_enabled=mig_enabled,
             migs=migs,
             numa_node=numa,
+            attributes=attributes,
         )
 
     def _numa_node(self, handle: Any) -> int | None:
@@ -213,7 +213,6 @@ class Discovery:
                     raise
                 continue  # NOT_FOUND: empty slot
             mig_uuid = text(pynvml.nvmlDeviceGetUUID(mig_handle))
-            match = _MIG_PROFILE.search(text(pynvml.nvmlDeviceGetName(mig_handle)))
             migs.append(
                 MigDevice(
                     uuid=mig_uuid,
@@ -221,7 +220,7 @@ class Discovery:
                     parent_index=index,
                     gpu_instance_id=int(pynvml.nvmlDeviceGetGpuInstanceId(mig_handle)),
                     compute_instance_id=int(pynvml.nvmlDeviceGetComputeInstanceId(mig_handle)),
-                    profile=match.group(1) if match else "",
+                    profile=mig_profile(mig_handle),
                     slot=slot,
                 )
             )

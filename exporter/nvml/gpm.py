@@ -200,7 +200,8 @@ def _sample(uuid: str, state: GpmState, gpu_handle: Any, gi: int | None, specs: 
     for spec, metric_id in specs:
         value = by_id[metric_id]
         if isinstance(value, float):
-            result.values[spec.name] = to_exported(spec, value)
+            if value == value:  # NaN (no activity to compute yet) is blank in DCGM: no value, no error
+                result.values[spec.name] = to_exported(spec, value)
         elif value in UNSUPPORTED_CODES:
             result.unsupported.add(spec.name)
         elif value == GPU_IS_LOST:

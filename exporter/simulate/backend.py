@@ -99,11 +99,24 @@ class SimulatedBackend:
                     mig_enabled=g.mig_enabled,
                     migs=tuple(m.device for m in g.migs),
                     numa_node=g.numa,
+                    attributes=(
+                        ("name", self.model.name),
+                        ("brand", "NVIDIA"),
+                        # A board serial as nvidia-smi prints one: 13 digits, stable per simulated GPU.
+                        ("serial", f"{1650923000000 + g.key % 1000000:013d}"),
+                        ("vbios", "96.00.99.00.01"),
+                        ("inforom_image", "G520.0200.00.05"),
+                    ),
                 )
             )
         visible = {g.uuid for g in gpus}
         pairs = frozenset(p for p in self._pairs if p[0] in visible and p[1] in visible)
-        inv = Inventory(driver_version=self.config.driver, gpus=tuple(gpus), nvlink_pairs=pairs)
+        inv = Inventory(
+            driver_version=self.config.driver,
+            gpus=tuple(gpus),
+            nvml_version=f"12.{self.config.driver}",
+            nvlink_pairs=pairs,
+        )
         self._inventory_cache = (present, inv)
         return inv
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import threading
 
-from exporter.model import MigDevice
+from exporter.model import MigDevice, dcgm_profile_name
 from exporter.simulate.faults import Fault
 from exporter.simulate.fieldnames import (
     BAR1_USED,
@@ -68,7 +68,7 @@ from exporter.simulate.workload import activity, framebuffer_used, utilisation
 _PCI_BUSES = (0x18, 0x2A, 0x3A, 0x5D, 0x9A, 0xAB, 0xBA, 0xDB)
 
 _ALPHA_TEMP = 1.0 - math.exp(-1.0 / 45.0)  # thermal time constant ~45 s
-_US_PER_S = 1_000_000.0
+_NS_PER_S = 1_000_000_000.0  # violation counters count nanoseconds, as NVML and DCGM do
 
 
 class SimMig:
@@ -79,7 +79,8 @@ class SimMig:
         self.key = key
         self.pattern = pattern
         self.uuid = "MIG-" + sim_uuid(key)
-        self.device = MigDevice(self.uuid, parent.uuid, parent.index, gi, 0, profile.name, slot)
+        dcgm_name = dcgm_profile_name(profile.compute_slices, profile.memory_mib)
+        self.device = MigDevice(self.uuid, parent.uuid, parent.index, gi, 0, dcgm_name, slot)
         self.mem_frac = 0.25 + 0.6 * uniform(key, 7)
         self.bar1 = 2 + int(20 * uniform(key, 8))
         self.period = 600 + int(uniform(key, 3) * 1200)
@@ -146,8 +147,8 @@ class SimGpu:
         self.base = (
             float(int(uptime * avg_w * 1000.0)),  # energy, mJ
             float(int(uptime * model.nvlink_kib_s * 0.05)) if model.nvlink != "none" else 0.0,  # KiB
-            float(int(uptime * 0.002 * _US_PER_S * uniform(k, 10))),  # power violation, us
-            0.0,  # thermal violation, us
+            float(int(uptime * 0.002 * _NS_PER_S * uniform(k, 10))),  # power violation, ns
+            0.0,  # thermal violation, ns
             float(int(uniform(k, 11) * 3)),  # PCIe replays
             0.0,  # SBE volatile (reset at driver load)
         )
@@ -218,7 +219,7 @@ class SimGpu:
             link = m.nvlink_kib_s * 0.02 * u * 0.01
         else:
             link = m.nvlink_kib_s * 0.1 * u * 0.01
-        self.rates = [power * 1000.0, link, capped * _US_PER_S, _US_PER_S if thermal else 0.0]
+        self.rates = [power * 1000.0, link, capped * _NS_PER_S, _NS_PER_S if thermal else 0.0]
         if r_replay < self.replay_per_s:
             self.cum[4] += 1
         if m.ecc and r_sbe < self.sbe_per_s:
@@ -338,7 +339,8 @@ class SimGpu:
         out[POWER_VIOLATION] = float(int(c[2] + r[2] * frac))
         out[THERMAL_VIOLATION] = float(int(c[3] + r[3] * frac))
         if NVLINK_TOTAL in self.supported:
-            out[NVLINK_TOTAL] = float(int(c[1] + r[1] * frac))
+            # DCGM's NVLink throughput: KiB/s / 1000, whole; 0 while the counters read 0.
+            out[NVLINK_TOTAL] = float(int(r[1] / 1000.0)) if c[1] + r[1] * frac > 0 else 0.0
         if self.faults:
             self._overlay(out, t)
         return out

@@ -61,7 +61,7 @@ def test_dcgm_label_order_and_names() -> None:
     ) in text
     assert "# TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION counter\n" in text
     assert "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION_total" not in text
-    assert re.search(r'DCGM_FI_DEV_GPU_TEMP\{gpu="1",.*\} 41.5\n', text)
+    assert re.search(r'DCGM_FI_DEV_GPU_TEMP\{gpu="1",.*\} 41\n', text)  # an int64 field: whole, as %d
 
 
 def test_families_without_values_are_left_out() -> None:

@@ -123,6 +123,8 @@ def test_discovery_old_driver_uses_fallbacks(start: Callable[..., NvmlBackend], 
 
 # ------------------------------------------------------------------- values
 
+NVLINK_KIB_RATE = 2_000_000  # KiB/s over all links
+
 CONSTANTS: dict[str, tuple[float, float]] = {
     # DCGM field: (value in the NVML unit, expected exported value)
     "DCGM_FI_DEV_SM_CLOCK": (1980, 1980),
@@ -136,7 +138,6 @@ CONSTANTS: dict[str, tuple[float, float]] = {
     "DCGM_FI_DEV_MEM_COPY_UTIL": (41, 41),
     "DCGM_FI_DEV_ENC_UTIL": (3, 3),
     "DCGM_FI_DEV_DEC_UTIL": (4, 4),
-    "DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL": (1000001, 1000001),
     "DCGM_FI_DEV_VGPU_LICENSE_STATUS": (1, 0),  # bare metal: 0 whatever the license says
     "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS": (2, 2),
     "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS": (5, 5),
@@ -150,12 +151,12 @@ CONSTANTS: dict[str, tuple[float, float]] = {
     "DCGM_FI_DEV_RETIRED_DBE": (2, 2),
     "DCGM_FI_DEV_RETIRED_PENDING": (1, 1),
     "DCGM_FI_DEV_CLOCKS_EVENT_REASONS": (0x48, 0x48),
-    "DCGM_FI_DEV_POWER_VIOLATION": (5_000_000, 5_000),
-    "DCGM_FI_DEV_THERMAL_VIOLATION": (7_000, 7),
-    "DCGM_FI_DEV_SYNC_BOOST_VIOLATION": (1_000, 1),
-    "DCGM_FI_DEV_BOARD_LIMIT_VIOLATION": (2_000, 2),
-    "DCGM_FI_DEV_LOW_UTIL_VIOLATION": (3_000_000_000, 3_000_000),
-    "DCGM_FI_DEV_RELIABILITY_VIOLATION": (4_000, 4),
+    "DCGM_FI_DEV_POWER_VIOLATION": (5_000_000, 5_000_000),
+    "DCGM_FI_DEV_THERMAL_VIOLATION": (7_000, 7_000),
+    "DCGM_FI_DEV_SYNC_BOOST_VIOLATION": (1_000, 1_000),
+    "DCGM_FI_DEV_BOARD_LIMIT_VIOLATION": (2_000, 2_000),
+    "DCGM_FI_DEV_LOW_UTIL_VIOLATION": (3_000_000_000, 3_000_000_000),
+    "DCGM_FI_DEV_RELIABILITY_VIOLATION": (4_000, 4_000),
     "DCGM_FI_DEV_POWER_MGMT_LIMIT": (700000, 700),
     "DCGM_FI_DEV_PSTATE": (2, 2),
     "DCGM_FI_DEV_FAN_SPEED": (55, 55),
@@ -183,6 +184,7 @@ def constant_scenario(**device: Any) -> dict[str, Any]:
     fields: dict[str, Any] = {name: value for name, (value, _) in CONSTANTS.items()}
     fields["DCGM_FI_DEV_PCIE_TX_THROUGHPUT"] = {"start": 10**12, "rate": PCIE_TX_RATE}
     fields["DCGM_FI_DEV_PCIE_RX_THROUGHPUT"] = {"start": 10**12, "rate": PCIE_RX_RATE}
+    fields["DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL"] = {"start": 10**9, "rate": NVLINK_KIB_RATE}
     dev: dict[str, Any] = {"uuid": "GPU-c0000000-0000-4000-8000-000000000000", "memory": MEMORY, "fields": fields}
     dev["bar1"] = {"total": 128 << 30}
     dev["gpm_supported"] = True
@@ -204,14 +206,18 @@ def test_every_catalogue_field_converted(start: Callable[..., NvmlBackend]) -> N
     expected["DCGM_FI_DEV_FB_FREE"] = 81559 - 542 - 30000
     for name, value in expected.items():
         assert result.values[name] == pytest.approx(value), name
+    # DCGM's NVLink throughput: 0 on the first read, then KiB/s / 1000 (whole).
+    assert first.values["DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL"] == 0
+    assert result.values["DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL"].is_integer()
     rates = {
+        "DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL": NVLINK_KIB_RATE / 1000,
         "DCGM_FI_DEV_PCIE_TX_THROUGHPUT": PCIE_TX_RATE / 1024,
         "DCGM_FI_DEV_PCIE_RX_THROUGHPUT": PCIE_RX_RATE / 1024,
         "DCGM_FI_PROF_PCIE_TX_BYTES": PCIE_TX_RATE,
         "DCGM_FI_PROF_PCIE_RX_BYTES": PCIE_RX_RATE,
     }
     for name, rate in rates.items():
-        assert name not in first.values  # a rate needs two reads
+        assert name == "DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL" or name not in first.values  # a rate needs two reads
         assert result.values[name] == pytest.approx(rate, rel=0.1), name
     assert set(result.values) == {spec.name for spec in POLLED}  # nothing in the catalogue left out
 
@@ -332,12 +338,26 @@ def test_set_op_changes_values(start: Callable[..., NvmlBackend], fake_nvml: Any
     assert result.values == {"DCGM_FI_DEV_POWER_USAGE": 123.0, "DCGM_FI_DEV_ROW_REMAP_FAILURE": 1}
 
 
-def test_vgpu_license_in_guest(start: Callable[..., NvmlBackend]) -> None:
+def test_vgpu_license_counts_only_the_vgpu_feature(start: Callable[..., NvmlBackend]) -> None:
+    # The fake guest holds a licensed Virtual Compute Server feature (code 4), not the vGPU one (1):
+    # DCGM reports 1 only for a licensed vGPU feature.
     backend = start(constant_scenario(virtualization_mode=2))
     uuid = backend.discover().gpus[0].uuid
     assert backend.read(uuid, specs("DCGM_FI_DEV_VGPU_LICENSE_STATUS")).values == {
-        "DCGM_FI_DEV_VGPU_LICENSE_STATUS": 1.0
+        "DCGM_FI_DEV_VGPU_LICENSE_STATUS": 0.0
     }
+
+
+def test_dcgm_value_rules(start: Callable[..., NvmlBackend], fake_nvml: Any) -> None:
+    """Power limit in whole watts, P-state 32 passed through, a GPU temperature above 200 C dropped."""
+    backend = start(constant_scenario())
+    uuid = backend.discover().gpus[0].uuid
+    fake_nvml.control("set", gpu=0, field="DCGM_FI_DEV_POWER_MGMT_LIMIT", value=299_500)
+    fake_nvml.control("set", gpu=0, field="DCGM_FI_DEV_PSTATE", value=32)
+    fake_nvml.control("set", gpu=0, field="DCGM_FI_DEV_GPU_TEMP", value=255)
+    result = backend.read(uuid, specs("DCGM_FI_DEV_POWER_MGMT_LIMIT", "DCGM_FI_DEV_PSTATE", "DCGM_FI_DEV_GPU_TEMP"))
+    assert result.values == {"DCGM_FI_DEV_POWER_MGMT_LIMIT": 299.0, "DCGM_FI_DEV_PSTATE": 32.0}
+    assert result.errors == {} and result.unsupported == set()
 
 
 def test_old_driver_reads_through_fallbacks(start: Callable[..., NvmlBackend], fake_nvml: Any) -> None:
