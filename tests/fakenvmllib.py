@@ -44,9 +44,10 @@ class FakeNvml:
         self.control_path = tmp_path / "fakenvml-control.jsonl"
         self.lib_path = build.lib
 
-    def use(self, scenario: str | dict[str, Any], *, old_driver: bool = False) -> str:
+    def use(self, scenario: str | dict[str, Any], *, old_driver: bool = False, r470: bool = False) -> str:
         """Select a scenario (shipped name or dict); returns the library path to load.
 
+        `old_driver`: build/old (the exporter's fallbacks); `r470`: build/r470 (an R470 driver's symbols).
         Takes effect at the next nvmlInit after a full shutdown.
         """
         data = load_scenario(scenario) if isinstance(scenario, str) else scenario
@@ -54,7 +55,7 @@ class FakeNvml:
         self.control_path.write_text("", encoding="utf-8")
         self._monkeypatch.setenv("FAKENVML_CONFIG", str(self.config_path))
         self._monkeypatch.setenv("FAKENVML_CONTROL", str(self.control_path))
-        self.lib_path = self.build.old_lib if old_driver else self.build.lib
+        self.lib_path = self.build.r470_lib if r470 else self.build.old_lib if old_driver else self.build.lib
         return str(self.lib_path)
 
     def control(self, op: str, **fields: Any) -> None:
