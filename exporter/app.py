@@ -23,6 +23,7 @@ from exporter.backend import Backend, BackendError
 from exporter.collector import Collector
 from exporter.config import Config, ConfigError
 from exporter.counters import CountersError, load_counters
+from exporter.dcgmexp import DcgmExpFamilies
 from exporter.events import EventPump
 from exporter.health.engine import HealthEngine
 from exporter.labels import RenderContext
@@ -95,6 +96,8 @@ class App:
         )
         self.xids = XidTracker(cfg.xid_count_window_s)
         self.health = self._make_health()
+        # The DCGM_EXP_* families the counters file lists (exporter/dcgmexp.py).
+        self.dcgmexp = DcgmExpFamilies(self.counters, self.xids, self.health, cfg.clock_events_count_window_s)
         self.pods = self._make_pods()
         self.ctx = RenderContext(cfg.host_label, hostname())
         self.renderer = Renderer(self.ctx, self.xids, self.backend.name, pods=self.pods)
@@ -206,6 +209,7 @@ class App:
         if self.pods is not None:
             self.pods.refresh(snapshot.inventory)
         self.health.on_snapshot(snapshot)
+        self.dcgmexp.on_snapshot(snapshot)  # before the render that reads it
         self.renderer.render(snapshot)
 
     def reload_counters(self) -> None:
@@ -216,6 +220,7 @@ class App:
             log.error("counters_reload_failed", error=str(exc), keeping=self.collector.counters.source)
             return
         self.collector.set_counters(counters)
+        self.dcgmexp.set_counters(counters)
         self._warn_dcp(counters.fields)
         log.info("counters_reloaded", source=counters.source, fields=len(counters.fields))
 
@@ -256,6 +261,8 @@ class App:
         self.events.add_listener(self.xids.on_events)
         self.events.add_listener(self.health.on_events)
         self.events.add_status_listener(self.health.set_xid_monitoring)
+        # Right after the DCGM block, where dcgm-exporter's own families used to be rendered.
+        self.renderer.contributors.append(self.dcgmexp)
         if self.pods is not None:  # starts its worker on the first refresh
             self.renderer.contributors.append(self.pods)
         self.renderer.contributors.append(self.health)

@@ -32,7 +32,7 @@ import structlog
 from exporter.backend import Backend, DeviceError, DeviceLostError, MonitorError
 from exporter.counters import CounterSet
 from exporter.devices import DeviceSelector
-from exporter.fields import FieldSpec, is_polled
+from exporter.fields import FieldSpec, is_polled, lookup
 from exporter.lanes import Batch, Lanes, Read, Worker
 from exporter.logs import Reminder
 from exporter.model import Gpu, Inventory, MigDevice, ReadResult
@@ -46,6 +46,18 @@ REDISCOVER_EVERY_S = 60.0
 
 # How long a NOT_SUPPORTED answer is trusted before the field is asked for again.
 UNSUPPORTED_RETRY_S = 300.0
+
+# The polled fields each DCGM_EXP_* family is computed from (dcgm-exporter's pkg/cmd/app.go adds
+# them to its watch list when the family is listed). The XID count comes from events, not a poll.
+EXPORTER_FIELD_DEPENDENCIES: dict[str, tuple[str, ...]] = {
+    "DCGM_EXP_CLOCK_EVENTS_COUNT": ("DCGM_FI_DEV_CLOCKS_EVENT_REASONS",),
+}
+
+
+def exporter_dependencies(counters: CounterSet) -> tuple[str, ...]:
+    """The field names the listed DCGM_EXP_* families need read every cycle."""
+    return tuple(name for c in counters.exporter_counters for name in EXPORTER_FIELD_DEPENDENCIES.get(c.name, ()))
+
 
 # A read running longer than this (or a tenth of the device deadline, if shorter) hands the rest of
 # its cycle's batch to another lane.
@@ -122,9 +134,19 @@ class Collector:
 
     # --- configuration ---
     def set_counters(self, counters: CounterSet) -> None:
-        """Swap the field set (SIGHUP reload); takes effect next cycle."""
+        """Swap the field set (SIGHUP reload); takes effect next cycle.
+
+        Fields a listed DCGM_EXP_* family is computed from are read too, unlisted or not (as
+        dcgm-exporter watches them): they reach the sample's values, never the exposition, which
+        renders `snapshot.fields` (the counters file's fields) only."""
         self.counters = counters
         polled = tuple(f for f in counters.fields if is_polled(f))  # events, labels, DCP-only: never read
+        names = {f.name for f in polled}
+        for name in exporter_dependencies(counters):
+            spec = lookup(name)
+            if spec is not None and spec.name not in names and is_polled(spec):
+                polled += (spec,)
+                names.add(spec.name)
         self._gpu_fields = polled
         self._instance_fields = tuple(f for f in polled if f.scope == "instance")
 
