@@ -78,7 +78,7 @@ def default_counters() -> CounterSet:
 @dataclass(frozen=True)
 class _Skip:
     line: int
-    field: str
+    name: str  # as the file spells it
     reason: str
 
 
@@ -125,7 +125,9 @@ class _Parse:
         if not self.first(rec.line, spec.name, name):
             return
         if type_ not in _EXPORTED_AS:
-            self.retyped.append(_Skip(rec.line, name, f"{type_} exported as gauge: one value has no buckets"))
+            self.retyped.append(
+                _Skip(rec.line, name, f"{type_} exported as gauge: one value per series has no buckets or quantiles")
+            )
         metric = name if name != spec.name else ""
         exported = _EXPORTED_AS.get(type_, "gauge")
         self.fields.append(replace(spec, metric=metric, type=exported, help=help_text or spec.help))
@@ -153,7 +155,7 @@ class _Parse:
         self.skips.append(_Skip(line, name, reason))
 
     def result(self) -> CounterSet:
-        skipped = tuple(f"{self.source}:{s.line}: {s.field} skipped: {s.reason}" for s in self.skips)
+        skipped = tuple(f"{self.source}:{s.line}: {s.name} skipped: {s.reason}" for s in self.skips)
         return CounterSet(tuple(self.fields), self.source, tuple(self.exp), skipped)
 
 
@@ -192,9 +194,9 @@ def load_counters(path: str | None) -> CounterSet:
         return default_counters()
     state = _parse(read_counters_file(path), path)
     for s in state.skips:
-        log.warning("counters_field_skipped", file=path, line=s.line, field=s.field, reason=s.reason)
+        log.warning("counters_field_skipped", file=path, line=s.line, field=s.name, reason=s.reason)
     for s in state.retyped:
-        log.info("counters_type_exported_as_gauge", file=path, line=s.line, field=s.field, reason=s.reason)
+        log.info("counters_type_exported_as_gauge", file=path, line=s.line, field=s.name, reason=s.reason)
     counters = state.result()
     _require_some(counters)
     return counters

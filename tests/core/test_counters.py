@@ -359,3 +359,30 @@ def test_default_set_is_dcgm_defaults_plus_health() -> None:
     names = default_counters().names
     assert names == DCGM_DEFAULT_SET + HEALTH_SET
     assert len([n for n in DCGM_DEFAULT_SET if "PROF" not in n and n != "DCGM_FI_DRIVER_VERSION"]) == 20
+
+
+def test_histogram_is_logged_as_exported_as_gauge(tmp_path: Path) -> None:
+    csv = tmp_path / "c.csv"
+    csv.write_text("DCGM_FI_DEV_SM_CLOCK, histogram, s\n")
+    with structlog.testing.capture_logs() as logs:
+        load_counters(str(csv))
+    (event,) = [e for e in logs if e["event"] == "counters_type_exported_as_gauge"]
+    assert event["line"] == 1 and event["field"] == "DCGM_FI_DEV_SM_CLOCK"
+
+
+def test_exporter_counter_listed_twice_keeps_the_first() -> None:
+    text = "DCGM_EXP_XID_ERRORS_COUNT, gauge, a\nDCGM_EXP_XID_ERRORS_COUNT, counter, b\n"
+    counters = parse_counters(text, "x.csv")
+    assert counters.exporter_counters == (ExporterCounter("DCGM_EXP_XID_ERRORS_COUNT", "gauge", "a"),)
+    assert counters.skipped[0].startswith("x.csv:2: DCGM_EXP_XID_ERRORS_COUNT skipped: listed again")
+
+
+def test_nothing_collectable_is_refused_but_skips_are_logged_first(tmp_path: Path) -> None:
+    csv = tmp_path / "c.csv"
+    csv.write_text("DCGM_FI_DEV_NVLINK_BANDWIDTH_L0, counter, l0\n")
+    with (
+        structlog.testing.capture_logs() as logs,
+        pytest.raises(CountersError, match=r"no field in .* can be collected"),
+    ):
+        load_counters(str(csv))
+    assert [e["line"] for e in logs if e["event"] == "counters_field_skipped"] == [1]
