@@ -97,7 +97,9 @@ class App:
         self.xids = XidTracker(cfg.xid_count_window_s)
         self.health = self._make_health()
         # The DCGM_EXP_* families the counters file lists (exporter/dcgmexp.py).
-        self.dcgmexp = DcgmExpFamilies(self.counters, self.xids, self.health, cfg.clock_events_count_window_s)
+        self.dcgmexp = DcgmExpFamilies(
+            self.counters, self.xids, self.health, cfg.clock_events_count_window_s, mig_layout=cfg.mig_layout
+        )
         self.pods = self._make_pods()
         self.ctx = RenderContext(cfg.host_label, hostname())
         self.renderer = Renderer(self.ctx, self.xids, self.backend.name, pods=self.pods)

@@ -25,7 +25,7 @@ gets one series of value 0 without the `xid`/`clock_event` label; a device whose
 the window had no known reason bit set gets no series at all (upstream records the device, then
 finds nothing to count). Devices are taken as dcgm-exporter's flexible mode (`-d f`) takes them: a
 GPU's MIG instances when the snapshot has any (each with its parent GPU's counts, as upstream
-counts per GPU), else the GPU. The health status is per GPU, every GPU found (upstream's health
+counts per GPU), else the GPU; under `--mig-layout parent`, the GPUs. The health status is per GPU, every GPU found (upstream's health
 group holds every supported GPU, whatever `-d` selects). Pod labels are not added.
 
 Upstream facts (NVIDIA/dcgm-exporter d5e5f510, DCGM as mirrored): dcgm-exporter
@@ -47,11 +47,11 @@ from collections.abc import Callable, Iterable, Sequence
 import structlog
 
 from exporter.counters import CounterSet, ExporterCounter
-from exporter.fields import FieldSpec
+from exporter.fields import FieldSpec, Label
 from exporter.health.verdict import HealthState, HealthView, Reason
-from exporter.labels import RenderContext, escape_help, format_labels
+from exporter.labels import MigLayout, RenderContext, escape_help, format_labels
 from exporter.model import Inventory
-from exporter.snapshot import Snapshot
+from exporter.snapshot import DeviceSample, Snapshot
 from exporter.xid import XidTracker
 
 log = structlog.get_logger("exporter.dcgmexp")
@@ -249,12 +249,18 @@ class ClockEventWindow:
 # --- the contributor --------------------------------------------------------------------------
 
 
+Labels = Sequence[FieldSpec]  # the counters file's label fields
+
+
 def window_ms(window_s: float) -> str:
     return str(round(window_s * 1000))
 
 
 def header(counter: ExporterCounter) -> str:
-    return f"# HELP {counter.name} {escape_help(counter.help)}\n# TYPE {counter.name} {counter.type}\n"
+    """The file's HELP and TYPE; a histogram or summary (or label) line is served as a gauge, as
+    exporter/counters.py serves such DCGM fields: one bare sample cannot be a histogram."""
+    type_ = counter.type if counter.type in ("gauge", "counter") else "gauge"
+    return f"# HELP {counter.name} {escape_help(counter.help)}\n# TYPE {counter.name} {type_}\n"
 
 
 class DcgmExpFamilies:
@@ -272,7 +278,9 @@ class DcgmExpFamilies:
         health: HealthView,
         clock_window_s: float,
         clock: Callable[[], float] = time.monotonic,
+        mig_layout: MigLayout = "dcgm",
     ) -> None:
+        self.mig_layout = mig_layout
         self.xids = xids
         self.health = health
         self.clock_events = ClockEventWindow(clock_window_s, clock)
@@ -302,34 +310,34 @@ class DcgmExpFamilies:
         snapshot, listed = self._snapshot, self.listed
         if snapshot is None or not listed:
             return ""
-        fields = label_fields(snapshot.fields, snapshot.inventory)
-        return "".join(_RENDER[c.name](self, ctx, snapshot, c, fields) for c in listed)
+        labels = [f for f in snapshot.fields if f.type == "label"]
+        return "".join(_RENDER[c.name](self, ctx, snapshot, c, labels) for c in listed)
 
     # --- one family each ---
-    def _xid_count(self, ctx: RenderContext, snap: Snapshot, c: ExporterCounter, fields: dict[str, str]) -> str:
+    def _xid_count(self, ctx: RenderContext, snap: Snapshot, c: ExporterCounter, labels: Labels) -> str:
         window = window_ms(self.xids.window_s)
         lines: list[str] = []
-        for uuid, gpu_uuid in window_entities(snap):
-            counts = self.xids.window_counts(gpu_uuid)
-            lines += _counted(
-                ctx, c.name, uuid, fields, window, "xid", [(str(k), n) for k, n in sorted(counts.items())]
-            )
+        for s in window_entities(snap, self.mig_layout):
+            fields = label_fields(labels, s, snap.inventory)
+            rows = [(str(k), n) for k, n in sorted(self.xids.window_counts(s.gpu.uuid).items())]
+            lines += _counted(ctx, c.name, s.uuid, fields, window, "xid", rows)
         return header(c) + "".join(lines) if lines else ""  # no device, no family
 
-    def _clock_count(self, ctx: RenderContext, snap: Snapshot, c: ExporterCounter, fields: dict[str, str]) -> str:
+    def _clock_count(self, ctx: RenderContext, snap: Snapshot, c: ExporterCounter, labels: Labels) -> str:
         window = window_ms(self.clock_events.window_s)
         lines: list[str] = []
-        for uuid, gpu_uuid in window_entities(snap):
-            counts = self.clock_events.counts(gpu_uuid)
+        for s in window_entities(snap, self.mig_layout):
+            fields = label_fields(labels, s, snap.inventory)
+            counts = self.clock_events.counts(s.gpu.uuid)
             if counts is None:  # nothing sampled in the window: the zero series
-                lines += _counted(ctx, c.name, uuid, fields, window, "clock_event", [])
+                lines += _counted(ctx, c.name, s.uuid, fields, window, "clock_event", [])
                 continue
             rows = [(name, counts[bit]) for bit, name in CLOCK_EVENTS if bit in counts]
             if rows:  # sampled, but no reason set: no series (upstream's empty map)
-                lines += _counted(ctx, c.name, uuid, fields, window, "clock_event", rows)
+                lines += _counted(ctx, c.name, s.uuid, fields, window, "clock_event", rows)
         return header(c) + "".join(lines) if lines else ""  # no device, no family
 
-    def _health_status(self, ctx: RenderContext, snap: Snapshot, c: ExporterCounter, fields: dict[str, str]) -> str:
+    def _health_status(self, ctx: RenderContext, snap: Snapshot, c: ExporterCounter, labels: Labels) -> str:
         lines: list[str] = []
         for gpu in snap.inventory.gpus:
             verdict = self.health.verdict(gpu.uuid)
@@ -340,6 +348,7 @@ class DcgmExpFamilies:
                 reasons += self.health.verdict(mig.uuid).reasons
             incidents = health_incidents(reasons)
             base = ctx.dcgm_labels(gpu.uuid)
+            fields = label_fields(labels, DeviceSample(gpu, None, {}, up=True), snap.inventory)
             for watch in HEALTH_WATCHES:
                 value, code = incidents.get(watch, (PASS, FR_OK))
                 extra = {**fields, "health_error_code": code, "health_watch": watch}
@@ -347,7 +356,7 @@ class DcgmExpFamilies:
         return header(c) + "".join(lines) if lines else ""  # no device, no family
 
 
-_Render = Callable[[DcgmExpFamilies, RenderContext, Snapshot, ExporterCounter, dict[str, str]], str]
+_Render = Callable[[DcgmExpFamilies, RenderContext, Snapshot, ExporterCounter, Labels], str]
 _RENDER: dict[str, _Render] = {
     XID_ERRORS_COUNT: DcgmExpFamilies._xid_count,
     CLOCK_EVENTS_COUNT: DcgmExpFamilies._clock_count,
@@ -355,19 +364,45 @@ _RENDER: dict[str, _Render] = {
 }
 
 
-def label_fields(fields: Sequence[FieldSpec], inventory: Inventory) -> dict[str, str]:
-    """The counters file's label fields and their values (dcgm-exporter copies them onto its own
-    families). The driver version is the one label field we know a value for, as in the DCGM block."""
-    if any(f.type == "label" and f.name == DRIVER_VERSION_FIELD for f in fields):
-        return {DRIVER_VERSION_FIELD: inventory.driver_version}
-    return {}
+def label_fields(fields: Sequence[FieldSpec], sample: DeviceSample, inventory: Inventory) -> dict[str, str]:
+    """The counters file's label fields and this device's values for them (dcgm-exporter copies its
+    label counters onto these families: pkg/cmd/app.go getCounters). The values are the DCGM
+    block's (Renderer._label_fields in exporter/render.py); a label without a value is left out."""
+    out: dict[str, str] = {}
+    for spec in fields:
+        if spec.type != "label":
+            continue
+        source = spec.reader.source if isinstance(spec.reader, Label) else ""
+        if source == "driver_version":
+            value: str | None = inventory.driver_version
+        elif source == "nvml_version":
+            value = inventory.nvml_version
+        else:
+            value = sample.gpu.attribute(source)
+        if value:
+            out[spec.metric_name] = value
+    return out
 
 
-def window_entities(snapshot: Snapshot) -> list[tuple[str, str]]:
-    """(device UUID for the labels, GPU UUID counted) per series, as dcgm-exporter's flexible mode:
-    a GPU's MIG instances when any is collected, else the GPU (see the module docstring)."""
+def window_entities(snapshot: Snapshot, mig_layout: MigLayout) -> list[DeviceSample]:
+    """The samples with a window-count series, counted per GPU.
+
+    dcgm layout (dcgm-exporter's flexible `-d f`): a GPU's MIG instances when any is collected, else
+    the GPU. parent layout: the GPUs, which carry every GPU-wide series there. One series per GPU
+    instance either way (a second compute instance would repeat its labels), as the DCGM block."""
+    if mig_layout == "parent":
+        return [s for s in snapshot.samples if s.mig is None]
     with_instances = {s.gpu.uuid for s in snapshot.samples if s.mig is not None}
-    return [(s.uuid, s.gpu.uuid) for s in snapshot.samples if s.mig is not None or s.gpu.uuid not in with_instances]
+    out: list[DeviceSample] = []
+    seen: set[tuple[str, int]] = set()
+    for s in snapshot.samples:
+        if s.mig is None:
+            if s.gpu.uuid not in with_instances:
+                out.append(s)
+        elif (s.gpu.uuid, s.mig.gpu_instance_id) not in seen:
+            seen.add((s.gpu.uuid, s.mig.gpu_instance_id))
+            out.append(s)
+    return out
 
 
 def _join(base: str, extra: dict[str, str]) -> str:

@@ -171,6 +171,16 @@ def test_mig_gpu_is_served_as_its_instances_with_the_parents_count() -> None:
     assert all(line.endswith('xid="31"} 1') for line in lines)
 
 
+def test_parent_layout_serves_the_gpu() -> None:
+    migs = (MigDevice("MIG-a", GPU0, 0, 1, 0, "3g.40gb", 0),)
+    s = Setup(XID_LINE, gpus=(gpu(0, migs),))
+    s.exp.mig_layout = "parent"
+    s.xids.on_events([DeviceEvent(GPU0, EVENT_XID, 31, gpu_instance_id=1)])
+    assert series(s.cycle(), XID_ERRORS_COUNT) == [
+        f'DCGM_EXP_XID_ERRORS_COUNT{{{DCGM0},window_size_in_ms="300000",xid="31"}} 1'
+    ]
+
+
 # ------------------------------------------------------------------------------- clock events
 
 
