@@ -439,10 +439,11 @@ HEALTH_SET: tuple[str, ...] = (
     "DCGM_FI_DEV_FAN_SPEED",
     "DCGM_FI_DEV_BAR1_USED",
     "DCGM_FI_DEV_FB_TOTAL",
-    "DCGM_FI_DEV_PCIE_TX_THROUGHPUT",
-    "DCGM_FI_DEV_PCIE_RX_THROUGHPUT",
     "DCGM_FI_DEV_GET_GPU_RECOVERY_ACTION",
 )
+# DCGM_FI_DEV_PCIE_TX/RX_THROUGHPUT are readable when a counters file lists them, but not collected by
+# default: DCGM never gives them (hard-coded NOT_SUPPORTED), so dcgm-exporter users have no series of
+# them; DCGM_FI_PROF_PCIE_TX/RX_BYTES (in the default set) carry the same traffic in bytes/s.
 
 DEFAULT_FIELDS: tuple[str, ...] = DCGM_DEFAULT_SET + HEALTH_SET
 

@@ -9,6 +9,9 @@ One scenario for the whole module (started once, ~20 s):
   HW thermal slowdown on GPU 6.
 - node-b: `--simulate=SPEC_B` (2x V100, other seed, no kubelet) with a DBE: V100s retire pages, so the
   RETIRED_PENDING flag has data; a second target also proves legends/joins across instances.
+- node-c: `--simulate=SPEC_C --mig-layout parent`: a MIG GPU in our own layout (the GPU's series plus
+  per-instance ones), where node-a shows its MIG GPU as dcgm-exporter does (only as its instances), so
+  every dashboard is checked under both layouts.
 - Debian's `prometheus` scrapes both every 1 s with job="gpu-health-exporter" and honor_labels: true
   (what the ServiceMonitor sets) and evaluates the real rules file -- in a temporary copy where every
   `for:` is rewritten to FOR (production durations are minutes to hours; the expressions are untouched).
@@ -52,6 +55,7 @@ JOB = "gpu-health-exporter"
 FOR = "2s"
 SPEC_A = "mig=0:3g.40gb+2g.20gb+1g.10gb+1g.10gb,faults=xid:1:79@1;dbe:4@1;remap-failure:5@1;thermal:6@1"
 SPEC_B = "v100x2,seed=2,faults=dbe:1@1"
+SPEC_C = "mig=0:3g.40gb+2g.20gb+1g.10gb+1g.10gb,seed=3"
 # Grafana's built-in variables as Grafana would fill them for "last 5 minutes" at a 1 s scrape
 # interval. Dashboard variables ($node, $gpu, $namespace, ...) become ALL_VALUE: "All" in Grafana is
 # ".*", but ".*" also matches a missing label, so `hostname=~"$node"` on a family that has only
@@ -85,6 +89,7 @@ class Scenario:
     prom: PrometheusServer
     node_a: ExporterProcess
     node_b: ExporterProcess
+    node_c: ExporterProcess
     kubelet: FakeKubelet
     started: float
     uuids: dict[int, str]
@@ -148,10 +153,13 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         env={"NODE_NAME": "node-a"},
     )
     node_b = ExporterProcess([f"--simulate={SPEC_B}", "-c", "500"], tmp / "node-b", env={"NODE_NAME": "node-b"})
+    node_c = ExporterProcess(
+        [f"--simulate={SPEC_C}", "-c", "500", "--mig-layout", "parent"], tmp / "node-c", env={"NODE_NAME": "node-c"}
+    )
     prom = None
     try:
         config = make_config(
-            [f"127.0.0.1:{node_a.port}", f"127.0.0.1:{node_b.port}"],
+            [f"127.0.0.1:{node_a.port}", f"127.0.0.1:{node_b.port}", f"127.0.0.1:{node_c.port}"],
             job=JOB,
             rule_files=[fast_rules(tmp / "rules.yml")],
             honor_labels=True,
@@ -159,14 +167,16 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         prom = start_prometheus(config, workdir=tmp / "prometheus")
         node_a.wait_ready()
         node_b.wait_ready()
+        node_c.wait_ready()
         prom.wait_for_targets_up(JOB, timeout=30)
         uuids = {g.index: g.uuid for g in SimulatedBackend.from_spec(SPEC_A).discover().gpus}
-        yield Scenario(prom, node_a, node_b, kubelet, started, uuids)
+        yield Scenario(prom, node_a, node_b, node_c, kubelet, started, uuids)
     finally:
         if prom is not None:
             prom.stop()
         node_a.stop()
         node_b.stop()
+        node_c.stop()
         kubelet.stop()
         shutil.rmtree(sock_dir, ignore_errors=True)
 
@@ -274,7 +284,35 @@ def test_panels_see_pods_mig_and_shared_gpus(scenario: Scenario) -> None:
     per_pod = prom.query(f'DCGM_FI_DEV_GPU_UTIL{{UUID="{scenario.uuids[2]}", pod!=""}}')
     assert {s["metric"]["pod"] for s in per_pod} == {"infer-a", "infer-b", "infer-c"}
     hosts = {s["metric"]["Hostname"] for s in prom.query("DCGM_FI_DEV_GPU_TEMP")}
-    assert hosts == {"node-a", "node-b"}
+    assert hosts == {"node-a", "node-b", "node-c"}
+
+
+def test_mig_gpu_panels_work_under_both_layouts(scenario: Scenario) -> None:
+    """GPU 0 is in MIG mode on node-a (dcgm layout) and node-c (parent layout): the node detail
+    dashboard shows the same panels for it, with one GPU-level line per panel either way."""
+    prom = scenario.prom
+    wait_for_history(prom)
+    # The two layouts really differ: node-a has no series of the MIG GPU itself.
+    per_instance = prom.query('DCGM_FI_DEV_POWER_USAGE{Hostname="node-a", gpu="0"}')
+    assert sorted(s["metric"].get("GPU_I_ID", "") for s in per_instance) == ["10", "2", "3", "9"]
+    own = prom.query('DCGM_FI_DEV_POWER_USAGE{Hostname="node-c", gpu="0"}')
+    assert [s["metric"].get("GPU_I_ID", "") for s in own] == [""]
+    with_data: dict[str, set[str]] = {}
+    for node in ("node-a", "node-c"):
+        values = {**GRAFANA_VALUES, "$node": node, "$gpu": "0"}
+        for key, (expr, instant, _legend) in dashboard_queries().items():
+            if not key.startswith("node-gpu-detail/") or "/variable/" in key or "/annotation/" in key:
+                continue
+            if "/Pods on these GPUs/" in key:  # node-c has no kubelet: no pods anywhere on it
+                continue
+            result = evaluate(prom, substitute_grafana_vars(expr, values, ALL_VALUE), instant, scenario.started)
+            if has_data(result):
+                with_data.setdefault(node, set()).add(key)
+                gpu_level = [r for r in result if "GPU_I_ID" not in r["metric"] and "gpu_i_id" not in r["metric"]]
+                assert len({r["metric"].get("UUID") or r["metric"].get("uuid") for r in gpu_level}) <= 1, key
+    assert with_data["node-a"] == with_data["node-c"], with_data["node-a"] ^ with_data["node-c"]
+    for panel in ("GPU temperature", "Power draw and limit", "Framebuffer used", "Framebuffer free"):
+        assert any(f"/{panel}/" in key for key in with_data["node-a"]), panel
 
 
 def alerts_named(prom: PrometheusServer, name: str) -> list[dict[str, Any]]:

@@ -95,7 +95,12 @@ def node_detail() -> dict[str, Any]:
         "timeseries",
         "Framebuffer used",
         [
-            target(f'max by ({DEV}) (DCGM_FI_DEV_FB_USED{{{f}, GPU_I_ID=""}}) * 1048576', GPU_LEGEND),
+            # The GPU's own series (parent layout, no MIG), else the sum of its instances (dcgm layout).
+            target(
+                f'(max by ({DEV}) (DCGM_FI_DEV_FB_USED{{{f}, GPU_I_ID=""}}) '
+                f'or sum by ({DEV}) (DCGM_FI_DEV_FB_USED{{{f}, GPU_I_ID!=""}})) * 1048576',
+                GPU_LEGEND,
+            ),
             target(
                 f'max by ({DEV}, GPU_I_ID, GPU_I_PROFILE) (DCGM_FI_DEV_FB_USED{{{f}, GPU_I_ID!=""}}) * 1048576',
                 MIG_LEGEND,
@@ -108,7 +113,12 @@ def node_detail() -> dict[str, Any]:
         "timeseries",
         "Framebuffer free",
         [
-            target(f'max by ({DEV}) (DCGM_FI_DEV_FB_FREE{{{f}, GPU_I_ID=""}}) * 1048576', GPU_LEGEND),
+            # The GPU's own series (parent layout, no MIG), else the sum of its instances (dcgm layout).
+            target(
+                f'(max by ({DEV}) (DCGM_FI_DEV_FB_FREE{{{f}, GPU_I_ID=""}}) '
+                f'or sum by ({DEV}) (DCGM_FI_DEV_FB_FREE{{{f}, GPU_I_ID!=""}})) * 1048576',
+                GPU_LEGEND,
+            ),
             target(
                 f'max by ({DEV}, GPU_I_ID, GPU_I_PROFILE) (DCGM_FI_DEV_FB_FREE{{{f}, GPU_I_ID!=""}}) * 1048576',
                 MIG_LEGEND,
@@ -121,21 +131,18 @@ def node_detail() -> dict[str, Any]:
         "timeseries",
         "PCIe throughput",
         [
-            target(f"max by ({DEV}) (DCGM_FI_DEV_PCIE_TX_THROUGHPUT{{{f}}})", GPU_LEGEND + " tx"),
-            target(f"max by ({DEV}) (DCGM_FI_DEV_PCIE_RX_THROUGHPUT{{{f}}})", GPU_LEGEND + " rx"),
+            target(f"max by ({DEV}) (DCGM_FI_PROF_PCIE_TX_BYTES{{{f}}})", GPU_LEGEND + " tx"),
+            target(f"max by ({DEV}) (DCGM_FI_PROF_PCIE_RX_BYTES{{{f}}})", GPU_LEGEND + " rx"),
         ],
-        "KiBs",
+        "Bps",
     )
     b.add(
         "timeseries",
         "NVLink bandwidth",
-        [
-            target(
-                f"max by ({DEV}) (rate(DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL{{{f}}}[$__rate_interval])) * 1024", GPU_LEGEND
-            )
-        ],
+        [target(f"max by ({DEV}) (DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL{{{f}}}) * 1024000", GPU_LEGEND)],
         "Bps",
-        description="DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL counts KiB (tx + rx).",
+        description="DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL is DCGM's throughput (tx + rx, all links): KiB/s / 1000. "
+        "Despite its counter type it is a rate: never rate() it.",
     )
     b.row("Health and pods")
     b.add(
