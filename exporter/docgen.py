@@ -84,12 +84,15 @@ def metrics_md() -> str:
         "modelName, [GPU_I_PROFILE, GPU_I_ID], Hostname, [DCGM_FI_DRIVER_VERSION], [container, namespace, pod, "
         "vgpu]`. Counters keep their DCGM names (no `_total`), so `/metrics` is served as text format 0.0.4. "
         "A field a device cannot give (NVML NOT_SUPPORTED) is left out for that device, never sent as a "
-        "sentinel value.\n",
+        "sentinel value. *value* is DCGM's storage type, which sets the value text as dcgm-exporter prints "
+        "it: int64 whole (`42`), double with six decimals (`52.636000`); label fields become labels "
+        "(sorted by name) on every series of the device. A MIG-enabled GPU appears as its GPU instances "
+        "(`--mig-layout dcgm`, the default) or as itself plus its instances (`--mig-layout parent`).\n",
         "Default set: dcgm-exporter's `default-counters.csv` plus the health fields dcgm-exporter ships "
         "commented out. DCP fields marked *not available* are skipped with one warning each at start-up.\n",
         "## DCGM fields\n",
-        "| field | DCGM id | type | default | scope | read through | NVML unit → exported | help |",
-        "|---|---|---|---|---|---|---|---|",
+        "| field | DCGM id | type | value | default | scope | read through | NVML unit → exported | help |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for f in CATALOGUE:
         default = "dcgm default" if f.name in DCGM_DEFAULT_SET else ("health" if f.name in HEALTH_SET else "opt-in")
@@ -98,10 +101,17 @@ def metrics_md() -> str:
         if f.scale != 1.0:
             unit += f" * {f.scale:g}"
         out.append(
-            f"| `{f.name}` | {f.dcgm_id if f.dcgm_id is not None else '-'} | {f.type} | {default} | {scope} | "
+            f"| `{f.name}` | {f.dcgm_id if f.dcgm_id is not None else '-'} | {f.type} | {f.value_type} | {default} | "
+            f"{scope} | "
             f"{_how(f.reader, f.fi)} | {unit} | {f.help} |"
         )
-    out += ["", "Accepted aliases in counters files: " + ", ".join(f"`{a}` → `{n}`" for a, n in ALIASES.items()), ""]
+    out += [
+        "",
+        "Counters files may also name a field by any other DCGM spelling (current, deprecated, go-dcgm's "
+        "legacy `dcgm_*` names, e.g. " + ", ".join(f"`{a}` → `{n}`" for a, n in ALIASES.items()) + "); the "
+        "family keeps the file's spelling. A DCGM field this table does not hold is skipped with one warning.",
+        "",
+    ]
     out += [
         "`DCGM_FI_DEV_XID_ERRORS` is the last XID per GPU (0 before the first) with `err_code` and `err_msg` "
         "labels; alert on `gpuhealth_xid_errors_total` instead, which counts every XID and survives restarts.\n",
