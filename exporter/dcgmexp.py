@@ -25,8 +25,9 @@ gets one series of value 0 without the `xid`/`clock_event` label; a device whose
 the window had no known reason bit set gets no series at all (upstream records the device, then
 finds nothing to count). Devices are taken as dcgm-exporter's flexible mode (`-d f`) takes them: a
 GPU's MIG instances when the snapshot has any (each with its parent GPU's counts, as upstream
-counts per GPU), else the GPU; under `--mig-layout parent`, the GPUs. The health status is per GPU, every GPU found (upstream's health
-group holds every supported GPU, whatever `-d` selects). Pod labels are not added.
+counts per GPU), else the GPU; under `--mig-layout parent`, the GPUs. The health status is per GPU,
+every GPU found (upstream's health group holds every supported GPU, whatever `-d` selects). Pod
+labels are not added (upstream's pod mapper labels these families too: not done yet).
 
 Upstream facts (NVIDIA/dcgm-exporter d5e5f510, DCGM as mirrored): dcgm-exporter
 internal/pkg/collector/expcollector.go, clock_events_collector.go, xid_collector.go,
