@@ -36,7 +36,7 @@ def fakenvml_build() -> FakeNvmlBuild:
         lib=FAKENVML_DIR / "build" / "libnvidia-ml.so.1",
         old_lib=FAKENVML_DIR / "build" / "old" / "libnvidia-ml.so.1",
     )
-    for path in (build.lib, build.old_lib):
+    for path in (build.lib, build.old_lib, build.r418_lib):
         if not path.is_file():
             pytest.fail(f"make succeeded but {path} is missing", False)
     return build

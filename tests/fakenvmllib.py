@@ -21,9 +21,9 @@ SCENARIOS_DIR = FAKENVML_DIR / "scenarios"
 @dataclass(frozen=True)
 class FakeNvmlBuild:
     lib: Path  # current-driver fake
-    old_lib: Path  # built with -DFAKE_OLD_DRIVER: the newer symbols are absent
-    # built with -DFAKE_R470: exactly what an R470 libnvidia-ml.so exports (README.md: Build)
-    r470_lib: Path = FAKENVML_DIR / "build" / "r470" / "libnvidia-ml.so.1"
+    old_lib: Path  # built with -DFAKE_OLD_DRIVER: exactly what an R470 libnvidia-ml.so exports
+    # built with -DFAKE_PRE_R450: before R450, without the _v2/_v3 forms (the exporter's oldest fallbacks)
+    r418_lib: Path = FAKENVML_DIR / "build" / "r418" / "libnvidia-ml.so.1"
 
 
 def load_scenario(name: str) -> dict[str, Any]:
@@ -44,10 +44,10 @@ class FakeNvml:
         self.control_path = tmp_path / "fakenvml-control.jsonl"
         self.lib_path = build.lib
 
-    def use(self, scenario: str | dict[str, Any], *, old_driver: bool = False, r470: bool = False) -> str:
+    def use(self, scenario: str | dict[str, Any], *, old_driver: bool = False, pre_r450: bool = False) -> str:
         """Select a scenario (shipped name or dict); returns the library path to load.
 
-        `old_driver`: build/old (the exporter's fallbacks); `r470`: build/r470 (an R470 driver's symbols).
+        `old_driver`: build/old (an R470 driver's symbols); `pre_r450`: build/r418 (no _v2/_v3 forms).
         Takes effect at the next nvmlInit after a full shutdown.
         """
         data = load_scenario(scenario) if isinstance(scenario, str) else scenario
@@ -55,7 +55,7 @@ class FakeNvml:
         self.control_path.write_text("", encoding="utf-8")
         self._monkeypatch.setenv("FAKENVML_CONFIG", str(self.config_path))
         self._monkeypatch.setenv("FAKENVML_CONTROL", str(self.control_path))
-        self.lib_path = self.build.r470_lib if r470 else self.build.old_lib if old_driver else self.build.lib
+        self.lib_path = self.build.r418_lib if pre_r450 else self.build.old_lib if old_driver else self.build.lib
         return str(self.lib_path)
 
     def control(self, op: str, **fields: Any) -> None:

@@ -6,24 +6,25 @@
  * unlocks through OUT()). Hangs wait on a condition variable, so a hung call
  * never holds the lock and blocks only its own thread.
  *
- * Built with -DFAKE_OLD_DRIVER, the newer symbols listed in README.md are
- * not compiled in, so a binding sees FunctionNotFound exactly as with an old
- * driver. -DFAKE_R470 (build/r470) is the same old driver with exactly the
- * symbol set of an R470 libnvidia-ml.so (NVML 11.4 nvml.h): it keeps the
- * _v2/_v3 forms NVML declares since R450 (HAVE_R450_SYMS), which build/old
- * drops so that the exporter's fallbacks for them stay tested.
+ * Built with -DFAKE_OLD_DRIVER (build/old), the library has exactly the symbol
+ * set of an R470 libnvidia-ml.so (NVML 11.4 nvml.h): the newer symbols listed
+ * in README.md are not compiled in, so a binding sees FunctionNotFound exactly
+ * as with that driver. -DFAKE_PRE_R450 (build/r418) also drops the _v2/_v3
+ * forms NVML declares since R450 (HAVE_R450_SYMS), so that the exporter's
+ * fallbacks for drivers older than R450 stay tested.
  */
 #define _GNU_SOURCE
 #include "state.h"
 
-#if defined(FAKE_R470) && !defined(FAKE_OLD_DRIVER)
+#if defined(FAKE_PRE_R450) && !defined(FAKE_OLD_DRIVER)
 #define FAKE_OLD_DRIVER
 #endif
-#if !defined(FAKE_OLD_DRIVER) || defined(FAKE_R470)
+#ifndef FAKE_PRE_R450
 #define HAVE_R450_SYMS 1
 #endif
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -344,6 +345,73 @@ EXPORT nvmlReturn_t nvmlDeviceGetName(void *device, char *name, unsigned int len
     else
         snprintf(buf, sizeof(buf), "%s", T.d->name);
     OUT(copy_str(name, length, buf));
+}
+
+/* Label-field facts: a string the scenario leaves empty is NOT_SUPPORTED, as on boards without it. */
+static nvmlReturn_t fact_str(char *dst, unsigned len, const char *value)
+{
+    return value[0] ? copy_str(dst, len, value) : NVML_ERROR_NOT_SUPPORTED;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetSerial(void *device, char *serial, unsigned int length)
+{
+    ENTER(device, 0);
+    OUT(fact_str(serial, length, T.d->serial));
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetVbiosVersion(void *device, char *version, unsigned int length)
+{
+    ENTER(device, 0);
+    OUT(fact_str(version, length, T.d->vbios));
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetInforomVersion(void *device, int object, char *version, unsigned int length)
+{
+    ENTER(device, 0);
+    const char *value = object == 0 ? T.d->inforom_oem : object == 1 ? T.d->inforom_ecc
+                      : object == 2 ? T.d->inforom_power : "";
+    OUT(fact_str(version, length, value));
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetInforomImageVersion(void *device, char *version, unsigned int length)
+{
+    ENTER(device, 0);
+    OUT(fact_str(version, length, T.d->inforom_image));
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetBrand(void *device, int *brand)
+{
+    ENTER(device, 0);
+    if (brand == NULL)
+        OUT(NVML_ERROR_INVALID_ARGUMENT);
+    if (T.d->brand < 0)
+        OUT(NVML_ERROR_NOT_SUPPORTED);
+    *brand = T.d->brand;
+    OUT(NVML_SUCCESS);
+}
+
+/* nvmlDeviceAttributes_t (nvml.h); NVML answers it for MIG device handles only. */
+typedef struct {
+    unsigned int multiprocessorCount, sharedCopyEngineCount, sharedDecoderCount, sharedEncoderCount;
+    unsigned int sharedJpegCount, sharedOfaCount, gpuInstanceSliceCount, computeInstanceSliceCount;
+    unsigned long long memorySizeMB;
+} fake_attributes;
+
+EXPORT nvmlReturn_t nvmlDeviceGetAttributes_v2(void *device, fake_attributes *attrs)
+{
+    ENTER(device, F_MIG_OK);
+    if (attrs == NULL)
+        OUT(NVML_ERROR_INVALID_ARGUMENT);
+    if (!T.m)
+        OUT(NVML_ERROR_NOT_SUPPORTED);
+    unsigned slices = (unsigned)strtoul(T.m->profile, NULL, 10); /* "3g.40gb" -> 3 */
+    memset(attrs, 0, sizeof(*attrs));
+    attrs->multiprocessorCount = slices * 16;
+    attrs->sharedCopyEngineCount = slices;
+    attrs->gpuInstanceSliceCount = slices;
+    attrs->computeInstanceSliceCount = slices;
+    attrs->memorySizeMB = T.m->mem_total >> 20;
+    OUT(NVML_SUCCESS);
 }
 
 EXPORT nvmlReturn_t nvmlDeviceGetIndex(void *device, unsigned int *index)

@@ -483,6 +483,23 @@ static void apply_device(fake_dev *d, const cJSON *j)
     }
     if ((x = cJSON_GetObjectItemCaseSensitive(j, "processes")))
         d->nproc = parse_procs(x, d->procs, MAX_PROCS);
+    if ((x = cJSON_GetObjectItemCaseSensitive(j, "serial")) && cJSON_IsString(x))
+        snprintf(d->serial, sizeof(d->serial), "%s", x->valuestring);
+    if ((x = cJSON_GetObjectItemCaseSensitive(j, "vbios")) && cJSON_IsString(x))
+        snprintf(d->vbios, sizeof(d->vbios), "%s", x->valuestring);
+    if ((x = cJSON_GetObjectItemCaseSensitive(j, "brand")) && cJSON_IsNumber(x))
+        d->brand = x->valueint;
+    const cJSON *inforom = cJSON_GetObjectItemCaseSensitive(j, "inforom");
+    if (cJSON_IsObject(inforom)) {
+        if ((x = cJSON_GetObjectItemCaseSensitive(inforom, "oem")) && cJSON_IsString(x))
+            snprintf(d->inforom_oem, sizeof(d->inforom_oem), "%s", x->valuestring);
+        if ((x = cJSON_GetObjectItemCaseSensitive(inforom, "ecc")) && cJSON_IsString(x))
+            snprintf(d->inforom_ecc, sizeof(d->inforom_ecc), "%s", x->valuestring);
+        if ((x = cJSON_GetObjectItemCaseSensitive(inforom, "power")) && cJSON_IsString(x))
+            snprintf(d->inforom_power, sizeof(d->inforom_power), "%s", x->valuestring);
+        if ((x = cJSON_GetObjectItemCaseSensitive(inforom, "image")) && cJSON_IsString(x))
+            snprintf(d->inforom_image, sizeof(d->inforom_image), "%s", x->valuestring);
+    }
     if ((x = cJSON_GetObjectItemCaseSensitive(j, "supported_events")) && cJSON_IsNumber(x)) {
         d->supported_events = (unsigned long long)x->valuedouble;
         d->supported_events_set = 1;
@@ -635,6 +652,13 @@ nvmlReturn_t load_config_locked(void)
         d->persistence = 1; /* GPU nodes run nvidia-persistenced */
         d->cc_major = 9;
         d->cc_minor = 0;
+        /* An H100 SXM board's facts as nvidia-smi -q shows them; the serial differs per GPU. */
+        snprintf(d->serial, sizeof(d->serial), "16509230%05d", 1000 + g_ndev);
+        snprintf(d->vbios, sizeof(d->vbios), "96.00.99.00.01");
+        snprintf(d->inforom_oem, sizeof(d->inforom_oem), "2.1");
+        snprintf(d->inforom_ecc, sizeof(d->inforom_ecc), "7.16");
+        snprintf(d->inforom_image, sizeof(d->inforom_image), "G520.0200.00.05");
+        d->brand = 14; /* NVML_BRAND_NVIDIA; no power inforom object on H100: NOT_SUPPORTED */
         for (int s = 0; s < S_COUNT; s++)
             d->v[s].kind = V_NONE;
         if (cJSON_IsObject(defaults))

@@ -134,6 +134,9 @@ typedef struct {
     int nvlink_version;
     int persistence, display_mode, display_active, compute_mode;
     int cc_major, cc_minor;
+    /* Static facts for label fields: "" (brand -1) means the call answers NOT_SUPPORTED. */
+    char serial[32], vbios[32], inforom_oem[16], inforom_ecc[16], inforom_power[16], inforom_image[32];
+    int brand;
     fake_proc procs[MAX_PROCS];
     int nproc;
     int lost, vanished;

@@ -22,15 +22,19 @@ from exporter.nvml import NvmlBackend
 SCENARIOS = Path(__file__).resolve().parent.parent / "fakenvml" / "scenarios"
 POLLED = [spec for spec in CATALOGUE if is_polled(spec)]
 GPU_SCOPE_FIELDS = [spec for spec in POLLED if spec.scope == "gpu"]
+# Symbols newer than R470 (NVML 11.4): build/old lacks them.
 NEW_SYMBOLS = (
+    "nvmlDeviceGetTemperatureV",
+    "nvmlDeviceGetMemoryInfo_v2",
+    "nvmlDeviceGetCurrentClocksEventReasons",
+    "nvmlDeviceGetNumaNodeId",
+)
+# The forms NVML has declared since R450 (an R470 driver has them): build/r418 lacks them.
+R450_SYMBOLS = (
     "nvmlDeviceGetCount_v2",
     "nvmlDeviceGetHandleByIndex_v2",
     "nvmlDeviceGetPciInfo_v3",
-    "nvmlDeviceGetTemperatureV",
-    "nvmlDeviceGetMemoryInfo_v2",
     "nvmlEventSetWait_v2",
-    "nvmlDeviceGetCurrentClocksEventReasons",
-    "nvmlDeviceGetNumaNodeId",
 )
 
 
@@ -49,8 +53,8 @@ def start(fake_nvml: Any) -> Iterator[Callable[..., NvmlBackend]]:
     """start(scenario, old_driver=False) -> a started NvmlBackend on the fake; shut down after the test."""
     backends: list[NvmlBackend] = []
 
-    def _start(which: str | dict[str, Any], old_driver: bool = False) -> NvmlBackend:
-        lib = fake_nvml.use(which, old_driver=old_driver)
+    def _start(which: str | dict[str, Any], old_driver: bool = False, pre_r450: bool = False) -> NvmlBackend:
+        lib = fake_nvml.use(which, old_driver=old_driver, pre_r450=pre_r450)
         backend = NvmlBackend(lib)
         backend.start()
         backends.append(backend)
@@ -108,8 +112,8 @@ def test_discovery_consumer(start: Callable[..., NvmlBackend]) -> None:
     assert inv.nvlink_pairs == frozenset()
 
 
-def test_discovery_old_driver_uses_fallbacks(start: Callable[..., NvmlBackend], fake_nvml: Any) -> None:
-    backend = start("olddriver", old_driver=True)
+def test_discovery_pre_r450_driver_uses_fallbacks(start: Callable[..., NvmlBackend], fake_nvml: Any) -> None:
+    backend = start("olddriver", pre_r450=True)
     inv = backend.discover()
     assert inv.driver_version == "470.256.02"
     assert [g.name for g in inv.gpus] == ["Tesla V100-SXM2-16GB"] * 2
@@ -638,8 +642,8 @@ def test_event_mask_follows_supported_types(start: Callable[..., NvmlBackend], f
         source.close()
 
 
-def test_old_driver_events(start: Callable[..., NvmlBackend], fake_nvml: Any) -> None:
-    backend = start("olddriver", old_driver=True)
+def test_pre_r450_driver_events(start: Callable[..., NvmlBackend], fake_nvml: Any) -> None:
+    backend = start("olddriver", pre_r450=True)  # nvmlEventSetWait v1: no instance ids
     inv = backend.discover()
     source = backend.open_events(inv)
     try:
@@ -661,11 +665,16 @@ def test_old_driver_events(start: Callable[..., NvmlBackend], fake_nvml: Any) ->
 def test_old_driver_build_lacks_new_symbols(fakenvml_build: Any) -> None:
     new = ctypes.CDLL(str(fakenvml_build.lib))
     old = ctypes.CDLL(str(fakenvml_build.old_lib))
+    r418 = ctypes.CDLL(str(fakenvml_build.r418_lib))
     for symbol in NEW_SYMBOLS:
         assert hasattr(new, symbol), symbol
         assert not hasattr(old, symbol), symbol
+        assert not hasattr(r418, symbol), symbol
+    for symbol in R450_SYMBOLS:  # an R470 driver has them (NVML 11.4's nvml.h declares them)
+        assert hasattr(new, symbol) and hasattr(old, symbol), symbol
+        assert not hasattr(r418, symbol), symbol
     for symbol in ("nvmlInitWithFlags", "nvmlDeviceGetCount", "nvmlDeviceGetHandleByIndex", "nvmlEventSetWait"):
-        assert hasattr(old, symbol), symbol
+        assert hasattr(old, symbol) and hasattr(r418, symbol), symbol
 
 
 def test_loads_through_ld_library_path_in_a_subprocess(fake_nvml: Any) -> None:

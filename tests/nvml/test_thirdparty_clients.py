@@ -2,7 +2,7 @@
 
 Each runs as a subprocess on every shipped scenario (LD_LIBRARY_PATH at the fake, FAKENVML_CONFIG at the
 scenario) and must print values that come from the scenario: names, memory, temperature, persistence mode,
-processes with their memory, NVLink link counts. olddriver.json runs on build/r470, the symbol set the
+processes with their memory, NVLink link counts. olddriver.json runs on build/old, the symbol set the
 clients meet on an R470 node.
 
 The scenario's process ids are replaced by ids of live `sleep` processes the test starts: gpustat drops
@@ -158,7 +158,7 @@ def run(request: pytest.FixtureRequest, fake_nvml: FakeNvml) -> Iterator[Run]:
                 proc["pid"] = sleeper.pid
         gpus = expected(scenario)
         assert any(g.procs for g in gpus), f"{name}: the scenario lists no processes"
-        fake_nvml.use(scenario, r470=name in R470)
+        fake_nvml.use(scenario, old_driver=name in R470)
         env = fake_nvml.env()
         env.update(COLUMNS="200", LINES="100", TERM="xterm", PYTHONUNBUFFERED="1")
         yield Run(name, gpus, env)
