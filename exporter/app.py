@@ -102,7 +102,7 @@ class App:
         )
         self.pods = self._make_pods()
         self.ctx = RenderContext(cfg.host_label, hostname())
-        self.renderer = Renderer(self.ctx, self.xids, self.backend.name, pods=self.pods)
+        self.renderer = Renderer(self.ctx, self.xids, self.backend.name, pods=self.pods, mig_layout=cfg.mig_layout)
         self.events = EventPump(self.backend, lambda: self.collector.inventory, self.collector.request_rediscovery)
         self.plugin: DevicePluginManager | None = None
         self.node_status: NodeStatusReporter | None = None
