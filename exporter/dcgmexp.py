@@ -48,9 +48,10 @@ from collections.abc import Callable, Iterable, Sequence
 import structlog
 
 from exporter.counters import CounterSet, ExporterCounter
-from exporter.fields import FieldSpec, Label
+from exporter.entities import dcgm_targets
+from exporter.fields import FieldSpec
 from exporter.health.verdict import HealthState, HealthView, Reason
-from exporter.labels import MigLayout, RenderContext, escape_help, format_labels
+from exporter.labels import MigLayout, RenderContext, escape_help, format_labels, label_field_values
 from exporter.model import Inventory
 from exporter.snapshot import DeviceSample, Snapshot
 from exporter.xid import XidTracker
@@ -366,44 +367,15 @@ _RENDER: dict[str, _Render] = {
 
 
 def label_fields(fields: Sequence[FieldSpec], sample: DeviceSample, inventory: Inventory) -> dict[str, str]:
-    """The counters file's label fields and this device's values for them (dcgm-exporter copies its
-    label counters onto these families: pkg/cmd/app.go getCounters). The values are the DCGM
-    block's (Renderer._label_fields in exporter/render.py); a label without a value is left out."""
-    out: dict[str, str] = {}
-    for spec in fields:
-        if spec.type != "label":
-            continue
-        source = spec.reader.source if isinstance(spec.reader, Label) else ""
-        if source == "driver_version":
-            value: str | None = inventory.driver_version
-        elif source == "nvml_version":
-            value = inventory.nvml_version
-        else:
-            value = sample.gpu.attribute(source)
-        if value:
-            out[spec.metric_name] = value
-    return out
+    """The counters file's label fields and this device's values for them, as the DCGM block writes
+    them (dcgm-exporter copies its label counters onto these families: pkg/cmd/app.go getCounters)."""
+    return dict(label_field_values(fields, sample.gpu, inventory))
 
 
 def window_entities(snapshot: Snapshot, mig_layout: MigLayout) -> list[DeviceSample]:
-    """The samples with a window-count series, counted per GPU.
-
-    dcgm layout (dcgm-exporter's flexible `-d f`): a GPU's MIG instances when any is collected, else
-    the GPU. parent layout: the GPUs, which carry every GPU-wide series there. One series per GPU
-    instance either way (a second compute instance would repeat its labels), as the DCGM block."""
-    if mig_layout == "parent":
-        return [s for s in snapshot.samples if s.mig is None]
-    with_instances = {s.gpu.uuid for s in snapshot.samples if s.mig is not None}
-    out: list[DeviceSample] = []
-    seen: set[tuple[str, int]] = set()
-    for s in snapshot.samples:
-        if s.mig is None:
-            if s.gpu.uuid not in with_instances:
-                out.append(s)
-        elif (s.gpu.uuid, s.mig.gpu_instance_id) not in seen:
-            seen.add((s.gpu.uuid, s.mig.gpu_instance_id))
-            out.append(s)
-    return out
+    """The samples with a window-count series, counted per GPU: the devices that carry every field
+    in the DCGM block (a GPU's instances under the dcgm layout, the GPUs under the parent layout)."""
+    return [t.sample for t in dcgm_targets(snapshot.samples, mig_layout) if t.all_fields]
 
 
 def _join(base: str, extra: dict[str, str]) -> str:

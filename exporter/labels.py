@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from exporter.fields import FieldSpec, Label
 from exporter.model import Gpu, Inventory, MigDevice
 
 # How a MIG-enabled GPU appears in the DCGM families (`--mig-layout`):
@@ -24,6 +25,26 @@ def escape_label_value(value: str) -> str:
     if "\\" in value or '"' in value or "\n" in value:
         value = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return value
+
+
+def label_field_values(fields: Iterable[FieldSpec], gpu: Gpu, inventory: Inventory) -> list[tuple[str, str]]:
+    """The label-type fields of a counters file as (label name, value) for one GPU (a MIG instance
+    takes its GPU's), sorted by name as dcgm-exporter's template writes its label map. A fact the
+    GPU cannot give is left out: no label, not an empty one."""
+    pairs: list[tuple[str, str]] = []
+    for spec in fields:
+        if spec.type != "label":
+            continue
+        source = spec.reader.source if isinstance(spec.reader, Label) else ""
+        if source == "driver_version":
+            value: str | None = inventory.driver_version
+        elif source == "nvml_version":
+            value = inventory.nvml_version
+        else:
+            value = gpu.attribute(source)
+        if value:
+            pairs.append((spec.metric_name, value))
+    return sorted(pairs)
 
 
 def escape_help(text: str) -> str:

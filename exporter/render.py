@@ -4,9 +4,11 @@ prometheus_client cannot serve DCGM's families (it appends `_total` to
 counters and sorts labels), and rendering per scrape is what makes
 dcgm-exporter slow. So the exposition is built here once per cycle, from
 label prefixes escaped once per device, and every scrape gets the same bytes.
+Values are written as dcgm-exporter writes them (int64 fields whole, doubles with
+six decimals), on the devices `exporter.entities.dcgm_targets` picks for the MIG layout.
 
-The exposition is made of parts (the DCGM block, the XID count family, the
-core families, each contributor), each rendered in isolation as node_exporter
+The exposition is made of parts (the DCGM block, the core families, each
+contributor such as the DCGM_EXP_* families), each rendered in isolation as node_exporter
 isolates its collectors: a part that raises is logged and its last good text
 served, so one broken contributor cannot freeze every other family.
 `gpuhealth_render_success{part=...}` says which parts are current.
@@ -27,11 +29,12 @@ import prometheus_client
 import structlog
 
 from exporter import __version__
+from exporter.entities import Target, dcgm_targets
 from exporter.family import DEVICE_LABELS, Family
-from exporter.fields import Event, FieldSpec, Label
-from exporter.labels import MigLayout, RenderContext, escape_help, format_labels
+from exporter.fields import Event, FieldSpec
+from exporter.labels import MigLayout, RenderContext, escape_help, format_labels, label_field_values
 from exporter.logs import Reminder
-from exporter.snapshot import DeviceSample, Snapshot
+from exporter.snapshot import Snapshot
 from exporter.xid import XidTracker
 
 log = structlog.get_logger("exporter.render")
@@ -172,15 +175,6 @@ def format_double(value: float) -> str:
 _FORMATS: dict[str, Callable[[float], str]] = {"int64": format_int64, "double": format_double}
 
 
-@dataclass(frozen=True)
-class _Target:
-    """One device the DCGM block has series for."""
-
-    sample: DeviceSample
-    all_fields: bool  # every field (a GPU; a GPU instance under the dcgm layout), else instance-scope ones
-    parent_uuid: str | None  # where a GPU instance's GPU-wide values come from (dcgm layout)
-
-
 class Renderer:
     def __init__(
         self,
@@ -217,49 +211,7 @@ class Renderer:
         return self._current
 
     # --- the DCGM block ---
-    def _targets(self, snapshot: Snapshot) -> list[_Target]:
-        """The devices with DCGM series, in snapshot order.
-
-        dcgm layout (dcgm-exporter's `-d f`): a MIG-enabled GPU with GPU instances is watched only
-        as its instances, each with every field (GPU-wide values are the parent's), and has no
-        series of its own. parent layout: the GPU has its series and its instances carry only the
-        instance-scope fields. Either way one series per GPU instance: a second compute instance
-        of the same GPU instance would repeat its labels."""
-        live = [s for s in snapshot.samples if s.up]
-        with_instances = {s.gpu.uuid for s in live if s.mig is not None}
-        dcgm = self.mig_layout == "dcgm"
-        targets: list[_Target] = []
-        seen_instances: set[tuple[str, int]] = set()
-        for s in live:
-            if s.mig is None:
-                if dcgm and s.gpu.mig_enabled and s.gpu.uuid in with_instances:
-                    continue
-                targets.append(_Target(s, True, None))
-                continue
-            instance = (s.gpu.uuid, s.mig.gpu_instance_id)
-            if instance in seen_instances:
-                continue
-            seen_instances.add(instance)
-            targets.append(_Target(s, dcgm, s.gpu.uuid if dcgm else None))
-        return targets
-
-    def _label_fields(self, snapshot: Snapshot, sample: DeviceSample, labels: Sequence[FieldSpec]) -> str:
-        """Label-type fields as labels, sorted by name as dcgm-exporter's template writes its map."""
-        inventory = snapshot.inventory
-        pairs: list[tuple[str, str]] = []
-        for spec in labels:
-            source = spec.reader.source if isinstance(spec.reader, Label) else ""
-            if source == "driver_version":
-                value: str | None = inventory.driver_version
-            elif source == "nvml_version":
-                value = inventory.nvml_version
-            else:
-                value = sample.gpu.attribute(source)
-            if value:
-                pairs.append((spec.metric_name, value))
-        return format_labels(sorted(pairs))
-
-    def _series_heads(self, target: _Target, label_fields: str) -> list[str]:
+    def _series_heads(self, target: Target, label_fields: str) -> list[str]:
         """Label strings (inside braces) for each series of one device."""
         sample = target.sample
         base = self.ctx.dcgm_labels(sample.uuid)
@@ -279,10 +231,14 @@ class Renderer:
     def _plan(self, snapshot: Snapshot, fields: Sequence[FieldSpec]) -> list[_FamilyPlan]:
         """Per field, the series heads of every target device: rebuilt only when the
         layout, the field set or the pod labels change, not every cycle."""
-        targets = self._targets(snapshot)
+        targets = dcgm_targets((s for s in snapshot.samples if s.up), self.mig_layout)
         labels = [f for f in fields if f.type == "label"]
+        inventory = snapshot.inventory
         heads = {
-            t.sample.uuid: tuple(self._series_heads(t, self._label_fields(snapshot, t.sample, labels))) for t in targets
+            t.sample.uuid: tuple(
+                self._series_heads(t, format_labels(label_field_values(labels, t.sample.gpu, inventory)))
+            )
+            for t in targets
         }
         key = (tuple(heads.items()), tuple(fields), tuple((t.sample.uuid, t.parent_uuid) for t in targets))
         if key == self._plan_key:

@@ -1,9 +1,9 @@
 """The XID catalogue: what each XID means, as data. Imports nothing of ours.
 
 Follows /work/shared/reference/xid-catalog.md (NVIDIA's Ampere+ catalogue and the behaviour of peers):
-per XID the default class, the recommended action, a short message and the scope. Both the core
-(`exporter.xid`: dcgm-exporter's `err_msg` label) and the health policy (`exporter.health.policy`:
-classes operators can override) read it.
+per XID the default class, the recommended action, a short message and the scope. The health policy
+(`exporter.health.policy`: classes operators can override) and our own families read it; the DCGM
+families' `err_msg` is dcgm-exporter's wording instead (`exporter.dcgmxid`).
 
 Scope: `whole_gpu` is True when the fault lies in hardware every MIG instance shares (DRAM/ECC/row
 remapping, GSP, the micro-controller, the bus, NVLink, initialisation); engine/context faults

@@ -195,6 +195,22 @@ def test_exclusive_gpus_labels_allocation_and_kubelet_health(
         assert not family(text, "gpuhealth_gpu_allocation_info", pod="p")
 
 
+def test_parent_mig_layout_keeps_gpu_wide_series_without_pods(
+    fakenvml_build: FakeNvmlBuild, tmp_path: Path, kubelet: FakeKubelet
+) -> None:
+    kubelet.set_pods([gpu_pod("big", "ml", [MIG_BY_GI[2]], resource="nvidia.com/mig-3g.40gb")])
+    kubelet.set_allocatable([{"resource_name": "nvidia.com/mig-3g.40gb", "device_ids": [MIG_BY_GI[2]]}])
+    kubelet.start()
+    with exporter_on(fakenvml_build, tmp_path, MIG_SCENARIO, kubelet, "--mig-layout", "parent") as exp:
+        text = exp.wait_for(lambda t: bool(family(t, "DCGM_FI_DEV_FB_USED", pod="big")))
+        # the MIG-enabled GPU's own series are GPU-wide: no pod; its instances carry the per-instance ones
+        parent = dcgm_series_of(text, MIG_GPU0)
+        assert "DCGM_FI_DEV_POWER_USAGE" in parent
+        assert all(s.pod() is None for series in parent.values() for s in series)
+        assert not family(text, "DCGM_FI_DEV_POWER_USAGE", UUID=MIG_GPU0, GPU_I_ID="2")
+        assert [s.pod() for s in family(text, "DCGM_FI_DEV_FB_USED", GPU_I_ID="2")] == [("ml", "big", "c")]
+
+
 def test_mig_pods_label_their_gpu_instance_only(
     fakenvml_build: FakeNvmlBuild, tmp_path: Path, kubelet: FakeKubelet
 ) -> None:
@@ -223,10 +239,12 @@ def test_mig_pods_label_their_gpu_instance_only(
             assert [s.pod() for s in series] == [who], gi
             if who is not None:
                 assert series[0].names == MIG_DEVICE_LABELS + POD_LABELS
-        # the MIG-enabled GPU's own series are GPU-wide: no pod
-        parent = dcgm_series_of(text, MIG_GPU0)
-        assert parent
-        assert all(s.pod() is None for series in parent.values() for s in series)
+        # dcgm-exporter's MIG layout: no series of the MIG-enabled GPU itself; its GPU-wide fields are on
+        # each instance, with that instance's pod
+        assert dcgm_series_of(text, MIG_GPU0) == {}
+        for gi, who in expected.items():
+            series = family(text, "DCGM_FI_DEV_POWER_USAGE", UUID=MIG_GPU0, GPU_I_ID=str(gi))
+            assert [s.pod() for s in series] == [who], gi
         assert pods_on(text, "DCGM_FI_DEV_GPU_UTIL", UUID=MIG_GPU1) == {("ml", "whole", "c")}
         # own families: the MIG device's labels (parent uuid + gpu_i_id); free instances have an empty pod
         alloc = {
