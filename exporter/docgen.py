@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from exporter import dcgmexp
 from exporter.config import FLAGS
 from exporter.family import Family
 from exporter.fields import (
@@ -114,7 +115,23 @@ def metrics_md() -> str:
     ]
     out += [
         "`DCGM_FI_DEV_XID_ERRORS` is the last XID per GPU (0 before the first) with `err_code` and `err_msg` "
-        "labels; alert on `gpuhealth_xid_errors_total` instead, which counts every XID and survives restarts.\n",
+        "labels (`err_msg` in dcgm-exporter's wording, `Unknown Error` for codes outside its table); alert on "
+        "`gpuhealth_xid_errors_total` instead, which counts every XID and survives restarts.\n",
+        "## dcgm-exporter's own families (`DCGM_EXP_*`)\n",
+        "Served only when the counters file lists them, with the file's TYPE and HELP, on the devices that "
+        "carry every field of the DCGM block, with the file's label fields; a device without events has one "
+        "series of value 0 with `window_size_in_ms` only.\n",
+        f"- `{dcgmexp.XID_ERRORS_COUNT}{{..., window_size_in_ms, xid}}`: XIDs per code within "
+        "`--xid-count-window-size`.",
+        f"- `{dcgmexp.CLOCK_EVENTS_COUNT}{{..., window_size_in_ms, clock_event}}`: collection cycles in "
+        "`--clock-events-count-window-size` whose `DCGM_FI_DEV_CLOCKS_EVENT_REASONS` had the reason's bit set "
+        "(the field is read for it even when the file does not list it).",
+        f"- `{dcgmexp.GPU_HEALTH_STATUS}{{..., health_watch, health_error_code}}`: per GPU and DCGM health "
+        "watch, 0 pass, 10 warn, 20 fail, from our verdicts.",
+        "- `DCGM_EXP_P2P_STATUS`: not served (needs DCGM's per-pair P2P status); the line is skipped with a warning.\n",
+        "```",
+        dcgmexp.HEALTH_MAPPING_DOC,
+        "```\n",
         "## Own metrics (prefix `gpuhealth_`)\n",
         "*device labels* on our own families are the DCGM device labels in Prometheus' snake_case: `gpu, uuid, "
         "pci_bus_id, device, model_name, [gpu_i_profile, gpu_i_id], hostname`, so they pass `promtool check "
