@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.harness import own_families
 from tests.e2e.nvmlnode import GOLDEN, SCENARIOS, NvmlNode, frozen, normalise
+from tests.e2e.test_counters_e2e import all_enabled
 from tests.fakenvmllib import FakeNvmlBuild, load_scenario
 
 
@@ -42,6 +43,28 @@ def test_golden_exposition(scenario: str, fakenvml_build: FakeNvmlBuild, tmp_pat
     assert lint.returncode == 0 and not (lint.stdout + lint.stderr).strip(), lint.stdout + lint.stderr
     got = normalise(text)
     path = GOLDEN / f"{scenario}.prom"
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(got)
+    assert path.exists(), f"no golden file {path}; run with UPDATE_GOLDEN=1 and review it"
+    assert got == path.read_text(), f"exposition differs from {path} (UPDATE_GOLDEN=1 regenerates)"
+
+
+def test_golden_exposition_with_every_upstream_counters_line(fakenvml_build: FakeNvmlBuild, tmp_path: Path) -> None:
+    """dcgm-exporter's default-counters.csv with every commented line enabled (label fields, violations,
+    ECC, NVLink, DCGM_EXP_* families) on the MIG scenario: the whole drop-in exposition, held as a golden."""
+    counters = tmp_path / "default-counters.csv"
+    counters.write_text(all_enabled("default-counters.csv"))
+    node = NvmlNode(fakenvml_build, tmp_path, frozen(load_scenario("mig")), ["-c", "200", "-f", str(counters)])
+    exp = node.exporter
+    try:
+        exp.wait_ready()
+        text = exp.wait_for(lambda t: cycles(t) >= 3)
+    finally:
+        assert exp.stop() == 0
+    list(text_string_to_metric_families(text))
+    # A clock-event count is the number of cycles in the window that had the reason: it grows with uptime.
+    got = re.sub(r"^(DCGM_EXP_CLOCK_EVENTS_COUNT\{[^}]*clock_event=[^}]*\}) \d+$", r"\1 N", normalise(text), flags=re.M)
+    path = GOLDEN / "mig-upstream-counters.prom"
     if os.environ.get("UPDATE_GOLDEN"):
         path.write_text(got)
     assert path.exists(), f"no golden file {path}; run with UPDATE_GOLDEN=1 and review it"
