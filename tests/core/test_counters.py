@@ -18,24 +18,7 @@ from exporter.counters import (
 )
 from exporter.countersfile import MAX_BYTES, read_counters_file, records
 from exporter.fields import CATALOGUE, DCGM_DEFAULT_SET, DCP, HEALTH_SET, FieldSpec, lookup
-
-# Our copies of dcgm-exporter's shipped files (etc/*.csv): the same lines, commented or not.
-UPSTREAM = Path(__file__).resolve().parents[1] / "e2e" / "counters"
-UPSTREAM_FILES = ("default-counters.csv", "dcp-metrics-included.csv", "1.x-compatibility-metrics.csv")
-# A commented line that is a counters line once its leading "# " goes.
-COMMENTED = re.compile(r"^# ([A-Za-z_][A-Za-z0-9_]* *,.*)$")
-
-
-def commented_lines(text: str) -> list[int]:
-    """0-based indexes of the commented counters lines."""
-    return [i for i, line in enumerate(text.split("\n")) if COMMENTED.match(line)]
-
-
-def uncomment(text: str, indexes: list[int]) -> str:
-    lines = text.split("\n")
-    for i in indexes:
-        lines[i] = lines[i][2:]
-    return "\n".join(lines)
+from tests.upstreamcounters import UPSTREAM, UPSTREAM_FILES, commented_lines, uncomment
 
 
 def spec(counters: CounterSet, metric: str) -> FieldSpec:

@@ -5,22 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import pytest
 
 from exporter.counters import parse_counters
 from tests.e2e.harness import ExporterProcess, run_exporter
-
-COUNTERS = Path(__file__).resolve().parent / "counters"
-COMMENTED = re.compile(r"^# ([A-Za-z_][A-Za-z0-9_]* *,.*)$")
-
-
-def all_enabled(name: str) -> str:
-    """The file with every commented counters line enabled (the per-line checks are in tests/core)."""
-    lines = (COUNTERS / name).read_text().split("\n")
-    return "\n".join(line[2:] if COMMENTED.match(line) else line for line in lines)
+from tests.upstreamcounters import all_enabled
 
 
 def log_events(exp: ExporterProcess, event: str) -> list[dict[str, object]]:
