@@ -140,6 +140,7 @@ def test_one_series_per_gpu_instance_with_two_compute_instances() -> None:
     second_ci = dataclasses.replace(gpu1.migs[0], uuid="MIG-1-a2", compute_instance_id=1, slot=2)
     b.inventory = dataclasses.replace(inv, gpus=(inv.gpus[0], dataclasses.replace(gpu1, migs=(*gpu1.migs, second_ci))))
     b.values["MIG-1-a2"] = {"DCGM_FI_DEV_FB_USED": 3000.0}
-    for layout in ("dcgm", "parent"):
-        fb = series(render(b, layout=layout), "DCGM_FI_DEV_FB_USED")  # type: ignore[arg-type]
+    layouts: tuple[MigLayout, ...] = ("dcgm", "parent")
+    for layout in layouts:
+        fb = series(render(b, layout=layout), "DCGM_FI_DEV_FB_USED")
         assert sum('GPU_I_ID="1"' in s for s in fb) == 1, layout

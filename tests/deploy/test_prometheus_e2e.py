@@ -283,6 +283,17 @@ def test_panels_see_pods_mig_and_shared_gpus(scenario: Scenario) -> None:
     assert len(shared) == 1
     per_pod = prom.query(f'DCGM_FI_DEV_GPU_UTIL{{UUID="{scenario.uuids[2]}", pod!=""}}')
     assert {s["metric"]["pod"] for s in per_pod} == {"infer-a", "infer-b", "infer-c"}
+    # GPU 6 is in HW thermal slowdown all the time: the throttled-time panel reads about 1 (the violation
+    # counters count ns, so a wrong unit would read 1000x off)
+    throttled = [
+        expr
+        for key, (expr, _instant, _legend) in dashboard_queries().items()
+        if "/Time throttled" in key and "THERMAL_VIOLATION" in expr
+    ]
+    assert len(throttled) == 1
+    values = {**GRAFANA_VALUES, "$node": "node-a"}
+    fraction = prom.query(substitute_grafana_vars(throttled[0], values, ALL_VALUE).replace("{", '{gpu="6",', 1))
+    assert len(fraction) == 1 and 0.5 <= float(fraction[0]["value"][1]) <= 1.05, fraction
     hosts = {s["metric"]["Hostname"] for s in prom.query("DCGM_FI_DEV_GPU_TEMP")}
     assert hosts == {"node-a", "node-b", "node-c"}
 

@@ -172,16 +172,16 @@ def health() -> dict[str, Any]:
         "Time throttled (thermal / power violations)",
         [
             target(
-                f"max by ({DEV}) (rate(DCGM_FI_DEV_THERMAL_VIOLATION{{{N}}}[$__rate_interval])) / 1000000",
+                f"max by ({DEV}) (rate(DCGM_FI_DEV_THERMAL_VIOLATION{{{N}}}[$__rate_interval])) / 1e9",
                 GPU_LEGEND + " thermal",
             ),
             target(
-                f"max by ({DEV}) (rate(DCGM_FI_DEV_POWER_VIOLATION{{{N}}}[$__rate_interval])) / 1000000",
+                f"max by ({DEV}) (rate(DCGM_FI_DEV_POWER_VIOLATION{{{N}}}[$__rate_interval])) / 1e9",
                 GPU_LEGEND + " power",
             ),
         ],
         "percentunit",
-        description="Violation counters are in microseconds: rate / 1e6 = fraction of time.",
+        description="Violation counters are in nanoseconds (as DCGM's): rate / 1e9 = fraction of time.",
     )
     reasons = [("SW power cap", 4), ("HW slowdown", 8), ("SW thermal", 32), ("HW thermal", 64), ("HW power brake", 128)]
     b.add(
