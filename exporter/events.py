@@ -129,6 +129,7 @@ class EventPump:
     def _run(self) -> None:
         backoff = BACKOFF_START_S
         quick_rebuild = True
+        rebuilt_for_layout = False
         while not self._stop.is_set():
             inventory = self._inventory()
             if inventory is None or not inventory.gpus:
@@ -142,6 +143,11 @@ class EventPump:
                     log.info("event_set_recovered", registered=len(registered))
                 self.last_error = "" if registered else "registration failed on every GPU"
                 self._set_monitored(registered)
+                if rebuilt_for_layout and registered:
+                    # A MIG reconfiguration between the layout change and this registration had no set
+                    # to be delivered to: enumerate once more now that one is listening.
+                    rebuilt_for_layout = False
+                    self._on_layout_change()
                 missing = sorted(g.uuid for g in inventory.gpus if g.uuid not in registered)
                 if missing and self._said.due(("incomplete", tuple(missing))):
                     log.warning("event_registration_incomplete", unmonitored=missing, retry_in_s=INCOMPLETE_RETRY_S)
@@ -161,6 +167,7 @@ class EventPump:
                     current = self._inventory()
                     if current is not None and current.layout_key() != layout:
                         log.info("event_set_rebuild", reason="layout changed")
+                        rebuilt_for_layout = True
                         break
             except DeviceLostError as exc:
                 self.last_error = "event wait reported a lost GPU"

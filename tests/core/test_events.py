@@ -98,3 +98,45 @@ def test_a_failing_listener_does_not_stop_delivery() -> None:
         time.sleep(0.02)
     pump.stop()
     assert got and got[0].xid == 79
+
+
+class QuietEvents(ScriptedBackend):
+    """Registers every GPU; its waits never return an event (a MIG change that happens while no set is
+    registered, during a rebuild, is never delivered: the driver only tells the sets that exist)."""
+
+    def __init__(self) -> None:
+        super().__init__(gpus=1)
+        self.opened = threading.Semaphore(0)
+
+    def open_events(self, inventory: Inventory):  # type: ignore[no-untyped-def]
+        self.opened.release()
+
+        class Source:
+            registered = tuple(g.uuid for g in inventory.gpus)
+
+            def wait(self, timeout_s: float) -> list[DeviceEvent]:
+                time.sleep(min(timeout_s, 0.01))
+                return []
+
+            def close(self) -> None: ...
+
+        return Source()
+
+
+def test_a_rebuild_after_a_layout_change_asks_for_rediscovery() -> None:
+    """Between seeing a new layout and registering the new set, a MIG reconfiguration has no set to be
+    delivered to: the pump asks the collector to enumerate again once the new set is registered."""
+    backend = QuietEvents()
+    layouts = [backend.inventory]
+    asked = threading.Event()
+    pump = EventPump(backend, lambda: layouts[-1], asked.set)
+    pump.start()
+    try:
+        assert backend.opened.acquire(timeout=3)
+        assert not asked.wait(0.2)  # the first registration follows a discovery: nothing to ask
+        inv = backend.inventory
+        layouts.append(Inventory(inv.driver_version, (inv.gpus[0].__class__(1, "GPU-00000009", "x", 1, "m"),)))
+        assert backend.opened.acquire(timeout=3)  # rebuilt for the new layout
+        assert asked.wait(3)
+    finally:
+        pump.stop()

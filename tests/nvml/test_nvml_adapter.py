@@ -613,6 +613,7 @@ def test_mig_reconfiguration_event(start: Callable[..., NvmlBackend], fake_nvml:
             "ci": 0,
             "profile": "7g.80gb",
             "uuid": "MIG-aaaaaaaa-0000-5000-8000-000000000001",
+            "memory": {"total": 81559 << 20},  # DCGM's name: 7 slices, ceil(81559 MiB / 1024) GiB
         }
         fake_nvml.control("mig", gpu=0, enabled=True, instances=[layout])
         (event,) = wait_for(source, 1)
