@@ -151,8 +151,13 @@ def bench_render() -> None:
         for _ in range(50):
             clock.now += 1.0
             snaps.append(col.run_once())
+        # The parent MIG layout renders each sample once, as the prometheus_client side does: the same samples.
         renderer = Renderer(
-            RenderContext("Hostname", "node-1"), XidTracker(300, message=str), "simulated", process_registry=None
+            RenderContext("Hostname", "node-1"),
+            XidTracker(300, message=str),
+            "simulated",
+            process_registry=None,
+            mig_layout="parent",
         )
         series = renderer.render_dcgm(snaps[0], counters.fields).count("\n")
         other = _prom_client_registry(snaps, counters.fields)
@@ -169,6 +174,19 @@ def bench_render() -> None:
         report("render", f"{label}: speed-up", f"{theirs / ours:.1f}x")
         full = renderer.render(snaps[-1])
         report("render", f"{label}: exposition bytes (plain / gzip)", f"{len(full.plain)} / {len(full.gzipped)}")
+        if spec:  # the default dcgm layout: every field once per GPU instance, so more lines
+            dcgm = Renderer(
+                RenderContext("Hostname", "node-1"), XidTracker(300, message=str), "simulated", process_registry=None
+            )
+
+            def dcgm_once(
+                i: int, r: Renderer = dcgm, ss: list[Snapshot] = snaps, fs: tuple[FieldSpec, ...] = counters.fields
+            ) -> object:
+                return r.render_dcgm(ss[i % len(ss)], fs)
+
+            dcgm_s, _ = _best_interleaved(dcgm_once, ours_once, 60, 15)
+            lines = dcgm.render_dcgm(snaps[0], counters.fields).count("\n")
+            report("render", f"{label}, --mig-layout dcgm: lines / ours (ms/cycle)", f"{lines} / {dcgm_s * 1e3:.3f}")
 
 
 # --- a running exporter -------------------------------------------------------------------

@@ -34,6 +34,7 @@ from exporter.family import DEVICE_LABELS, Family
 from exporter.fields import Event, FieldSpec
 from exporter.labels import MigLayout, RenderContext, escape_help, format_labels, label_field_values
 from exporter.logs import Reminder
+from exporter.model import Inventory
 from exporter.snapshot import Snapshot
 from exporter.xid import XidTracker
 
@@ -195,7 +196,10 @@ class Renderer:
         self._layout: tuple[object, ...] | None = None
         self._plan_key: object = None
         self._plan_cache: list[_FamilyPlan] = []
-        self._value_text: dict[tuple[int, float], str] = {}
+        self._value_text: dict[Callable[[float], str], dict[float, str]] = {}
+        # Label-field text per device, kept while the inventory and the label fields stay the same.
+        self._label_text_key: tuple[Inventory, Sequence[FieldSpec]] | None = None
+        self._label_text: dict[str, str] = {}
         self._lock = threading.Lock()
         self._current = Exposition(b"", gzip.compress(b""), 0.0)
         self.renders = 0
@@ -228,18 +232,24 @@ class Renderer:
             return [base]
         return [f"{base},{format_labels(pairs)}" if pairs else base for pairs in sets]
 
+    def _label_texts(self, snapshot: Snapshot, fields: Sequence[FieldSpec]) -> dict[str, str]:
+        """GPU UUID -> its label fields as label text; rebuilt only when the inventory or the fields change."""
+        inventory = snapshot.inventory
+        key = (inventory, fields)  # held, not its id: a new inventory can never look like the old one
+        if self._label_text_key is None or key[0] is not self._label_text_key[0] or key[1] != self._label_text_key[1]:
+            labels = [f for f in fields if f.type == "label"]
+            self._label_text = {
+                gpu.uuid: format_labels(label_field_values(labels, gpu, inventory)) for gpu in inventory.gpus
+            }
+            self._label_text_key = key
+        return self._label_text
+
     def _plan(self, snapshot: Snapshot, fields: Sequence[FieldSpec]) -> list[_FamilyPlan]:
         """Per field, the series heads of every target device: rebuilt only when the
         layout, the field set or the pod labels change, not every cycle."""
         targets = dcgm_targets((s for s in snapshot.samples if s.up), self.mig_layout)
-        labels = [f for f in fields if f.type == "label"]
-        inventory = snapshot.inventory
-        heads = {
-            t.sample.uuid: tuple(
-                self._series_heads(t, format_labels(label_field_values(labels, t.sample.gpu, inventory)))
-            )
-            for t in targets
-        }
+        label_text = self._label_texts(snapshot, fields)
+        heads = {t.sample.uuid: tuple(self._series_heads(t, label_text[t.sample.gpu.uuid])) for t in targets}
         key = (tuple(heads.items()), tuple(fields), tuple((t.sample.uuid, t.parent_uuid) for t in targets))
         if key == self._plan_key:
             return self._plan_cache
@@ -271,10 +281,11 @@ class Renderer:
         no_values: dict[str, float] = {}
         # Formatted values of the previous cycle: constants (clocks, limits, zero error
         # counts) repeat every cycle and skip float formatting. Only this cycle's values
-        # are kept, so counters that never repeat cannot grow it. Keyed by (format, value):
+        # are kept, so counters that never repeat cannot grow it. One memo per value format:
         # 52.0 is "52" for an int64 field and "52.000000" for a double one.
-        previous = self._value_text
-        memo: dict[tuple[int, float], str] = {}
+        previous_by_format = self._value_text
+        memo_by_format: dict[Callable[[float], str], dict[float, str]] = {}
+        nothing: dict[float, str] = {}
         out: list[str] = []
         for fam in self._plan(snapshot, fields):
             lines: list[str] = []
@@ -284,16 +295,18 @@ class Renderer:
                     lines += [f"{p},{extra}}} {code}\n" for p in prefixes]
             else:
                 name = fam.name
-                fmt_id = id(fam.format)
+                memo = memo_by_format.get(fam.format)
+                if memo is None:
+                    memo = memo_by_format[fam.format] = {}
+                previous = previous_by_format.get(fam.format, nothing)
                 for uuid, prefixes in fam.devices:
                     value = values.get(uuid, no_values).get(name)
                     if value is None or value != value:  # absent, or NaN: blank in DCGM, never sent
                         continue
-                    key = (fmt_id, value)
-                    text = memo.get(key) or previous.get(key)
+                    text = memo.get(value) or previous.get(value)
                     if text is None:
                         text = "} " + fam.format(value) + "\n"
-                    memo[key] = text
+                    memo[value] = text
                     if len(prefixes) == 1:  # the common case: no pod sharing the device
                         lines.append(prefixes[0] + text)
                     else:
@@ -301,7 +314,7 @@ class Renderer:
             if lines:
                 out.append(fam.header)
                 out += lines
-        self._value_text = memo
+        self._value_text = memo_by_format
         return "".join(out)
 
     # --- own families ---
