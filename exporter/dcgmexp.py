@@ -17,8 +17,11 @@ counters file's label fields (`DCGM_FI_DRIVER_VERSION`) and the family's own lab
 - DCGM_EXP_GPU_HEALTH_STATUS{health_error_code, health_watch}: one series per GPU and DCGM health
   watch system, 0 pass / 10 warn / 20 fail, derived from the health engine's verdicts
   (HEALTH_MAPPING below says how).
-- DCGM_EXP_P2P_STATUS: not supported (it needs the NVLink P2P status of every GPU pair, which our
-  backend does not read); its line is skipped with a warning when the file is loaded.
+- DCGM_EXP_P2P_STATUS{link_status, peer_gpu}: for every GPU and every other GPU (`peer_gpu`, its
+  NVML index), the NVLink P2P status NVML reports between them (`Inventory.p2p_status`, read at
+  discovery: nvmlDeviceGetP2PStatus with NVML_P2P_CAPS_INDEX_NVLINK, as DCGM's
+  CreateNvlinkP2PStatus asks), as the value (nvmlGpuP2PStatus_t) and as dcgm-exporter's
+  `link_status` text (OK, ChipsetNotSupported, ...). A driver that cannot say gives no series.
 
 The two window counts follow dcgm-exporter's expcollector.go: a device with nothing in the window
 gets one series of value 0 without the `xid`/`clock_event` label; a device whose clock samples in
@@ -64,9 +67,17 @@ GPU_HEALTH_STATUS = "DCGM_EXP_GPU_HEALTH_STATUS"
 P2P_STATUS = "DCGM_EXP_P2P_STATUS"
 
 # Lines accepted by the counters file that this exporter cannot serve: skipped with this reason.
-NOT_SUPPORTED: dict[str, str] = {
-    P2P_STATUS: "not supported by this exporter: it needs the NVLink P2P status of every GPU pair "
-    "(nvmlDeviceGetP2PStatus), which the backend does not read",
+NOT_SUPPORTED: dict[str, str] = {}
+
+# nvmlGpuP2PStatus_t -> dcgm-exporter's link_status text (its collector/const.go); others read Unknown.
+P2P_STATUS_TEXT: dict[int, str] = {
+    0: "OK",
+    1: "ChipsetNotSupported",
+    2: "GPUNotSupported",
+    3: "TopologyNotSupported",
+    4: "DisabledByRegKey",
+    5: "NotSupported",
+    6: "Unknown",
 }
 
 CLOCK_REASONS_FIELD = "DCGM_FI_DEV_CLOCKS_EVENT_REASONS"
@@ -357,12 +368,29 @@ class DcgmExpFamilies:
                 lines.append(f"{c.name}{{{_join(base, extra)}}} {value}\n")
         return header(c) + "".join(lines) if lines else ""  # no device, no family
 
+    def _p2p_status(self, ctx: RenderContext, snap: Snapshot, c: ExporterCounter, labels: Labels) -> str:
+        inventory = snap.inventory
+        index = {g.uuid: g.index for g in inventory.gpus}
+        by_gpu: dict[str, list[tuple[int, int]]] = {}
+        for uuid, peer, status in inventory.p2p_status:
+            if uuid in index and peer in index:
+                by_gpu.setdefault(uuid, []).append((index[peer], status))
+        lines: list[str] = []
+        for gpu in inventory.gpus:
+            base = ctx.dcgm_labels(gpu.uuid)
+            fields = label_fields(labels, DeviceSample(gpu, None, {}, up=True), inventory)
+            for peer_index, status in sorted(by_gpu.get(gpu.uuid, ())):
+                extra = {**fields, "link_status": P2P_STATUS_TEXT.get(status, "Unknown"), "peer_gpu": str(peer_index)}
+                lines.append(f"{c.name}{{{_join(base, extra)}}} {status}\n")
+        return header(c) + "".join(lines) if lines else ""  # no pair known, no family
+
 
 _Render = Callable[[DcgmExpFamilies, RenderContext, Snapshot, ExporterCounter, Labels], str]
 _RENDER: dict[str, _Render] = {
     XID_ERRORS_COUNT: DcgmExpFamilies._xid_count,
     CLOCK_EVENTS_COUNT: DcgmExpFamilies._clock_count,
     GPU_HEALTH_STATUS: DcgmExpFamilies._health_status,
+    P2P_STATUS: DcgmExpFamilies._p2p_status,
 }
 
 

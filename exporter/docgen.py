@@ -128,7 +128,9 @@ def metrics_md() -> str:
         "(the field is read for it even when the file does not list it).",
         f"- `{dcgmexp.GPU_HEALTH_STATUS}{{..., health_watch, health_error_code}}`: per GPU and DCGM health "
         "watch, 0 pass, 10 warn, 20 fail, from our verdicts.",
-        "- `DCGM_EXP_P2P_STATUS`: not served (needs DCGM's per-pair P2P status); the line is skipped with a warning.\n",
+        f"- `{dcgmexp.P2P_STATUS}{{..., link_status, peer_gpu}}`: per GPU and every other GPU (`peer_gpu`, its "
+        "index), the NVLink P2P status NVML reports between them (nvmlGpuP2PStatus_t: 0 OK ... 6 unknown), "
+        "with dcgm-exporter's `link_status` text; read at discovery.\n",
         "```",
         dcgmexp.HEALTH_MAPPING_DOC,
         "```\n",

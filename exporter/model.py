@@ -65,6 +65,10 @@ class Inventory:
     nvml_version: str = ""
     # Pairs of GPU UUIDs (sorted within the pair) that are linked by NVLink.
     nvlink_pairs: frozenset[tuple[str, str]] = frozenset()
+    # (GPU UUID, peer GPU UUID, nvmlGpuP2PStatus_t of NVLink P2P between them: 0 OK, 1 chipset not
+    # supported, 2 GPU not supported, 3 topology not supported, 4 disabled by regkey, 5 not supported,
+    # 6 unknown) for every ordered pair the backend could ask about; empty when it cannot ask.
+    p2p_status: tuple[tuple[str, str, int], ...] = ()
 
     def gpu_by_uuid(self, uuid: str) -> Gpu | None:
         for gpu in self.gpus:

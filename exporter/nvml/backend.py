@@ -137,9 +137,13 @@ class NvmlBackend:
         self._require_started()
         gpus = self._discovery.gpus()
         self._gpm.keep_only({g.uuid for g in gpus} | {m.uuid for g in gpus for m in g.migs})
-        pairs = self._discovery.nvlink(gpus)
+        pairs, p2p = self._discovery.nvlink(gpus)
         return Inventory(
-            driver_version=self._driver_version, gpus=tuple(gpus), nvml_version=self._nvml_version, nvlink_pairs=pairs
+            driver_version=self._driver_version,
+            gpus=tuple(gpus),
+            nvml_version=self._nvml_version,
+            nvlink_pairs=pairs,
+            p2p_status=p2p,
         )
 
     # -------------------------------------------------------------- reading

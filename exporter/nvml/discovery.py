@@ -46,6 +46,7 @@ class Discovery:
         self._known: dict[int, Gpu] = {}
         self._nvlink_key: tuple[str, ...] | None = None
         self._nvlink_pairs: frozenset[tuple[str, str]] = frozenset()
+        self._p2p_status: tuple[tuple[str, str, int], ...] = ()
         self._mig_parent: dict[str, tuple[str, int]] = {}  # MIG uuid -> (parent uuid, GPU instance id)
         # Discovery runs every few seconds while a GPU stays unreadable: say it when it starts, then
         # once a minute (replaceable, e.g. with a test clock). index -> the Reminder key of its trouble.
@@ -229,12 +230,15 @@ class Discovery:
             self._handles.update(handles)
         return tuple(migs)
 
-    def nvlink(self, gpus: Sequence[Gpu]) -> frozenset[tuple[str, str]]:
-        """Pairs of GPU UUIDs linked by NVLink (sorted within the pair); cached while the GPUs stay."""
+    def nvlink(self, gpus: Sequence[Gpu]) -> tuple[frozenset[tuple[str, str]], tuple[tuple[str, str, int], ...]]:
+        """Pairs of GPU UUIDs linked by NVLink (sorted within the pair), and the NVLink P2P status of
+        every ordered pair (`Inventory.p2p_status`); cached while the GPUs stay. NVML's answer is the
+        same both ways, so each pair is asked once."""
         key = tuple(g.uuid for g in gpus)
         if key == self._nvlink_key:
-            return self._nvlink_pairs
+            return self._nvlink_pairs, self._p2p_status
         pairs: set[tuple[str, str]] = set()
+        statuses: list[tuple[str, str, int]] = []
         complete = True
         with self._lock:
             handles = [(g.uuid, self._handles.get(g.uuid)) for g in gpus]
@@ -244,17 +248,18 @@ class Discovery:
                     complete = False
                     continue
                 try:
-                    status = pynvml.nvmlDeviceGetP2PStatus(handle_a, handle_b, _P2P_NVLINK)
+                    status = int(pynvml.nvmlDeviceGetP2PStatus(handle_a, handle_b, _P2P_NVLINK))
                 except pynvml.NVMLError as err:
                     if code(err) == FUNCTION_NOT_FOUND:
-                        self._nvlink_key, self._nvlink_pairs = key, frozenset()
-                        return self._nvlink_pairs
+                        self._nvlink_key, self._nvlink_pairs, self._p2p_status = key, frozenset(), ()
+                        return self._nvlink_pairs, self._p2p_status
                     complete = False
                     continue
+                statuses += [(uuid_a, uuid_b, status), (uuid_b, uuid_a, status)]
                 if status == _P2P_OK:
                     a, b = sorted((uuid_a, uuid_b))
                     pairs.add((a, b))
-        result = frozenset(pairs)
+        result = frozenset(pairs), tuple(sorted(statuses))
         if complete:
-            self._nvlink_key, self._nvlink_pairs = key, result
+            self._nvlink_key, (self._nvlink_pairs, self._p2p_status) = key, result
         return result

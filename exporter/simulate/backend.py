@@ -116,6 +116,15 @@ class SimulatedBackend:
             gpus=tuple(gpus),
             nvml_version=f"12.{self.config.driver}",
             nvlink_pairs=pairs,
+            # As NVML answers nvmlDeviceGetP2PStatus(NVLINK): OK where linked, else NOT_SUPPORTED (5).
+            p2p_status=tuple(
+                sorted(
+                    (a.uuid, b.uuid, 0 if tuple(sorted((a.uuid, b.uuid))) in pairs else 5)
+                    for a in gpus
+                    for b in gpus
+                    if a is not b
+                )
+            ),
         )
         self._inventory_cache = (present, inv)
         return inv

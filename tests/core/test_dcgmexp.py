@@ -81,12 +81,13 @@ def snapshot(
     gpus: tuple[Gpu, ...] = (gpu(0), gpu(1)),
     fields: tuple[str, ...] = ("DCGM_FI_DEV_GPU_TEMP",),
     stale: frozenset[str] = frozenset(),
+    p2p: tuple[tuple[str, str, int], ...] = (),
 ) -> Snapshot:
     samples: list[DeviceSample] = []
     for g in gpus:
         samples.append(DeviceSample(g, None, values.get(g.uuid, {}), up=True, stale=g.uuid in stale))
         samples += [DeviceSample(g, m, {}, up=True) for m in g.migs]
-    inv = Inventory(driver_version="570.1", gpus=gpus)
+    inv = Inventory(driver_version="570.1", gpus=gpus, p2p_status=p2p)
     return Snapshot(inv, tuple(samples), 0.0, 0.0, fields=tuple(spec(f) for f in fields))
 
 
@@ -291,13 +292,26 @@ def test_mig_instance_reasons_count_for_their_gpu() -> None:
 # ------------------------------------------------------------------------------- P2P, reload
 
 
-def test_p2p_status_line_is_skipped_with_a_warning() -> None:
+def test_p2p_status_per_gpu_pair_as_dcgm_exporter_writes_it() -> None:
+    """Value nvmlGpuP2PStatus_t, labels peer_gpu (the peer's index) and link_status (upstream's text)."""
+    s = Setup(P2P_LINE)
+    p2p = ((GPU0, GPU1, 0), (GPU1, GPU0, 0))
+    lines = series(s.cycle(p2p=p2p), P2P_STATUS)
+    assert len(lines) == 2
+    assert lines[0].startswith(f'DCGM_EXP_P2P_STATUS{{gpu="0",UUID="{GPU0}"')
+    assert lines[0].endswith(',link_status="OK",peer_gpu="1"} 0')
+    assert lines[1].startswith('DCGM_EXP_P2P_STATUS{gpu="1"') and lines[1].endswith(',link_status="OK",peer_gpu="0"} 0')
+    not_linked = series(s.cycle(p2p=((GPU0, GPU1, 5), (GPU1, GPU0, 5))), P2P_STATUS)
+    assert all(line.endswith('link_status="NotSupported",peer_gpu="1"} 5') for line in not_linked[:1])
+    odd = series(s.cycle(p2p=((GPU0, GPU1, 42),)), P2P_STATUS)
+    assert odd == [odd[0]] and odd[0].endswith('link_status="Unknown",peer_gpu="1"} 42')
+
+
+def test_p2p_status_without_an_answer_from_the_driver_serves_nothing() -> None:
     with capture_logs() as logs:
         s = Setup(P2P_LINE, XID_LINE)
-    warned = [e for e in logs if e["event"] == "counter_skipped"]
-    assert [(e["field"], e["log_level"]) for e in warned] == [(P2P_STATUS, "warning")]
-    assert "not supported by this exporter" in warned[0]["reason"]
-    text = s.cycle()
+    assert not [e for e in logs if e["event"] == "counter_skipped"]
+    text = s.cycle()  # a driver without nvmlDeviceGetP2PStatus: no pair known
     assert "DCGM_EXP_P2P_STATUS" not in text
     assert "DCGM_EXP_XID_ERRORS_COUNT" in text
 

@@ -89,9 +89,12 @@ def test_listed_families_are_served_with_the_files_help(fakenvml_build: FakeNvml
         assert lines(text, "DCGM_EXP_CLOCK_EVENTS_COUNT", gpu="0") == []
         # The field is read for the family but not exported: the file does not list it.
         assert "DCGM_FI_DEV_CLOCKS_EVENT_REASONS" not in text
-        # The P2P line is skipped, saying why.
-        assert "DCGM_EXP_P2P_STATUS" not in text
-        assert "not supported by this exporter" in exp.logs()
+        # P2P status per GPU pair, from nvmlDeviceGetP2PStatus(NVLINK) at discovery.
+        p2p = lines(text, "DCGM_EXP_P2P_STATUS")
+        assert len(p2p) == 2 and "counter_skipped" not in exp.logs()
+        # h100x8 links every GPU pair by NVLink: OK both ways
+        assert p2p[0].startswith('DCGM_EXP_P2P_STATUS{gpu="0"') and p2p[0].endswith('link_status="OK",peer_gpu="1"} 0')
+        assert p2p[1].startswith('DCGM_EXP_P2P_STATUS{gpu="1"') and p2p[1].endswith('link_status="OK",peer_gpu="0"} 0')
         assert 'gpuhealth_render_success{part="dcgm_exp"} 1' in text
     finally:
         assert exp.stop() == 0
