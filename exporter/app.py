@@ -101,6 +101,7 @@ class App:
             self.counters, self.xids, self.health, cfg.clock_events_count_window_s, mig_layout=cfg.mig_layout
         )
         self.pods = self._make_pods()
+        self.dcgmexp.pods = self.pods  # pod labels on the DCGM_EXP_* families too, as dcgm-exporter
         self.ctx = RenderContext(cfg.host_label, hostname())
         self.renderer = Renderer(self.ctx, self.xids, self.backend.name, pods=self.pods, mig_layout=cfg.mig_layout)
         self.events = EventPump(self.backend, lambda: self.collector.inventory, self.collector.request_rediscovery)

@@ -30,7 +30,7 @@ finds nothing to count). Devices are taken as dcgm-exporter's flexible mode (`-d
 GPU's MIG instances when the snapshot has any (each with its parent GPU's counts, as upstream
 counts per GPU), else the GPU; under `--mig-layout parent`, the GPUs. The health status is per GPU,
 every GPU found (upstream's health group holds every supported GPU, whatever `-d` selects). Pod
-labels are not added (upstream's pod mapper labels these families too: not done yet).
+labels are added as dcgm-exporter's pod mapper adds them, sorted with the family's own labels.
 
 Upstream facts (NVIDIA/dcgm-exporter d5e5f510, DCGM as mirrored): dcgm-exporter
 internal/pkg/collector/expcollector.go, clock_events_collector.go, xid_collector.go,
@@ -55,7 +55,8 @@ from exporter.entities import dcgm_targets
 from exporter.fields import FieldSpec
 from exporter.health.verdict import HealthState, HealthView, Reason
 from exporter.labels import MigLayout, RenderContext, escape_help, format_labels, label_field_values
-from exporter.model import Inventory
+from exporter.model import Gpu, Inventory, MigDevice
+from exporter.render import PodAttribution
 from exporter.snapshot import DeviceSample, Snapshot
 from exporter.xid import XidTracker
 
@@ -292,8 +293,10 @@ class DcgmExpFamilies:
         clock_window_s: float,
         clock: Callable[[], float] = time.monotonic,
         mig_layout: MigLayout = "dcgm",
+        pods: PodAttribution | None = None,
     ) -> None:
         self.mig_layout = mig_layout
+        self.pods = pods
         self.xids = xids
         self.health = health
         self.clock_events = ClockEventWindow(clock_window_s, clock)
@@ -326,27 +329,36 @@ class DcgmExpFamilies:
         labels = [f for f in snapshot.fields if f.type == "label"]
         return "".join(_RENDER[c.name](self, ctx, snapshot, c, labels) for c in listed)
 
+    def _with_pods(self, fields: dict[str, str], gpu: Gpu, mig: MigDevice | None) -> list[dict[str, str]]:
+        """The device's label fields once per pod set on it (dcgm-exporter's pod mapper labels these
+        families too; its attributes sort with the family's labels). A MIG-enabled GPU's own series
+        carry no pod: pods sit on its instances."""
+        if self.pods is None or (mig is None and gpu.mig_enabled):
+            return [fields]
+        sets = self.pods.labels_for(gpu.uuid, mig.gpu_instance_id if mig is not None else None)
+        return [{**fields, **dict(pairs)} for pairs in sets] if sets else [fields]
+
     # --- one family each ---
     def _xid_count(self, ctx: RenderContext, snap: Snapshot, c: ExporterCounter, labels: Labels) -> str:
         window = window_ms(self.xids.window_s)
         lines: list[str] = []
         for s in window_entities(snap, self.mig_layout):
-            fields = label_fields(labels, s, snap.inventory)
             rows = [(str(k), n) for k, n in sorted(self.xids.window_counts(s.gpu.uuid).items())]
-            lines += _counted(ctx, c.name, s.uuid, fields, window, "xid", rows)
+            for fields in self._with_pods(label_fields(labels, s, snap.inventory), s.gpu, s.mig):
+                lines += _counted(ctx, c.name, s.uuid, fields, window, "xid", rows)
         return header(c) + "".join(lines) if lines else ""  # no device, no family
 
     def _clock_count(self, ctx: RenderContext, snap: Snapshot, c: ExporterCounter, labels: Labels) -> str:
         window = window_ms(self.clock_events.window_s)
         lines: list[str] = []
         for s in window_entities(snap, self.mig_layout):
-            fields = label_fields(labels, s, snap.inventory)
             counts = self.clock_events.counts(s.gpu.uuid)
-            if counts is None:  # nothing sampled in the window: the zero series
-                lines += _counted(ctx, c.name, s.uuid, fields, window, "clock_event", [])
+            # nothing sampled in the window: the zero series; sampled, but no reason set: no series
+            # (upstream's empty map)
+            rows = [] if counts is None else [(name, counts[bit]) for bit, name in CLOCK_EVENTS if bit in counts]
+            if counts is not None and not rows:
                 continue
-            rows = [(name, counts[bit]) for bit, name in CLOCK_EVENTS if bit in counts]
-            if rows:  # sampled, but no reason set: no series (upstream's empty map)
+            for fields in self._with_pods(label_fields(labels, s, snap.inventory), s.gpu, s.mig):
                 lines += _counted(ctx, c.name, s.uuid, fields, window, "clock_event", rows)
         return header(c) + "".join(lines) if lines else ""  # no device, no family
 
@@ -362,10 +374,11 @@ class DcgmExpFamilies:
             incidents = health_incidents(reasons)
             base = ctx.dcgm_labels(gpu.uuid)
             fields = label_fields(labels, DeviceSample(gpu, None, {}, up=True), snap.inventory)
-            for watch in HEALTH_WATCHES:
-                value, code = incidents.get(watch, (PASS, FR_OK))
-                extra = {**fields, "health_error_code": code, "health_watch": watch}
-                lines.append(f"{c.name}{{{_join(base, extra)}}} {value}\n")
+            for with_pods in self._with_pods(fields, gpu, None):
+                for watch in HEALTH_WATCHES:
+                    value, code = incidents.get(watch, (PASS, FR_OK))
+                    extra = {**with_pods, "health_error_code": code, "health_watch": watch}
+                    lines.append(f"{c.name}{{{_join(base, extra)}}} {value}\n")
         return header(c) + "".join(lines) if lines else ""  # no device, no family
 
     def _p2p_status(self, ctx: RenderContext, snap: Snapshot, c: ExporterCounter, labels: Labels) -> str:
@@ -379,9 +392,11 @@ class DcgmExpFamilies:
         for gpu in inventory.gpus:
             base = ctx.dcgm_labels(gpu.uuid)
             fields = label_fields(labels, DeviceSample(gpu, None, {}, up=True), inventory)
-            for peer_index, status in sorted(by_gpu.get(gpu.uuid, ())):
-                extra = {**fields, "link_status": P2P_STATUS_TEXT.get(status, "Unknown"), "peer_gpu": str(peer_index)}
-                lines.append(f"{c.name}{{{_join(base, extra)}}} {status}\n")
+            for with_pods in self._with_pods(fields, gpu, None):
+                for peer_index, status in sorted(by_gpu.get(gpu.uuid, ())):
+                    text = P2P_STATUS_TEXT.get(status, "Unknown")
+                    extra = {**with_pods, "link_status": text, "peer_gpu": str(peer_index)}
+                    lines.append(f"{c.name}{{{_join(base, extra)}}} {status}\n")
         return header(c) + "".join(lines) if lines else ""  # no pair known, no family
 
 

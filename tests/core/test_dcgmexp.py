@@ -360,3 +360,26 @@ def test_collector_does_not_read_the_clock_field_without_the_family() -> None:
     b, c = collector_with(counters(XID_LINE))
     c.run_once()
     assert CLOCK_FIELD not in dict(b.asked)[GPU0]
+
+
+class OnePod:
+    """GPU 1 is held by pod ml/train (container c); nothing else."""
+
+    def labels_for(self, gpu_uuid: str, gpu_instance_id: int | None) -> tuple[tuple[tuple[str, str], ...], ...]:
+        if gpu_uuid == GPU1 and gpu_instance_id is None:
+            return ((("container", "c"), ("namespace", "ml"), ("pod", "train")),)
+        return ()
+
+
+def test_pod_labels_are_sorted_with_the_familys_labels() -> None:
+    """dcgm-exporter's pod mapper labels these families too; its template writes the attributes sorted."""
+    s = Setup(XID_LINE, P2P_LINE)
+    s.exp.pods = OnePod()
+    s.xids.on_events([DeviceEvent(GPU1, EVENT_XID, 79)])
+    text = s.cycle(p2p=((GPU0, GPU1, 0), (GPU1, GPU0, 0)))
+    (held,) = [line for line in series(text, XID_ERRORS_COUNT) if f'UUID="{GPU1}"' in line]
+    assert held.endswith(',container="c",namespace="ml",pod="train",window_size_in_ms="300000",xid="79"} 1')
+    (free,) = [line for line in series(text, XID_ERRORS_COUNT) if f'UUID="{GPU0}"' in line]
+    assert "pod=" not in free
+    (p2p,) = [line for line in series(text, P2P_STATUS) if f'UUID="{GPU1}"' in line]
+    assert p2p.endswith(',container="c",link_status="OK",namespace="ml",peer_gpu="0",pod="train"} 0')
