@@ -99,7 +99,8 @@ FAMILIES = (
     NVML_ERRORS,
 )
 
-LabelSets = tuple[tuple[tuple[str, str], ...], ...]
+PodLabels = tuple[tuple[str, str], ...]
+LabelSets = tuple[PodLabels, ...]
 
 
 class Contributor(Protocol):
@@ -161,6 +162,8 @@ class _FamilyPlan:
     # parent GPU for GPU-wide fields) and its "name{labels" heads (one per pod sharing it).
     devices: list[tuple[str, tuple[str, ...]]]
     format: Callable[[float], str]
+    # Event-filled families (the last-XID gauge): per device, (head without its closing brace, pod labels).
+    event_devices: list[tuple[str, tuple[tuple[str, PodLabels], ...]]]
 
 
 def format_int64(value: float) -> str:
@@ -215,22 +218,23 @@ class Renderer:
         return self._current
 
     # --- the DCGM block ---
-    def _series_heads(self, target: Target, label_fields: str) -> list[str]:
-        """Label strings (inside braces) for each series of one device."""
+    def _series_heads(self, target: Target, label_fields: str) -> list[tuple[str, PodLabels]]:
+        """Per series of one device: its label text (inside braces) without the pod labels, and
+        the pod labels (none: one series without them)."""
         sample = target.sample
         base = self.ctx.dcgm_labels(sample.uuid)
         if label_fields:
             base = f"{base},{label_fields}" if base else label_fields
         if self.pods is None:
-            return [base]
+            return [(base, ())]
         gi = sample.mig.gpu_instance_id if sample.mig is not None else None
         # A MIG-enabled GPU's own series are GPU-wide: pods sit on its instances.
         if sample.mig is None and sample.gpu.mig_enabled:
-            return [base]
+            return [(base, ())]
         sets = self.pods.labels_for(sample.gpu.uuid, gi)
         if not sets:
-            return [base]
-        return [f"{base},{format_labels(pairs)}" if pairs else base for pairs in sets]
+            return [(base, ())]
+        return [(base, pairs) for pairs in sets]
 
     def _label_texts(self, snapshot: Snapshot, fields: Sequence[FieldSpec]) -> dict[str, str]:
         """GPU UUID -> its label fields as label text; rebuilt only when the inventory or the fields change."""
@@ -261,6 +265,7 @@ class Renderer:
             header = f"# HELP {metric} {escape_help(spec.help)}\n# TYPE {metric} {spec.type}\n"
             from_events = isinstance(spec.reader, Event)
             devices: list[tuple[str, tuple[str, ...]]] = []
+            event_devices: list[tuple[str, tuple[tuple[str, PodLabels], ...]]] = []
             for t in targets:
                 uuid = t.sample.uuid
                 instance_scope = spec.scope == "instance" and not from_events
@@ -269,9 +274,16 @@ class Renderer:
                 source = uuid
                 if t.parent_uuid is not None and not instance_scope:
                     source = t.parent_uuid
-                devices.append((source, tuple(f"{metric}{{{head}" for head in heads[uuid])))
+                if from_events:
+                    event_devices.append((source, tuple((f"{metric}{{{base}", pods) for base, pods in heads[uuid])))
+                    continue
+                prefixes = tuple(
+                    f"{metric}{{{base},{format_labels(pods)}" if pods else f"{metric}{{{base}"
+                    for base, pods in heads[uuid]
+                )
+                devices.append((source, prefixes))
             fmt = _FORMATS.get(spec.value_type, format_value)
-            plan.append(_FamilyPlan(spec.name, from_events, header, devices, fmt))
+            plan.append(_FamilyPlan(spec.name, from_events, header, devices, fmt, event_devices))
         self._plan_key, self._plan_cache = key, plan
         return plan
 
@@ -290,9 +302,12 @@ class Renderer:
         for fam in self._plan(snapshot, fields):
             lines: list[str] = []
             if fam.from_events:
-                for uuid, prefixes in fam.devices:
-                    code, extra = self.xids.xid_labels(gpu_of[uuid])
-                    lines += [f"{p},{extra}}} {code}\n" for p in prefixes]
+                for uuid, heads in fam.event_devices:
+                    code, attributes = self.xids.xid_attributes(gpu_of[uuid])
+                    # dcgm-exporter writes err_code/err_msg and the pod labels as one map: sorted together.
+                    lines += [
+                        f"{prefix},{format_labels(sorted((*attributes, *pods)))}}} {code}\n" for prefix, pods in heads
+                    ]
             else:
                 name = fam.name
                 memo = memo_by_format.get(fam.format)

@@ -53,11 +53,16 @@ class XidTracker:
         with self._lock:
             return self._last.get(gpu_uuid, 0)
 
-    def xid_labels(self, gpu_uuid: str) -> tuple[int, str]:
-        """(value, extra labels) for DCGM_FI_DEV_XID_ERRORS."""
+    def xid_attributes(self, gpu_uuid: str) -> tuple[int, tuple[tuple[str, str], ...]]:
+        """(value, err_code and err_msg label pairs) for DCGM_FI_DEV_XID_ERRORS."""
         code = self.last_xid(gpu_uuid)
         msg = self._message(code)  # dcgm-exporter's table has 0 too ("No Error")
-        return code, f'err_code="{code}",err_msg="{escape_label_value(msg)}"'
+        return code, (("err_code", str(code)), ("err_msg", msg))
+
+    def xid_labels(self, gpu_uuid: str) -> tuple[int, str]:
+        """(value, extra labels) for DCGM_FI_DEV_XID_ERRORS."""
+        code, pairs = self.xid_attributes(gpu_uuid)
+        return code, ",".join(f'{k}="{escape_label_value(v)}"' for k, v in pairs)
 
     def window_counts(self, gpu_uuid: str) -> dict[int, int]:
         cutoff = self._clock() - self.window_s

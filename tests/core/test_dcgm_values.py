@@ -144,3 +144,26 @@ def test_one_series_per_gpu_instance_with_two_compute_instances() -> None:
     for layout in layouts:
         fb = series(render(b, layout=layout), "DCGM_FI_DEV_FB_USED")
         assert sum('GPU_I_ID="1"' in s for s in fb) == 1, layout
+
+
+class PodOnGpu1:
+    def labels_for(self, gpu_uuid: str, gpu_instance_id: int | None) -> tuple[tuple[tuple[str, str], ...], ...]:
+        if gpu_uuid == "GPU-00000001":
+            return ((("container", "c"), ("namespace", "ml"), ("pod", "train")),)
+        return ()
+
+
+def test_xid_gauge_sorts_err_labels_with_the_pod_labels() -> None:
+    """dcgm-exporter's template writes err_code/err_msg and the pod labels as one sorted map."""
+    b = ScriptedBackend(gpus=2)
+    xids = XidTracker(300)
+    xids.on_events([DeviceEvent("GPU-00000001", EVENT_XID, xid=79)])
+    collector = Collector(b, parse_counters(CSV, "t.csv"), parse_device_selector("f"), 1.0, 0.5)
+    renderer = Renderer(RenderContext("Hostname", "node1"), xids, "scripted", pods=PodOnGpu1(), process_registry=None)
+    text = renderer.render(collector.run_once()).plain.decode()
+    held = [line for line in series(text, "DCGM_FI_DEV_XID_ERRORS") if 'gpu="1"' in line]
+    assert held == [
+        'DCGM_FI_DEV_XID_ERRORS{gpu="1",UUID="GPU-00000001",pci_bus_id="00000000:19:00.0",device="nvidia1",'
+        'modelName="NVIDIA H100 80GB HBM3",Hostname="node1",container="c",err_code="79",'
+        'err_msg="GPU has fallen off the bus",namespace="ml",pod="train"} 79'
+    ]
