@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
@@ -224,23 +224,9 @@ class App:
             return
         self.collector.set_counters(counters)
         self.dcgmexp.set_counters(counters)
-        self._warn_dcp(counters.fields)
         log.info("counters_reloaded", source=counters.source, fields=len(counters.fields))
 
-    @staticmethod
-    def _warn_dcp(fields: Sequence[Any]) -> None:
-        from exporter.fields import Dcp
-
-        for spec in fields:
-            if isinstance(spec.reader, Dcp):
-                log.warning(
-                    "field_skipped",
-                    field=spec.name,
-                    reason="DCGM profiling field: NVML cannot provide it without DCGM",
-                )
-
     def start(self) -> None:
-        self._warn_dcp(self.counters.fields)
         self.backend.start()
         self.backend_ready = True
         from exporter.health.control import ControlError
