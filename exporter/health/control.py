@@ -5,6 +5,11 @@ object and a newline, then closes. Requests: {"op": "list"} and
 {"op": "clear", "target": "<uuid|index|all>", "reason": "..."}. Answers carry "ok" and either the
 result or "error". Access control is the file mode: only root (or the daemon's user) can connect.
 
+{"op": "watch"} is the verdict stream (docs/verdict-stream.md, a public versioned interface): the
+connection stays open and the server writes one line with every device's verdict at once, again
+after every change, and a keepalive line every KEEPALIVE_S while nothing changes, until the client
+disconnects. `WatchHub` subscribes to the engine once and wakes every watcher.
+
 The requests are answered here (respond) from the engine's plain list() and clear(); the engine only
 starts and stops the server.
 """
@@ -32,12 +37,58 @@ Handler = Callable[[dict[str, Any]], dict[str, Any]]
 NOT_LOADED = "starting: the health state is not loaded yet; retry"
 
 
+WATCH_VERSION = 1
+KEEPALIVE_S = 5.0  # a watcher that hears nothing for 3x this knows the daemon is hung
+
+
 class Controlled(Protocol):
     """What the control socket drives (HealthEngine)."""
 
     def clear(self, target: str, reason: str) -> list[str]: ...
 
     def list(self) -> list[dict[str, Any]]: ...  # last: a method named list shadows the type below it
+
+
+class Watched(Protocol):
+    """What the watch op streams (HealthEngine): the verdicts, and word when they change."""
+
+    def subscribe(self, callback: Callable[[], None]) -> None: ...
+
+    def list(self) -> list[dict[str, Any]]: ...
+
+
+class WatchHub:
+    """Fans the engine's change notifications out to every open watch connection.
+
+    The engine has no unsubscribe; the hub subscribes once and keeps a generation number that
+    each watcher compares with the last one it sent."""
+
+    def __init__(self, target: Watched) -> None:
+        self._cond = threading.Condition()
+        self.generation = 0
+        target.subscribe(self._changed)
+
+    def _changed(self) -> None:
+        with self._cond:
+            self.generation += 1
+            self._cond.notify_all()
+
+    def wait_change(self, seen: int, timeout_s: float) -> int:
+        """The generation once it differs from `seen`, or `seen` after `timeout_s`."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.generation != seen, timeout_s)
+            return self.generation
+
+
+def watch_message(devices: list[dict[str, Any]], seq: int) -> dict[str, Any]:
+    """One full verdict message of the stream (docs/verdict-stream.md)."""
+    return {"ok": True, "version": WATCH_VERSION, "seq": seq, "devices": [_with_since(d) for d in devices]}
+
+
+def _with_since(device: dict[str, Any]) -> dict[str, Any]:
+    """`since`: when the device entered its current state (the first reason that makes it), None when healthy."""
+    firsts = [r["first_seen"] for r in device.get("reasons", ()) if r.get("state") == device.get("state")]
+    return {**device, "since": min(firsts) if firsts else None}
 
 
 def respond(target: Controlled, req: dict[str, Any]) -> dict[str, Any]:
@@ -68,6 +119,34 @@ def handler(target: Controlled, ready: Callable[[], bool]) -> Handler:
     return handle
 
 
+class Watcher:
+    """Serves the watch op: what a connection needs to stream verdicts."""
+
+    def __init__(self, target: Watched, ready: Callable[[], bool]) -> None:
+        self.target = target
+        self.ready = ready
+        self.hub = WatchHub(target)
+
+    def stream(self, write: Callable[[dict[str, Any]], bool], stopping: Callable[[], bool]) -> None:
+        """Write the full verdicts, again on each change, keepalives between; until `write` fails."""
+        if not self.ready():
+            write({"ok": False, "error": NOT_LOADED})
+            return
+        seq = 0
+        seen = self.hub.generation
+        while not stopping():
+            seq += 1
+            if not write(watch_message(self.target.list(), seq)):
+                return
+            while not stopping():
+                now = self.hub.wait_change(seen, KEEPALIVE_S)
+                if now != seen:
+                    seen = now
+                    break
+                if not write({"ok": True, "version": WATCH_VERSION, "seq": seq, "keepalive": True}):
+                    return
+
+
 class ControlError(Exception):
     """The control channel cannot be served or reached."""
 
@@ -75,6 +154,9 @@ class ControlError(Exception):
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     handler: Handler
+    watcher: Watcher | None = None
+    closing = False
+    watching: set[socket.socket]  # open watch connections, cut at stop so watchers see the end at once
 
     def server_bind(self) -> None:
         super().server_bind()
@@ -92,14 +174,29 @@ class _RequestHandler(socketserver.StreamRequestHandler):
             req = json.loads(line)
             if not isinstance(req, dict):
                 raise ValueError("request is not a JSON object")
+            if req.get("op") == "watch" and self.server.watcher is not None:
+                self.server.watching.add(self.connection)
+                try:
+                    self.server.watcher.stream(self._send, lambda: self.server.closing)
+                finally:
+                    self.server.watching.discard(self.connection)
+                return
             resp = self.server.handler(req)
         except (ValueError, OSError) as e:
             resp = {"ok": False, "error": f"bad request: {e}"}
         except Exception as e:  # never let a bad request kill the server thread silently
             log.exception("health_control_failed")
             resp = {"ok": False, "error": f"internal error: {e}"}
-        with contextlib.suppress(OSError):
-            self.wfile.write(json.dumps(resp).encode() + b"\n")
+        self._send(resp)
+
+    def _send(self, message: dict[str, Any]) -> bool:
+        """Write one line; False once the client is gone (or too slow to read for 10 s)."""
+        try:
+            self.wfile.write(json.dumps(message).encode() + b"\n")
+            self.wfile.flush()
+        except OSError:
+            return False
+        return True
 
 
 def _is_live(path: Path) -> bool:
@@ -115,9 +212,10 @@ def _is_live(path: Path) -> bool:
 
 
 class ControlServer:
-    def __init__(self, path: Path, handler: Handler) -> None:
+    def __init__(self, path: Path, handler: Handler, watcher: Watcher | None = None) -> None:
         self.path = path
         self._handler = handler
+        self._watcher = watcher
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -133,6 +231,8 @@ class ControlServer:
         except OSError as e:
             raise ControlError(f"cannot listen on {self.path}: {e}") from e
         server.handler = self._handler
+        server.watcher = self._watcher
+        server.watching = set()
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="health-control", daemon=True)
         self._thread.start()
@@ -141,6 +241,10 @@ class ControlServer:
     def stop(self) -> None:
         if self._server is None:
             return
+        self._server.closing = True
+        for conn in list(self._server.watching):  # watchers hear the daemon go now, not at the next keepalive
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
         self._server.shutdown()
         self._server.server_close()
         self._server = None

@@ -103,8 +103,9 @@ class HealthEngine:
         if self._want_control:
             # First, as the lock on the state dir: a second daemon fails here, before it reads,
             # sweeps or writes anything in the first one's directory.
+            loaded = lambda: self._state_loaded  # noqa: E731
             server = control.ControlServer(
-                self.state_dir / CONTROL_SOCKET, control.handler(self, lambda: self._state_loaded)
+                self.state_dir / CONTROL_SOCKET, control.handler(self, loaded), control.Watcher(self, loaded)
             )
             server.start()
             self._control = server
