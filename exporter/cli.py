@@ -1,4 +1,5 @@
-"""Command line entry point: the daemon, or the `health` subcommands; exit codes and signals.
+"""Command line entry point: the daemon, the `health` subcommands, or `device-plugin` (the kubelet
+device plugin as its own process, exporter/deviceplugin/process.py); exit codes and signals.
 
 Imports go one way: cli -> app (the wiring) -> parts. The daemon's modules are imported only
 when the daemon runs, so `health list|clear` stays light.
@@ -78,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from exporter.health.cli import main as health_main
 
         return health_main(args[1:])
+    if args[:1] == ["device-plugin"]:
+        from exporter.deviceplugin.process import run as plugin_run
+
+        return plugin_run(args[1:])
     return run(args)
 
 

@@ -158,6 +158,11 @@ class DevicePluginManager:
         """Why devices are withheld under the current MIG strategy (empty when the layout fits)."""
         return self._problems
 
+    def unregistered(self) -> list[str]:
+        """The resources not registered with the current kubelet (all of them while there is none)."""
+        with self._lock:
+            return [name for name, p in self._plugins.items() if p.registered_with is None]
+
     # --- refresh ------------------------------------------------------------------------------------
 
     def _on_health_change(self) -> None:

@@ -25,7 +25,12 @@ def free_port() -> int:
 
 class ExporterProcess:
     def __init__(
-        self, args: list[str], tmp: Path, env: dict[str, str] | None = None, state_dir: Path | None = None
+        self,
+        args: list[str],
+        tmp: Path,
+        env: dict[str, str] | None = None,
+        state_dir: Path | None = None,
+        subcommand: str | None = None,  # e.g. "device-plugin": that process instead of the daemon
     ) -> None:
         self.port = free_port()
         tmp.mkdir(parents=True, exist_ok=True)
@@ -36,6 +41,7 @@ class ExporterProcess:
             sys.executable,
             "-m",
             "exporter",
+            *([subcommand] if subcommand else []),
             "-a",
             f"127.0.0.1:{self.port}",
             "--state-dir",

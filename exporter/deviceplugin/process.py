@@ -1,0 +1,220 @@
+"""`gpu-health-exporter device-plugin`: the kubelet device plugin as its own process.
+
+In the chart it is a second container of the exporter's pod, sharing the state directory. It takes
+its verdicts from the daemon's verdict stream (`exporter.health.stream.VerdictStream` on
+`<state-dir>/control.sock`) and its devices from its own NVML discovery, so that
+
+- while the exporter restarts or is upgraded, the plugin stays registered and keeps the last
+  verdicts it heard (a fenced GPU stays fenced);
+- started before the daemon (or without one), it takes the fences from the persisted state file,
+  read-only: a fenced GPU is never advertised as Healthy;
+- the exporter's liveness (a stuck collection) never restarts the plugin: it has its own probes on
+  its own port (`/health`: its threads and gRPC servers alive; `/ready`: registered with the kubelet
+  and hearing the daemon; `/metrics`: the device plugin's families).
+
+The same `DevicePluginManager` runs in-process with `--device-plugin` for small setups: the only
+difference is the `HealthView` it consumes (the engine itself, or the stream).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+import structlog
+
+from exporter.backend import Backend, BackendError
+from exporter.config import Config, ConfigError, parse_config
+from exporter.deviceplugin.config import DevicePluginConfig
+from exporter.deviceplugin.manager import DevicePluginManager
+from exporter.health.stream import VerdictStream
+from exporter.labels import RenderContext
+from exporter.model import Inventory
+from exporter.render import CONTENT_TYPE as CONTENT_TYPE
+from exporter.render import Exposition
+from exporter.server import HttpServer, Routes
+
+log = structlog.get_logger("exporter.deviceplugin.process")
+
+DEFAULT_ADDRESS = ":9402"  # the exporter's is :9400; both containers share the pod's network
+DISCOVER_EVERY_S = 30.0  # and at once when the daemon streams a device we have not discovered
+RENDER_EVERY_S = 2.0
+EXIT_USAGE, EXIT_STARTUP = 2, 1
+
+
+def plugin_config(cfg: Config) -> DevicePluginConfig:
+    """The device plugin's settings from the flags (the in-process plugin uses the same)."""
+    try:
+        return DevicePluginConfig(
+            resource_name=cfg.resource_name,
+            plugin_dir=cfg.device_plugin_dir,
+            mig_strategy=cfg.mig_strategy,
+            replicas=cfg.replicas,
+            device_list_strategy=cfg.device_list_strategy,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"device plugin: {exc}") from None
+
+
+def _with_default_address(argv: Sequence[str]) -> list[str]:
+    """The plugin's own port unless -a/--address (or its environment variable) says otherwise."""
+    args = list(argv)
+    given = any(a in ("-a", "--address") or a.startswith(("--address=", "-a=")) for a in args)
+    if given or os.environ.get("GPU_HEALTH_EXPORTER_ADDRESS"):
+        return args
+    return ["--address", DEFAULT_ADDRESS, *args]
+
+
+class PluginProcess:
+    """Backend discovery + verdict stream + device plugin manager + probes."""
+
+    def __init__(self, cfg: Config, backend: Backend) -> None:
+        self.cfg = cfg
+        self.backend = backend
+        self._inventory = Inventory(driver_version="", gpus=())
+        self._lock = threading.Lock()
+        self.stream = VerdictStream(cfg.state_dir, parent_of=self._parent_of)
+        self.manager = DevicePluginManager(plugin_config(cfg), self.inventory, self.stream)
+        self.ctx = RenderContext(cfg.host_label, os.environ.get("NODE_NAME") or os.uname().nodename)
+        self._exposition = Exposition(b"", gzip.compress(b""), 0.0)
+        self._rediscover = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.server = HttpServer(
+            *cfg.address,
+            Routes(exposition=lambda: self._exposition, health=self.liveness, ready=self.readiness),
+        )
+
+    # --- inventory ---
+    def inventory(self) -> Inventory:
+        with self._lock:
+            return self._inventory
+
+    def _parent_of(self, uuid: str) -> str | None:
+        mig = self.inventory().mig_by_uuid(uuid)
+        return mig.parent_uuid if mig is not None else None
+
+    def _discover(self) -> None:
+        try:
+            inv = self.backend.discover()
+        except Exception as exc:  # a failed discovery keeps the last inventory: devices stay advertised
+            log.warning("device_plugin_discovery_failed", error=str(exc))
+            return
+        with self._lock:
+            changed = inv.layout_key() != self._inventory.layout_key()
+            self._inventory = inv
+        if changed:
+            self.ctx.rebuild(inv)
+            log.info(
+                "device_plugin_inventory",
+                gpus=[g.uuid for g in inv.gpus],
+                mig_devices=sum(len(g.migs) for g in inv.gpus),
+            )
+            self.manager.on_inventory_change()
+
+    def _on_verdicts(self) -> None:
+        """A device the daemon judges that we have not discovered (MIG re-layout): look again now."""
+        inv = self.inventory()
+        known = {g.uuid for g in inv.gpus} | {m.uuid for g in inv.gpus for m in g.migs}
+        if set(self.stream.verdicts()) - known:
+            self._rediscover.set()
+
+    def _discover_loop(self) -> None:
+        while not self._stop.is_set():
+            self._rediscover.wait(DISCOVER_EVERY_S)
+            self._rediscover.clear()
+            if not self._stop.is_set():
+                self._discover()
+
+    def _render_loop(self) -> None:
+        while not self._stop.wait(RENDER_EVERY_S):
+            self._render()
+
+    def _render(self) -> None:
+        body = (self.manager.render_metrics(self.ctx)).encode()
+        self._exposition = Exposition(body, gzip.compress(body, compresslevel=6), time.time())
+
+    # --- probes ---
+    def liveness(self) -> tuple[bool, str]:
+        dead = [t.name for t in self._threads if not t.is_alive()]
+        if dead:
+            return False, f"threads stopped: {', '.join(dead)}"
+        return True, "ok"
+
+    def readiness(self) -> tuple[bool, str]:
+        problems = self.manager.problems
+        if problems:
+            return False, "; ".join(problems)
+        unregistered = self.manager.unregistered()
+        if unregistered:
+            return False, f"not registered with the kubelet: {', '.join(unregistered)}"
+        stream_problem = self.stream.problem()
+        if stream_problem is not None:
+            return False, stream_problem
+        return True, "ok"
+
+    # --- lifecycle ---
+    def start(self) -> None:
+        self.backend.start()
+        self._discover()
+        self.stream.subscribe(self._on_verdicts)
+        self.stream.start()
+        self.manager.start()
+        self._render()
+        for name, target in (("dp-discover", self._discover_loop), ("dp-render", self._render_loop)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self.server.start()
+        log.info(
+            "device_plugin_started",
+            address=f"{self.cfg.address[0]}:{self.server.port}",
+            state_dir=str(self.cfg.state_dir),
+            verdicts=self.stream.source,
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._rediscover.set()
+        self.server.stop()
+        self.manager.stop()
+        self.stream.stop()
+        self.backend.shutdown()
+
+
+def run(argv: Sequence[str]) -> int:
+    from exporter.app import make_backend
+    from exporter.logs import configure_logging
+
+    try:
+        cfg = parse_config(_with_default_address(argv))
+        configure_logging(cfg.log_format, cfg.log_level)
+        process = PluginProcess(cfg, make_backend(cfg))
+    except ConfigError as exc:
+        print(f"gpu-health-exporter device-plugin: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    stop = threading.Event()
+
+    def _terminate(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
+    try:
+        process.start()
+    except (BackendError, OSError) as exc:
+        log.error("startup_failed", error=str(exc))
+        print(f"gpu-health-exporter device-plugin: {exc}", file=sys.stderr)
+        process.stop()
+        return EXIT_STARTUP
+    while not stop.wait(1.0):
+        pass
+    process.stop()
+    return 0
