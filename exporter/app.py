@@ -175,7 +175,7 @@ class App:
         def inventory() -> Inventory:  # discovered by the first cycle, which runs before the plugin starts
             return self.collector.inventory or Inventory(driver_version="", gpus=())
 
-        return DevicePluginManager(config, inventory, self.health)
+        return DevicePluginManager(config, inventory, self.health, take_over=cfg.device_plugin_take_over)
 
     # --- probes ---
     def liveness(self) -> tuple[bool, str]:

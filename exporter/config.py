@@ -327,6 +327,14 @@ class Config:
     replicas: int = flag(
         "--replicas", default="1", parse=integer(1), section=PLUGIN, metavar="N", help="Time-slicing replicas per GPU."
     )
+    device_plugin_take_over: bool = flag(
+        "--device-plugin-take-over",
+        default="false",
+        switch=True,
+        section=PLUGIN,
+        help="Register a resource even while NVIDIA's device plugin serves it (nvidia-<name>.sock in the plugin "
+        "dir). Off: that resource is left to NVIDIA's plugin, and gpuhealth_device_plugin_conflict says so.",
+    )
     device_list_strategy: DeviceListStrategy = flag(
         "--device-list-strategy",
         default="envvar",
@@ -352,7 +360,8 @@ def build_parser(prog: str = "gpu-health-exporter") -> argparse.ArgumentParser:
         prog=prog,
         description="GPU health and metrics exporter (DCGM-compatible) with a kubelet device plugin.",
         epilog=f"Every flag can also be set through the environment: {ENV_PREFIX}<FLAG> "
-        f"(e.g. {ENV_PREFIX}COLLECT_INTERVAL=1000). Subcommand: 'health list|clear'.",
+        f"(e.g. {ENV_PREFIX}COLLECT_INTERVAL=1000). Subcommands: 'health list|clear', 'device-plugin' "
+        "(the kubelet device plugin as its own process, fed by the daemon's verdict stream).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     add_flags(parser, FLAGS)

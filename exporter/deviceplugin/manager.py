@@ -6,13 +6,22 @@ Two threads:
   them to the streams. Health callbacks only set an Event: the engine may call them under its own lock,
   and we must not call back into it (verdict()) from there.
 - `dp-watch` polls the plugin directory every `_POLL_S`: re-creates a socket the kubelet deleted, and
-  (re-)registers when a kubelet.sock appears or is replaced. Polling a directory entry is cheap, needs
+  (re-)registers when a kubelet.sock appears or is replaced, or when the kubelet closed our
+  ListAndWatch stream and opened none for `_NO_STREAM_S`. Polling a directory entry is cheap, needs
   no inotify support in the container runtime, and bounds the reaction time to well under 1 s.
+
+Never fight another plugin: the kubelet does not close the replaced client when a second plugin
+registers the same resource, so both would keep replacing the device set, and when the old stream
+ends the kubelet stops the current endpoint. Before registering a resource we look for NVIDIA's
+plugin socket for it (`nvidia-<name>.sock`, e.g. nvidia-gpu.sock, nvidia-mig-1g.10gb.sock) in the
+plugin directory; while one answers, that resource is not registered (a log line, and
+gpuhealth_device_plugin_conflict{resource} 1) unless `take_over` says to.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +45,8 @@ _POLL_S = 0.2
 _RESYNC_S = 5.0
 _BACKOFF_FIRST_S = 0.2
 _BACKOFF_MAX_S = 5.0
+_NO_STREAM_S = 3.0  # registered, but no ListAndWatch stream for this long: the kubelet dropped us
+_CONFLICT_RECHECK_S = 5.0  # how often a conflict is looked at again (a connect attempt each time)
 
 # The device_plugin part's families (DevicePluginManager.render_metrics), one series set per resource.
 REGISTERED = Family(
@@ -55,7 +66,42 @@ ALLOCATIONS = Family(
     "resource, result",
     "device_plugin",
 )
-FAMILIES = (REGISTERED, DEVICES, ALLOCATIONS)
+CONFLICT = Family(
+    "gpuhealth_device_plugin_conflict",
+    "gauge",
+    "1 while another device plugin (NVIDIA's) serves this resource, so ours does not register it",
+    "resource",
+    "device_plugin",
+)
+VERDICT_SOURCE = Family(
+    "gpuhealth_device_plugin_verdict_source",
+    "gauge",
+    "1 for where the plugin's verdicts come from: in_process (the daemon's engine), daemon (its verdict "
+    "stream), last_known (the daemon went away), state_file (not heard yet), none",
+    "source",
+    "device_plugin",
+)
+FAMILIES = (REGISTERED, DEVICES, ALLOCATIONS, CONFLICT, VERDICT_SOURCE)
+VERDICT_SOURCES = ("in_process", "daemon", "last_known", "state_file", "none")
+
+
+def nvidia_plugin_socket(plugin_dir: str, resource_name: str) -> str | None:
+    """The path of NVIDIA's device plugin socket for this resource if one is live there, else None.
+
+    NVIDIA's k8s-device-plugin serves `<plugin dir>/nvidia-<name>.sock` for `<domain>/<name>`
+    (internal/plugin/server.go getPluginSocketPath). A file nobody answers on is a leftover, no conflict."""
+    path = os.path.join(plugin_dir, f"nvidia-{resource_name.rsplit('/', 1)[-1]}.sock")
+    if not os.path.exists(path):
+        return None
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return path
 
 
 @dataclass
@@ -69,6 +115,9 @@ class _Plugin:
     kubelet_seen: KubeletIdentity | None = None
     failures: int = 0
     next_attempt: float = 0.0
+    registered_at: float = 0.0
+    conflict: str | None = None  # NVIDIA's socket for this resource, while it answers
+    conflict_checked: float = -1e9
 
 
 class DevicePluginManager:
@@ -76,9 +125,16 @@ class DevicePluginManager:
 
     metrics_part = "device_plugin"  # the part label of gpuhealth_render_success
 
-    def __init__(self, config: DevicePluginConfig, inventory: Callable[[], Inventory], health: HealthView) -> None:
+    def __init__(
+        self,
+        config: DevicePluginConfig,
+        inventory: Callable[[], Inventory],
+        health: HealthView,
+        take_over: bool = False,
+    ) -> None:
         config.validate()
         self._config = config
+        self._take_over = take_over
         self._inventory = inventory
         self._health = health
         self._lock = threading.Lock()
@@ -143,6 +199,7 @@ class DevicePluginManager:
         reg = [REGISTERED.header]
         devs = [DEVICES.header]
         allocs = [ALLOCATIONS.header]
+        conflicts = [CONFLICT.header]
         for name, plugin in plugins:
             res = f'resource="{escape_label_value(name)}"'
             reg.append(REGISTERED.sample(res, int(plugin.registered_with is not None)))
@@ -151,7 +208,11 @@ class DevicePluginManager:
             devs.append(DEVICES.sample(f'{res},health="unhealthy"', unhealthy))
             counts = plugin.state.allocations()
             allocs.extend(ALLOCATIONS.sample(f'{res},result="{r}"', counts[r]) for r in RESULTS)
-        return "".join(reg + devs + allocs)
+            conflicts.append(CONFLICT.sample(res, int(plugin.conflict is not None)))
+        source = getattr(self._health, "source", "in_process")
+        sources = [VERDICT_SOURCE.header]
+        sources += [VERDICT_SOURCE.sample(f'source="{s}"', int(s == source)) for s in VERDICT_SOURCES]
+        return "".join(reg + devs + allocs + conflicts + sources)
 
     @property
     def problems(self) -> tuple[str, ...]:
@@ -266,9 +327,18 @@ class DevicePluginManager:
                 plugin.registered_with = None
                 plugin.failures = 0
                 plugin.next_attempt = 0.0
+            now = time.monotonic()
+            if plugin.registered_with is not None and plugin.registered_with == kubelet:
+                quiet_since = max(plugin.registered_at, plugin.state.last_stream_change)
+                if plugin.state.streams_open == 0 and now - quiet_since > _NO_STREAM_S:
+                    # The kubelet closed our stream (or never opened one) and did not come back.
+                    log.warning("device plugin has no ListAndWatch stream; re-registering", resource=plugin.state.name)
+                    plugin.registered_with = None
             if kubelet is None or plugin.server is None or plugin.registered_with == kubelet:
                 continue
             if time.monotonic() < plugin.next_attempt:
+                continue
+            if self._conflicting(plugin, now):
                 continue
             endpoint = os.path.basename(plugin.path)
             try:
@@ -284,8 +354,34 @@ class DevicePluginManager:
                 )
                 continue
             plugin.registered_with = kubelet
+            plugin.registered_at = time.monotonic()
             plugin.failures = 0
             log.info("device plugin registered with the kubelet", resource=plugin.state.name, endpoint=endpoint)
+
+    def _conflicting(self, plugin: _Plugin, now: float) -> bool:
+        """Whether NVIDIA's plugin serves this resource (checked at most every `_CONFLICT_RECHECK_S`)."""
+        if now - plugin.conflict_checked < _CONFLICT_RECHECK_S:
+            return plugin.conflict is not None and not self._take_over
+        plugin.conflict_checked = now
+        found = nvidia_plugin_socket(self._config.plugin_dir, plugin.state.name)
+        if found != plugin.conflict:
+            if found is None:
+                log.info("device plugin conflict gone; registering", resource=plugin.state.name)
+            elif self._take_over:
+                log.warning(
+                    "another device plugin serves this resource; taking over as configured",
+                    resource=plugin.state.name,
+                    socket=found,
+                )
+            else:
+                log.error(
+                    "another device plugin serves this resource: not registering it (two plugins for one "
+                    "resource make the kubelet flap); remove one, or pass --device-plugin-take-over",
+                    resource=plugin.state.name,
+                    socket=found,
+                )
+            plugin.conflict = found
+        return found is not None and not self._take_over
 
     @staticmethod
     def _backoff(plugin: _Plugin) -> None:

@@ -80,7 +80,9 @@ class PluginProcess:
         self._inventory = Inventory(driver_version="", gpus=())
         self._lock = threading.Lock()
         self.stream = VerdictStream(cfg.state_dir, parent_of=self._parent_of)
-        self.manager = DevicePluginManager(plugin_config(cfg), self.inventory, self.stream)
+        self.manager = DevicePluginManager(
+            plugin_config(cfg), self.inventory, self.stream, take_over=cfg.device_plugin_take_over
+        )
         self.ctx = RenderContext(cfg.host_label, os.environ.get("NODE_NAME") or os.uname().nodename)
         self._exposition = Exposition(b"", gzip.compress(b""), 0.0)
         self._rediscover = threading.Event()

@@ -12,7 +12,8 @@ from exporter.deviceplugin.server import OPTIONS
 
 API_VERSION = "v1beta1"
 KUBELET_SOCKET = "kubelet.sock"
-REGISTER_TIMEOUT_S = 5.0
+# At least 15 s: inside Register the kubelet dials our socket back and calls GetDevicePluginOptions.
+REGISTER_TIMEOUT_S = 15.0
 
 KubeletIdentity = tuple[int, int, int]
 

@@ -3,12 +3,13 @@
 Concurrency choice: a *sync* grpc.server with a bounded thread pool, not grpc.aio. The rest of the
 exporter is threads (collector, event thread, health engine callbacks), and the only long-lived RPC is
 ListAndWatch, of which the kubelet holds exactly one per registered endpoint. Each server therefore
-gets `_WORKERS` threads and admits at most `_MAX_STREAMS` concurrent ListAndWatch streams (the kubelet's
-plus slack for a re-registration overlap or a debugging client); a further stream is refused with
-RESOURCE_EXHAUSTED, so at least `_WORKERS - _MAX_STREAMS` threads always remain for Allocate and
-GetPreferredAllocation, which the kubelet calls without a timeout. grpc.aio would avoid pinning
-threads but would add an event loop thread plus cross-thread hand-offs for every health change,
-for no benefit at one stream per resource.
+gets `_WORKERS` threads and keeps at most `_MAX_STREAMS` concurrent ListAndWatch streams (the kubelet's
+plus slack for a re-registration overlap or a debugging client); a further stream is served and the
+*oldest* one is ended, never the newest: the kubelet's newest stream is the one its current endpoint
+reads, and refusing it would take the resource away. So at least `_WORKERS - _MAX_STREAMS` threads
+always remain for Allocate and GetPreferredAllocation, which the kubelet calls without a timeout.
+grpc.aio would avoid pinning threads but would add an event loop thread plus cross-thread hand-offs
+for every health change, for no benefit at one stream per resource.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -66,6 +68,20 @@ class ResourceState:
         self._nvlink: frozenset[tuple[str, str]] = frozenset()
         self._message = pb.ListAndWatchResponse()
         self._allocations = dict.fromkeys(RESULTS, 0)
+        # Open ListAndWatch streams (every server generation) and when the last one ended: the manager
+        # re-registers when the kubelet closed our stream and did not open another.
+        self.streams_open = 0
+        self.last_stream_change = time.monotonic()
+
+    def stream_opened(self) -> None:
+        with self._cond:
+            self.streams_open += 1
+            self.last_stream_change = time.monotonic()
+
+    def stream_closed(self) -> None:
+        with self._cond:
+            self.streams_open -= 1
+            self.last_stream_change = time.monotonic()
 
     def publish(self, devices: ResourceDevices, health: dict[str, bool], nvlink: frozenset[tuple[str, str]]) -> bool:
         """Install a new device list; wake the streams only when what the kubelet sees changed."""
@@ -131,7 +147,7 @@ class DevicePluginServicer:
         self._cdi = device_list_strategy == "cdi"
         self._lock = threading.Lock()
         self._closed = False
-        self._streams = 0
+        self._streams: list[threading.Event] = []  # open streams, oldest first; set() ends one
 
     def close(self) -> None:
         """End this generation's streams (the server is being replaced or stopped)."""
@@ -143,27 +159,33 @@ class DevicePluginServicer:
         return OPTIONS
 
     def ListAndWatch(self, request: pb.Empty, context: Any) -> Iterator[pb.ListAndWatchResponse]:
+        ended = threading.Event()
         with self._lock:
-            if self._closed or self._streams >= _MAX_STREAMS:
-                context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"{self._state.name}: too many ListAndWatch streams or plugin shutting down",
-                )
-            self._streams += 1
+            if self._closed:
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"{self._state.name}: plugin shutting down")
+            superseded = self._streams[: max(0, len(self._streams) - _MAX_STREAMS + 1)]
+            self._streams.append(ended)
+        for old in superseded:  # the newest stream is the kubelet's current one: end the oldest instead
+            log.warning("device plugin ListAndWatch: too many streams, ending the oldest", resource=self._state.name)
+            old.set()
+        if superseded:
+            self._state.wake()
+        self._state.stream_opened()
         # A cancelled stream (kubelet gone) must not wait for the next health change to free its thread.
         context.add_callback(self._state.wake)
         log.info("device plugin ListAndWatch opened", resource=self._state.name)
         try:
             seen = 0
             while True:
-                nxt = self._state.wait_newer(seen, lambda: self._closed or not context.is_active())
+                nxt = self._state.wait_newer(seen, lambda: self._closed or ended.is_set() or not context.is_active())
                 if nxt is None:
                     return
                 seen, message = nxt
                 yield message
         finally:
             with self._lock:
-                self._streams -= 1
+                self._streams.remove(ended)
+            self._state.stream_closed()
             log.info("device plugin ListAndWatch closed", resource=self._state.name)
 
     def GetPreferredAllocation(
