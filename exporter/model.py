@@ -56,6 +56,30 @@ class Gpu:
         return next((value for key, value in self.attributes if key == source), None)
 
 
+# PCIe topology levels as nvmlDeviceGetTopologyCommonAncestor reports them (nvmlGpuTopologyLevel_t).
+TOPOLOGY_INTERNAL = 0  # the same board (e.g. the two GPUs of one card)
+TOPOLOGY_SINGLE = 10  # behind one PCIe switch
+TOPOLOGY_MULTIPLE = 20  # behind several switches, no host bridge crossed
+TOPOLOGY_HOSTBRIDGE = 30  # under the same host bridge
+TOPOLOGY_NODE = 40  # the same NUMA node (NVML_TOPOLOGY_CPU in older headers)
+TOPOLOGY_SYSTEM = 50  # across the CPU interconnect (SMP link between sockets)
+
+
+@dataclass(frozen=True)
+class GpuLink:
+    """How two GPUs reach each other: one unordered pair, UUIDs sorted (`a < b`).
+
+    `nvlinks` counts the active NVLink links between them: direct links to the peer, or through an
+    NVSwitch fabric the fewer of the two GPUs' switch links (what one GPU can push to the other).
+    `pcie` is the PCIe topology level (`TOPOLOGY_*`), None when NVML could not say.
+    """
+
+    a: str
+    b: str
+    nvlinks: int = 0
+    pcie: int | None = None
+
+
 @dataclass(frozen=True)
 class Inventory:
     """Everything discovery found, in NVML index order."""
@@ -69,6 +93,9 @@ class Inventory:
     # supported, 2 GPU not supported, 3 topology not supported, 4 disabled by regkey, 5 not supported,
     # 6 unknown) for every ordered pair the backend could ask about; empty when it cannot ask.
     p2p_status: tuple[tuple[str, str, int], ...] = ()
+    # Per GPU pair topology (NVLink link count, PCIe level), sorted by (a, b); empty when unknown. Read
+    # once at discovery; the device plugin's preferred allocation scores GPU sets with it.
+    links: tuple[GpuLink, ...] = ()
 
     def gpu_by_uuid(self, uuid: str) -> Gpu | None:
         for gpu in self.gpus:

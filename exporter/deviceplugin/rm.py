@@ -20,22 +20,17 @@ underlying device's health: one fenced GPU makes every replica Unhealthy.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from itertools import combinations
+from dataclasses import dataclass, field
 
 from exporter.deviceplugin.config import DevicePluginConfig, mig_resource_name
+from exporter.deviceplugin.placement import EMPTY, Topology, Unit, choose_aligned, choose_distributed, choose_mig
 from exporter.health.verdict import HealthView
 from exporter.model import Gpu, Inventory, MigDevice
 
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
 REPLICA_SEPARATOR = "::"
-
-# Above this many candidate subsets GetPreferredAllocation switches from exhaustive search to seeded
-# greedy: 8 GPUs choose 4 is 70 subsets, 16 choose 8 is 12870 (too slow for a call without timeout).
-_EXHAUSTIVE_LIMIT = 1000
 
 
 @dataclass(frozen=True)
@@ -72,6 +67,8 @@ class ResourcePlan:
     resources: Mapping[str, ResourceDevices]
     nvlink_pairs: frozenset[tuple[str, str]]
     problems: tuple[str, ...] = ()  # why devices are withheld (layout invalid for the MIG strategy)
+    # Pair scores of the GPUs (NVLink links, PCIe level) for GetPreferredAllocation, built once here.
+    topology: Topology = field(default=EMPTY)
 
 
 @dataclass(frozen=True)
@@ -143,7 +140,12 @@ def build_plan(inventory: Inventory, config: DevicePluginConfig) -> ResourcePlan
                 )
             )
     resources = {name: ResourceDevices(name, devs, replicated) for name, devs in grouped.items()}
-    return ResourcePlan(resources=resources, nvlink_pairs=inventory.nvlink_pairs, problems=tuple(problems))
+    return ResourcePlan(
+        resources=resources,
+        nvlink_pairs=inventory.nvlink_pairs,
+        problems=tuple(problems),
+        topology=Topology.from_inventory(inventory),
+    )
 
 
 def device_health(plan: ResourcePlan, health: HealthView) -> dict[str, dict[str, bool]]:
@@ -175,29 +177,24 @@ def _dedup(ids: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def _linked(a: AdvertisedDevice, b: AdvertisedDevice, nvlink: frozenset[tuple[str, str]]) -> bool:
-    pair = (a.gpu_uuid, b.gpu_uuid) if a.gpu_uuid <= b.gpu_uuid else (b.gpu_uuid, a.gpu_uuid)
-    return pair in nvlink
-
-
-def _same_numa(a: AdvertisedDevice, b: AdvertisedDevice) -> bool:
-    return a.numa_node is not None and a.numa_node == b.numa_node
-
-
 def preferred_allocation(
     res: ResourceDevices,
-    nvlink: frozenset[tuple[str, str]],
+    topology: Topology | frozenset[tuple[str, str]],
     available: Sequence[str],
     must_include: Sequence[str],
     size: int,
 ) -> list[str]:
-    """Best `size` IDs out of `available`, always containing `must_include`.
+    """Best `size` IDs out of `available`, always containing `must_include` (rules: `placement`).
 
-    Whole devices ("aligned"): maximise NVLink-connected pairs, then same-NUMA pairs, then prefer the
-    lowest device order (stable answers). Replicas ("distributed", NVIDIA's default policy): spread
-    over the physical GPUs with the fewest replicas already allocated, so time-sliced pods do not pile
-    onto one GPU while others idle; ties go to GPUs NVLinked / NUMA-close to the ones already picked.
+    Whole GPUs: go-gpuallocator's best-effort choice over whole splits of the available GPUs, with
+    NVSwitch links counted and ties going to partly used islands (`placement.choose_aligned`). MIG
+    devices: as few parent GPUs as possible, best fit (`placement.choose_mig`). Replicas: NVIDIA's
+    distributed policy, ties by topology (`placement.choose_distributed`). `topology` may still be
+    a bare set of NVLinked pairs (then one link each, NUMA from the devices).
     """
+    if not isinstance(topology, Topology):
+        numa = {d.gpu_uuid: d.numa_node for d in res.devices}
+        topology = Topology(nvlink_pairs=topology, numa=numa)
     must = _dedup(must_include)
     if size <= len(must):
         return must
@@ -210,93 +207,49 @@ def preferred_allocation(
     if len(candidates) <= need:
         picks = candidates
     elif res.replicated:
-        picks = _distributed(res, nvlink, candidates, chosen, need)
+        picks = _by_unit(res, topology, candidates, chosen, need, replicas=True)
+    elif any(d.uuid != d.gpu_uuid for d in (*candidates, *chosen)):
+        picks = _by_unit(res, topology, candidates, chosen, need, replicas=False)
     else:
-        picks = _aligned(nvlink, candidates, chosen, need)
+        picks = _aligned(res, topology, candidates, chosen, need)
     result = must + [d.id for d in picks]
     return result + unknown[: size - len(result)]
 
 
 def _aligned(
-    nvlink: frozenset[tuple[str, str]],
-    candidates: list[AdvertisedDevice],
-    chosen: list[AdvertisedDevice],
-    need: int,
-) -> list[AdvertisedDevice]:
-    candidates = sorted(candidates, key=lambda d: d.order)
-
-    def gain(d: AdvertisedDevice, group: Sequence[AdvertisedDevice]) -> tuple[int, int]:
-        return (sum(_linked(d, o, nvlink) for o in group), sum(_same_numa(d, o) for o in group))
-
-    def score(picks: Iterable[AdvertisedDevice]) -> tuple[int, int, tuple[int, ...]]:
-        picks = list(picks)
-        links = numa = 0
-        group = list(chosen)
-        for d in picks:
-            g = gain(d, group)
-            links += g[0]
-            numa += g[1]
-            group.append(d)
-        # max() picks the highest: negate orders so that lower device orders win ties.
-        return (links, numa, tuple(-d.order for d in sorted(picks, key=lambda d: d.order)))
-
-    if math.comb(len(candidates), need) <= _EXHAUSTIVE_LIMIT:
-        return list(max(combinations(candidates, need), key=score))
-
-    # Seeded greedy: from each possible first pick, add the candidate with the best marginal gain.
-    best: list[AdvertisedDevice] = []
-    best_score: tuple[int, int, tuple[int, ...]] | None = None
-    for seed in candidates:
-        picks = [seed]
-        rest = [c for c in candidates if c is not seed]
-        while len(picks) < need:
-            group = chosen + picks
-            nxt = max(rest, key=lambda c: (*gain(c, group), -c.order))
-            picks.append(nxt)
-            rest.remove(nxt)
-        s = score(picks)
-        if best_score is None or s > best_score:
-            best, best_score = picks, s
-    return best
-
-
-def _distributed(
     res: ResourceDevices,
-    nvlink: frozenset[tuple[str, str]],
+    topology: Topology,
     candidates: list[AdvertisedDevice],
     chosen: list[AdvertisedDevice],
     need: int,
 ) -> list[AdvertisedDevice]:
-    # Replicas of a GPU that are neither available nor being placed now are already allocated to pods.
-    total: dict[str, int] = {}
+    # Whole GPUs without replicas: one device per physical GPU, so GPU UUIDs stand for the devices.
+    ordered = sorted(candidates, key=lambda d: d.order)
+    by_gpu = {d.gpu_uuid: d for d in ordered}
+    taken = {d.gpu_uuid for d in (*ordered, *chosen)}
+    in_use = [d.gpu_uuid for d in res.devices if d.gpu_uuid not in taken]
+    required = [d.gpu_uuid for d in chosen]
+    picked = choose_aligned(topology, list(by_gpu), required, len(required) + need, in_use)
+    return [by_gpu[g] for g in picked[len(required) :]]
+
+
+def _by_unit(
+    res: ResourceDevices,
+    topology: Topology,
+    candidates: list[AdvertisedDevice],
+    chosen: list[AdvertisedDevice],
+    need: int,
+    replicas: bool,
+) -> list[AdvertisedDevice]:
+    # Replicas group by the underlying device (GPU or MIG: NVIDIA's AnnotatedID.GetID), MIG devices
+    # by their parent GPU.
+    def unit(d: AdvertisedDevice) -> Unit:
+        return Unit(d.id, d.uuid if replicas else d.gpu_uuid, d.gpu_uuid, d.order)
+
+    totals: dict[str, int] = {}
     for d in res.devices:
-        total[d.gpu_uuid] = total.get(d.gpu_uuid, 0) + 1
-    free: dict[str, list[AdvertisedDevice]] = {}
-    for d in sorted(candidates, key=lambda d: d.order):
-        free.setdefault(d.gpu_uuid, []).append(d)
-    # must_include replicas are not in `free`, so they already count as allocated on their GPU.
-    allocated = {g: total.get(g, 0) - len(ds) for g, ds in free.items()}
-    picked: dict[str, int] = {}
-    for d in chosen:
-        picked[d.gpu_uuid] = picked.get(d.gpu_uuid, 0) + 1
-    group = list(chosen)
-    out: list[AdvertisedDevice] = []
-    for _ in range(need):
-
-        def rank(g: str) -> tuple[int, int, int, int, int]:
-            head = free[g][0]
-            return (
-                allocated[g],
-                picked.get(g, 0),
-                -sum(_linked(head, o, nvlink) for o in group),
-                -sum(_same_numa(head, o) for o in group),
-                head.order,
-            )
-
-        g = min((g for g, ds in free.items() if ds), key=rank)
-        d = free[g].pop(0)
-        allocated[g] += 1
-        picked[g] = picked.get(g, 0) + 1
-        group.append(d)
-        out.append(d)
-    return out
+        g = unit(d).group
+        totals[g] = totals.get(g, 0) + 1
+    choose = choose_distributed if replicas else choose_mig
+    picks = choose(topology, [unit(d) for d in candidates], [unit(d) for d in chosen], need, totals)
+    return [res.by_id[u.id] for u in picks]

@@ -156,8 +156,12 @@ def test_preferred_picks_nvlink_island() -> None:
     plan = build_plan(inv, cfg())  # type: ignore[arg-type]
     res = plan.resources["nvidia.com/gpu"]
     available = [uuid(i) for i in (0, 4, 5, 1, 6, 7)]
-    got = preferred_allocation(res, plan.nvlink_pairs, available, [], 3)
-    assert sorted(got) == [uuid(4), uuid(5), uuid(6)]  # the only 3 mutually linked available GPUs besides 0,1
+    got = preferred_allocation(res, plan.topology, available, [], 3)
+    # {4,5,6} and {4,5,7} are both mutually linked; taking 7 leaves {0,1,6} with two links (0-1, 1-6)
+    # for the next request, taking 6 only one (go-gpuallocator's best split of the available GPUs).
+    assert sorted(got) == [uuid(4), uuid(5), uuid(7)]
+    # A bare set of NVLinked pairs (the older argument) still works, with the same answer.
+    assert preferred_allocation(res, plan.nvlink_pairs, available, [], 3) == got
     got = preferred_allocation(res, plan.nvlink_pairs, available, [uuid(0)], 2)
     assert got == [uuid(0), uuid(1)]  # must_include first, then its NVLink peer
 
