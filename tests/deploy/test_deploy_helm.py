@@ -52,7 +52,7 @@ def validate_crd(doc: dict[str, Any]) -> None:
         }
         assert spec["selector"]["matchLabels"] and spec["endpoints"]
         for ep in spec["endpoints"]:
-            assert ep["port"] == "metrics" and ep["path"] == "/metrics"
+            assert ep["port"] in ("metrics", "plugin-metrics") and ep["path"] == "/metrics"
             assert set(ep) <= {
                 "port",
                 "path",
@@ -89,14 +89,23 @@ def daemonset(rendered: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return ds
 
 
-def container(ds: dict[str, Any]) -> dict[str, Any]:
-    (c,) = ds["spec"]["template"]["spec"]["containers"]
+def container(ds: dict[str, Any], name: str = "exporter") -> dict[str, Any]:
+    (c,) = [c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == name]
     result: dict[str, Any] = c
     return result
 
 
-def mounts(ds: dict[str, Any]) -> dict[str, str]:
-    return {m["name"]: m["mountPath"] for m in container(ds)["volumeMounts"]}
+def container_names(ds: dict[str, Any]) -> list[str]:
+    return [c["name"] for c in ds["spec"]["template"]["spec"]["containers"]]
+
+
+def mounts(ds: dict[str, Any], name: str = "exporter") -> dict[str, str]:
+    return {m["name"]: m["mountPath"] for m in container(ds, name)["volumeMounts"]}
+
+
+def pod_spec(ds: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = ds["spec"]["template"]["spec"]
+    return spec
 
 
 def rbac_rules(rendered: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -161,7 +170,7 @@ def test_daemonset_basics(values: dict[str, Any]) -> None:
     pod = ds["spec"]["template"]["spec"]
     c = container(ds)
     assert pod["priorityClassName"] == "system-node-critical"
-    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["nodeSelector"]["nvidia.com/gpu.present"] == "true"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     env = {e["name"]: e for e in c["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
@@ -179,18 +188,99 @@ def test_daemonset_basics(values: dict[str, Any]) -> None:
     assert mounts(ds)["state"] == "/var/lib/gpu-health-exporter"
     assert "--state-dir=/var/lib/gpu-health-exporter" in c["args"]
     (svc,) = by_kind(render_chart(values), "Service")
-    assert svc["spec"]["ports"] == [{"name": "metrics", "port": 9400, "targetPort": "metrics", "protocol": "TCP"}]
+    assert svc["spec"]["ports"][0] == {"name": "metrics", "port": 9400, "targetPort": "metrics", "protocol": "TCP"}
 
 
 def test_device_plugin_toggle() -> None:
     off = daemonset(render_chart({"devicePlugin": {"enabled": False}}))
+    assert container_names(off) == ["exporter"]
     assert "device-plugins" not in mounts(off)
+    assert not [v for v in pod_spec(off)["volumes"] if v["name"] == "device-plugins"]
     assert not [a for a in container(off)["args"] if a.startswith("--device-plugin")]
-    on = daemonset(render_chart({"devicePlugin": {"enabled": True, "migStrategy": "mixed", "replicas": 4}}))
+    # In-process (small setups): the exporter serves the plugin itself, as before the split.
+    inproc = {"enabled": True, "inProcess": True, "migStrategy": "mixed", "replicas": 4}
+    on = daemonset(render_chart({"devicePlugin": inproc}))
+    assert container_names(on) == ["exporter"]
     assert mounts(on)["device-plugins"] == "/var/lib/kubelet/device-plugins"
     args = container(on)["args"]
     assert {"--device-plugin", "--resource-name=nvidia.com/gpu", "--mig-strategy=mixed", "--replicas=4"} <= set(args)
     assert container(on)["securityContext"]["runAsUser"] == 0
+
+
+PLUGIN_VALUES: dict[str, Any] = {
+    "devicePlugin": {"enabled": True, "migStrategy": "mixed", "replicas": 4, "deviceListStrategy": "cdi"}
+}
+
+
+def test_device_plugin_runs_as_its_own_container() -> None:
+    rendered = render_chart(PLUGIN_VALUES)
+    ds = daemonset(rendered)
+    assert container_names(ds) == ["exporter", "device-plugin"]
+    exporter, plugin = container(ds), container(ds, "device-plugin")
+    # The exporter no longer serves the plugin nor sees the kubelet's device-plugins directory.
+    assert not [a for a in exporter["args"] if a.startswith("--device-plugin")]
+    assert not [a for a in exporter["args"] if a.startswith(("--resource-name", "--mig-strategy", "--replicas"))]
+    assert "device-plugins" not in mounts(ds)
+    assert plugin["image"] == exporter["image"]
+    assert plugin["command"] == ["python", "-m", "exporter"]
+    assert plugin["args"] == [
+        "device-plugin",
+        "--address=:9402",
+        "--state-dir=/var/lib/gpu-health-exporter",
+        "--resource-name=nvidia.com/gpu",
+        "--device-plugin-dir=/var/lib/kubelet/device-plugins",
+        "--mig-strategy=mixed",
+        "--replicas=4",
+        "--device-list-strategy=cdi",
+    ]
+    assert "--state-dir=/var/lib/gpu-health-exporter" in exporter["args"]
+    assert plugin["ports"] == [{"name": "plugin-metrics", "containerPort": 9402, "protocol": "TCP"}]
+    for probe, path in (("livenessProbe", "/health"), ("readinessProbe", "/ready")):
+        assert plugin[probe]["httpGet"] == {"path": path, "port": "plugin-metrics", "scheme": "HTTP"}
+        # Separate probes: the exporter's liveness restarts only the exporter.
+        assert exporter[probe]["httpGet"]["port"] == "metrics"
+    # The kubelet's directory in the plugin container only; the state dir shared, read-only there.
+    plugin_mounts = {m["name"]: m for m in plugin["volumeMounts"]}
+    assert plugin_mounts["device-plugins"]["mountPath"] == "/var/lib/kubelet/device-plugins"
+    assert plugin_mounts["device-plugins"].get("readOnly", False) is False
+    assert plugin_mounts["state"] == {
+        "name": "state",
+        "mountPath": "/var/lib/gpu-health-exporter",
+        "readOnly": True,
+    }
+    assert mounts(ds)["state"] == "/var/lib/gpu-health-exporter"
+    assert "pod-resources" not in plugin_mounts
+    volumes = {v["name"]: v for v in pod_spec(ds)["volumes"]}
+    assert volumes["device-plugins"]["hostPath"] == {"path": "/var/lib/kubelet/device-plugins", "type": "Directory"}
+    # The control socket is 0600 for the exporter's user and root without capabilities cannot
+    # override that: both containers run as the same user.
+    for c in (exporter, plugin):
+        sc = c["securityContext"]
+        assert sc["runAsUser"] == 0 and sc["capabilities"] == {"drop": ["ALL"]}
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    (svc,) = by_kind(rendered, "Service")
+    assert {"name": "plugin-metrics", "port": 9402, "targetPort": "plugin-metrics", "protocol": "TCP"} in svc["spec"][
+        "ports"
+    ]
+
+
+def test_device_plugin_needs_the_state_dir() -> None:
+    with pytest.raises(HelmRenderError, match="needs health.stateDir"):
+        render_chart({**PLUGIN_VALUES, "health": {"stateDir": ""}})
+    ds = daemonset(render_chart({"devicePlugin": {"enabled": True, "inProcess": True}, "health": {"stateDir": ""}}))
+    assert container_names(ds) == ["exporter"]
+
+
+def test_service_monitor_scrapes_the_plugin_under_its_own_job() -> None:
+    (monitor,) = by_kind(render_chart({**PLUGIN_VALUES, "serviceMonitor": {"enabled": True}}), "ServiceMonitor")
+    exporter_ep, plugin_ep = monitor["spec"]["endpoints"]
+    assert exporter_ep["port"] == "metrics" and exporter_ep["honorLabels"] is True
+    assert plugin_ep["port"] == "plugin-metrics" and plugin_ep["path"] == "/metrics"
+    assert plugin_ep["honorLabels"] is False
+    # The alert rules and the "Exporters up" panel count up{job="gpu-health-exporter"}: one per node.
+    assert {"targetLabel": "job", "replacement": "gpu-health-exporter-device-plugin"} in plugin_ep["relabelings"]
+    (alone,) = by_kind(render_chart({"serviceMonitor": {"enabled": True}}), "ServiceMonitor")
+    assert [ep["port"] for ep in alone["spec"]["endpoints"]] == ["metrics"]
 
 
 def test_non_root_when_no_kubelet_socket_is_needed() -> None:

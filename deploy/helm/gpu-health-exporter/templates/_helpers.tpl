@@ -65,3 +65,37 @@ app.kubernetes.io/part-of: gpu-health-exporter
 {{- define "gpu-health-exporter.needsApi" -}}
 {{- if or (and .Values.podMapping.enabled (or .Values.podMapping.enablePodLabels .Values.podMapping.dra)) .Values.health.nodeStatus }}true{{ end }}
 {{- end }}
+
+{{/* "true" when the device plugin runs as its own container (the `device-plugin` subcommand) beside
+     the exporter, rather than inside the exporter process. */}}
+{{- define "gpu-health-exporter.pluginContainer" -}}
+{{- if and .Values.devicePlugin.enabled (not .Values.devicePlugin.inProcess) }}true{{ end }}
+{{- end }}
+
+{{/* The pod's nodeSelector: the user's, plus the GPU Operator's deploy label for what this pod runs.
+     nodeSelector (not affinity): the operator's MIG manager and driver manager look for third-party
+     GPU clients by nodeSelector key (nvidia.com/gpu.deploy.client), and an exact "true" makes any
+     paused-for-* value exclude the node. */}}
+{{- define "gpu-health-exporter.nodeSelector" -}}
+{{- $selector := deepCopy (.Values.nodeSelector | default dict) }}
+{{- with .Values.gpuOperator }}
+{{- if .enabled }}
+{{- if $.Values.devicePlugin.enabled }}
+{{- $_ := set $selector .devicePluginLabel "true" }}
+{{- else }}
+{{- $_ := set $selector .exporterLabel "true" }}
+{{- end }}
+{{- if .gpuClientLabel }}
+{{- $_ := set $selector "nvidia.com/gpu.deploy.client" "true" }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if $selector }}{{ toYaml $selector }}{{ end }}
+{{- end }}
+
+{{/* The pod's RuntimeClass: `runtimeClassName`, else the operator's when gpuOperator.enabled. */}}
+{{- define "gpu-health-exporter.runtimeClassName" -}}
+{{- if .Values.runtimeClassName }}{{ .Values.runtimeClassName }}
+{{- else if .Values.gpuOperator.enabled }}{{ .Values.gpuOperator.runtimeClassName }}
+{{- end }}
+{{- end }}
