@@ -265,7 +265,7 @@ def test_device_plugin_runs_as_its_own_container() -> None:
 
 
 def test_device_plugin_needs_the_state_dir() -> None:
-    with pytest.raises(HelmRenderError, match="needs health.stateDir"):
+    with pytest.raises(HelmRenderError, match=r"needs health\.stateDir"):
         render_chart({**PLUGIN_VALUES, "health": {"stateDir": ""}})
     ds = daemonset(render_chart({"devicePlugin": {"enabled": True, "inProcess": True}, "health": {"stateDir": ""}}))
     assert container_names(ds) == ["exporter"]
@@ -407,3 +407,140 @@ def test_values_cover_every_feature() -> None:
     for feature in ["podMapping", "devicePlugin", "serviceMonitor", "prometheusRule", "dashboards"]:
         assert full[feature]["enabled"] is True, feature
     assert full["health"]["nodeStatus"] is True
+
+
+# --- NVIDIA GPU Operator integration ---
+
+# What the operator puts on a GPU node (gpu-operator controllers/state_manager.go gpuStateLabels, the
+# "container" workload config), trimmed to the labels that matter here.
+OPERATOR_NODE = {
+    "nvidia.com/gpu.present": "true",
+    "nvidia.com/gpu.deploy.device-plugin": "true",
+    "nvidia.com/gpu.deploy.dcgm-exporter": "true",
+    "nvidia.com/gpu.deploy.gpu-feature-discovery": "true",
+    "nvidia.com/gpu.deploy.dcgm": "true",
+    "nvidia.com/gpu.deploy.client": "true",
+}
+# The labels mig-manager (mig-parted pkg/mig/reconfigure shutdownKubernetesGPUClients) and the driver
+# manager (k8s-driver-manager evictAllGPUOperatorComponents) flip to evict GPU clients.
+EVICTION_LABELS = (
+    "nvidia.com/gpu.deploy.device-plugin",
+    "nvidia.com/gpu.deploy.dcgm-exporter",
+    "nvidia.com/gpu.deploy.gpu-feature-discovery",
+    "nvidia.com/gpu.deploy.dcgm",
+    "nvidia.com/gpu.deploy.client",
+)
+
+
+def paused(node: dict[str, str], value: str) -> dict[str, str]:
+    """The node's labels while a component pause is in progress (maybeSetPaused: "false" stays)."""
+    return {k: (value if k in EVICTION_LABELS and v != "false" else v) for k, v in node.items()}
+
+
+def _matches(expr: dict[str, Any], labels: dict[str, str]) -> bool:
+    key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+    if op == "In":
+        return labels.get(key) in values
+    if op == "NotIn":
+        return labels.get(key) not in values
+    if op == "Exists":
+        return key in labels
+    if op == "DoesNotExist":
+        return key not in labels
+    raise AssertionError(f"operator {op} not modelled")
+
+
+def schedulable(pod: dict[str, Any], labels: dict[str, str]) -> bool:
+    """The scheduler's (and the DaemonSet controller's) node filter: nodeSelector and required node
+    affinity. A DaemonSet pod on a node that stops matching is deleted."""
+    if any(labels.get(k) != v for k, v in pod.get("nodeSelector", {}).items()):
+        return False
+    required = pod.get("affinity", {}).get("nodeAffinity", {}).get("requiredDuringSchedulingIgnoredDuringExecution")
+    if required:
+        return any(
+            all(_matches(e, labels) for e in term.get("matchExpressions", [])) for term in required["nodeSelectorTerms"]
+        )
+    return True
+
+
+OPERATOR: dict[str, Any] = {"gpuOperator": {"enabled": True}}
+
+
+def test_without_the_operator_no_deploy_labels_and_no_runtime_class() -> None:
+    for vals in ({}, PLUGIN_VALUES):
+        pod = pod_spec(daemonset(render_chart(vals)))
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert "affinity" not in pod and "runtimeClassName" not in pod
+        assert schedulable(pod, {"nvidia.com/gpu.present": "true"})
+
+
+def test_operator_selects_the_deploy_label_of_each_workload() -> None:
+    plugin = pod_spec(daemonset(render_chart({**OPERATOR, **PLUGIN_VALUES})))
+    assert plugin["nodeSelector"] == {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.deploy.device-plugin": "true"}
+    metrics_only = pod_spec(daemonset(render_chart(OPERATOR)))
+    assert metrics_only["nodeSelector"] == {
+        "nvidia.com/gpu.present": "true",
+        "nvidia.com/gpu.deploy.dcgm-exporter": "true",
+    }
+    inproc = pod_spec(daemonset(render_chart({**OPERATOR, "devicePlugin": {"enabled": True, "inProcess": True}})))
+    assert inproc["nodeSelector"]["nvidia.com/gpu.deploy.device-plugin"] == "true"
+    for pod in (plugin, metrics_only, inproc):
+        assert pod["runtimeClassName"] == "nvidia"
+        assert schedulable(pod, OPERATOR_NODE)
+    # The user's selector stays (Helm merges it into the default one); the deploy label is added to it.
+    custom = pod_spec(daemonset(render_chart({**OPERATOR, "nodeSelector": {"pool": "gpu"}})))
+    assert custom["nodeSelector"] == {
+        "nvidia.com/gpu.present": "true",
+        "pool": "gpu",
+        "nvidia.com/gpu.deploy.dcgm-exporter": "true",
+    }
+    # gpuClientLabel: the key the MIG manager and the driver manager wait on (nodeSelector keys only).
+    client = pod_spec(daemonset(render_chart({"gpuOperator": {"enabled": True, "gpuClientLabel": True}})))
+    assert client["nodeSelector"]["nvidia.com/gpu.deploy.client"] == "true"
+    assert "nvidia.com/gpu.deploy.client" not in metrics_only["nodeSelector"]
+
+
+def test_runtime_class_name() -> None:
+    def runtime_class(vals: dict[str, Any]) -> str | None:
+        name: str | None = pod_spec(daemonset(render_chart(vals))).get("runtimeClassName")
+        return name
+
+    assert runtime_class({}) is None
+    assert runtime_class({"runtimeClassName": "nvidia-cdi"}) == "nvidia-cdi"
+    assert runtime_class(OPERATOR) == "nvidia"
+    assert runtime_class({**OPERATOR, "runtimeClassName": "custom"}) == "custom"  # explicit wins
+    # CRI-O without CDI or the NRI plugin: the operator sets no RuntimeClass on its own pods either.
+    assert runtime_class({"gpuOperator": {"enabled": True, "runtimeClassName": ""}}) is None
+
+
+@pytest.mark.parametrize("pause", ["paused-for-mig-change", "paused-for-driver-upgrade", "false"])
+def test_operator_pause_makes_our_pods_leave_the_node(pause: str) -> None:
+    """MIG manager / driver manager: they set the deploy labels to paused-for-* and wait for the GPU
+    clients to go before touching the GPUs. The selector requires exactly "true", so any other value
+    makes the node unschedulable and the DaemonSet controller deletes our pod (closing its NVML
+    handles); back to "true" afterwards brings it back."""
+    for vals in ({**OPERATOR, **PLUGIN_VALUES}, OPERATOR, {"gpuOperator": {"enabled": True, "gpuClientLabel": True}}):
+        pod = pod_spec(daemonset(render_chart(vals)))
+        assert schedulable(pod, OPERATOR_NODE)
+        assert not schedulable(pod, paused(OPERATOR_NODE, pause))
+        # The label that carries the protocol for this workload requires "true" on its own.
+        key = (
+            "nvidia.com/gpu.deploy.device-plugin"
+            if vals.get("devicePlugin", {}).get("enabled")
+            else "nvidia.com/gpu.deploy.dcgm-exporter"
+        )
+        assert pod["nodeSelector"][key] == "true"
+        assert not schedulable(pod, {**OPERATOR_NODE, key: pause})
+        # A second pause while the first one is in progress (driver manager appends its own suffix).
+        assert not schedulable(pod, {**OPERATOR_NODE, key: f"{pause}_paused-for-driver-upgrade"})
+
+
+def test_mig_change_pauses_the_plugin_pod() -> None:
+    """The MIG flow with the operator values: mig-manager's shutdown sets
+    nvidia.com/gpu.deploy.device-plugin=paused-for-mig-change; the plugin-carrying pod must not run
+    there until the label is "true" again."""
+    pod = pod_spec(daemonset(render_chart({**OPERATOR, **PLUGIN_VALUES})))
+    assert pod["nodeSelector"]["nvidia.com/gpu.deploy.device-plugin"] == "true"
+    during = {**OPERATOR_NODE, "nvidia.com/gpu.deploy.device-plugin": "paused-for-mig-change"}
+    assert not schedulable(pod, during)
+    assert schedulable(pod, {**during, "nvidia.com/gpu.deploy.device-plugin": "true"})  # maybeSetTrue
