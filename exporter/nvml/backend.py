@@ -29,6 +29,7 @@ from exporter.nvml.errors import (
 from exporter.nvml.events import NvmlEventSource
 from exporter.nvml.fieldvalues import FieldValueReader
 from exporter.nvml.gpm import GpmSampler
+from exporter.nvml.topology import TopologyReader
 
 log = structlog.get_logger("exporter.nvml")
 
@@ -60,6 +61,7 @@ class NvmlBackend:
         self._gpm = GpmSampler(self._symbols, self._discovery)
         self._field_values = FieldValueReader()
         self._calls = CallReader(self._symbols)
+        self._topology = TopologyReader()
         # id(fields), is_mig -> (fields, its split): the collector asks with the same tuple every cycle.
         self._plans: dict[tuple[int, bool], tuple[Sequence[FieldSpec], _Plan]] = {}
 
@@ -144,6 +146,7 @@ class NvmlBackend:
             nvml_version=self._nvml_version,
             nvlink_pairs=pairs,
             p2p_status=p2p,
+            links=self._topology.read(gpus, self._discovery.handle_for),
         )
 
     # -------------------------------------------------------------- reading

@@ -1218,13 +1218,29 @@ static nvmlReturn_t nvlink_check(const target *t, unsigned link)
     return NVML_SUCCESS;
 }
 
-static const fake_dev *nvlink_peer_of(const fake_dev *d, unsigned link)
+#define NVLINK_TO_SWITCH (-2)
+#define NVLINK_TO_NOTHING (-1)
+
+/* Where link l leads: an NVSwitch ("nvlink": "switch"), else the peers with a link width take their
+ * links first (position order), and the peers without one share the rest in turn. */
+static int nvlink_target(const fake_dev *d, unsigned link)
 {
-    int peers[MAX_DEV], n = 0;
-    for (int b = 0; b < g_ndev; b++)
-        if (d->nvlink_peer[b])
-            peers[n++] = b;
-    return n ? &g_dev[peers[link % (unsigned)n]] : NULL;
+    if (d->nvlink_switch)
+        return NVLINK_TO_SWITCH;
+    int shared[MAX_DEV], n = 0;
+    unsigned base = 0;
+    for (int b = 0; b < g_ndev; b++) {
+        if (!d->nvlink_peer[b])
+            continue;
+        if (d->nvlink_width[b]) {
+            if (link < base + d->nvlink_width[b])
+                return b;
+            base += d->nvlink_width[b];
+        } else {
+            shared[n++] = b;
+        }
+    }
+    return n ? shared[(link - base) % (unsigned)n] : NVLINK_TO_NOTHING;
 }
 
 EXPORT nvmlReturn_t nvmlDeviceGetNvLinkState(void *device, unsigned int link, int *active)
@@ -1232,7 +1248,7 @@ EXPORT nvmlReturn_t nvmlDeviceGetNvLinkState(void *device, unsigned int link, in
     ENTER(device, 0);
     nvmlReturn_t r = nvlink_check(&T, link);
     if (r == NVML_SUCCESS)
-        *active = 1;
+        *active = nvlink_target(T.d, link) != NVLINK_TO_NOTHING;
     OUT(r);
 }
 
@@ -1263,11 +1279,19 @@ EXPORT nvmlReturn_t nvmlDeviceGetNvLinkRemotePciInfo_v2(void *device, unsigned i
 {
     ENTER(device, 0);
     nvmlReturn_t r = nvlink_check(&T, link);
-    const fake_dev *peer = r == NVML_SUCCESS ? nvlink_peer_of(T.d, link) : NULL;
-    if (r == NVML_SUCCESS && !peer)
+    int to = r == NVML_SUCCESS ? nvlink_target(T.d, link) : NVLINK_TO_NOTHING;
+    if (r == NVML_SUCCESS && to == NVLINK_TO_NOTHING)
         r = NVML_ERROR_NOT_SUPPORTED;
-    if (r == NVML_SUCCESS)
-        fill_pci(peer, pci);
+    if (r == NVML_SUCCESS && to == NVLINK_TO_SWITCH) {
+        /* four NVSwitches in PCI domain 1 (an HGX H100 board has four), links spread over them */
+        fake_dev sw;
+        memset(&sw, 0, sizeof(sw));
+        snprintf(sw.pci, sizeof(sw.pci), "00000001:%02X:00.0", link % 4);
+        sw.pci_device_id = 0x22A310DE;
+        fill_pci(&sw, pci);
+    } else if (r == NVML_SUCCESS) {
+        fill_pci(&g_dev[to], pci);
+    }
     OUT(r);
 }
 
@@ -1276,8 +1300,38 @@ EXPORT nvmlReturn_t nvmlDeviceGetNvLinkRemoteDeviceType(void *device, unsigned i
     ENTER(device, 0);
     nvmlReturn_t r = nvlink_check(&T, link);
     if (r == NVML_SUCCESS)
-        *type = 0; /* NVML_NVLINK_DEVICE_TYPE_GPU */
+        *type = nvlink_target(T.d, link) == NVLINK_TO_SWITCH ? 2 : 0; /* NVML_NVLINK_DEVICE_TYPE_SWITCH, _GPU */
     OUT(r);
+}
+
+/* nvmlGpuTopologyLevel_t of two GPUs: "pcie_topology" if given, else the same GPU INTERNAL (0), the same
+ * "pcie_switch" SINGLE (10), the same "pcie_root" HOSTBRIDGE (30), the same NUMA node NODE (40), else
+ * SYSTEM (50). MIG handles: NOT_SUPPORTED. */
+EXPORT nvmlReturn_t nvmlDeviceGetTopologyCommonAncestor(void *device1, void *device2, int *level)
+{
+    ENTER(device1, 0);
+    target T2;
+    if (!level || resolve(device2, &T2) != NVML_SUCCESS)
+        OUT(NVML_ERROR_INVALID_ARGUMENT);
+    if (T2.m)
+        OUT(NVML_ERROR_NOT_SUPPORTED);
+    if (T2.d->lost || T2.d->vanished)
+        OUT(NVML_ERROR_GPU_IS_LOST);
+    const fake_dev *a = T.d, *b = T2.d;
+    int given = g_pcie_matrix ? g_pcie_level[a->cfg_index][b->cfg_index] : -1;
+    if (given >= 0)
+        *level = given;
+    else if (a == b)
+        *level = 0;
+    else if (a->pcie_switch >= 0 && a->pcie_switch == b->pcie_switch)
+        *level = 10;
+    else if (a->pcie_root >= 0 && a->pcie_root == b->pcie_root)
+        *level = 30;
+    else if (a->has_numa && b->has_numa && a->numa == b->numa)
+        *level = 40;
+    else
+        *level = 50;
+    OUT(NVML_SUCCESS);
 }
 
 /* --------------------------------------------------------------- events */

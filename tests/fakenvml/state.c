@@ -34,6 +34,9 @@ static char *g_partial;
 static size_t g_partial_len;
 static rule g_rules[MAX_RULES];
 static int g_nvlink_all;
+static int g_nvlink_fabric; /* "nvlink": "switch": every GPU's links lead to NVSwitches */
+int g_pcie_level[MAX_DEV][MAX_DEV];
+int g_pcie_matrix;
 
 static struct {
     const char *name;
@@ -537,12 +540,32 @@ static void apply_device(fake_dev *d, const cJSON *j)
     const cJSON *peers = cJSON_GetObjectItemCaseSensitive(j, "nvlink_peers");
     if (cJSON_IsArray(peers)) {
         memset(d->nvlink_peer, 0, sizeof(d->nvlink_peer));
+        memset(d->nvlink_width, 0, sizeof(d->nvlink_width));
         cJSON_ArrayForEach(f, peers)
         {
             if (cJSON_IsNumber(f) && f->valueint >= 0 && f->valueint < MAX_DEV)
                 d->nvlink_peer[f->valueint] = 1;
         }
+    } else if (cJSON_IsObject(peers)) {
+        /* {"<peer position>": <links>}: link widths per peer, e.g. a DGX-1's hybrid cube mesh */
+        memset(d->nvlink_peer, 0, sizeof(d->nvlink_peer));
+        memset(d->nvlink_width, 0, sizeof(d->nvlink_width));
+        cJSON_ArrayForEach(f, peers)
+        {
+            char *end = NULL;
+            long b = strtol(f->string, &end, 10);
+            if (end == f->string || *end || b < 0 || b >= MAX_DEV || !cJSON_IsNumber(f) || f->valueint <= 0)
+                continue;
+            d->nvlink_peer[b] = 1;
+            d->nvlink_width[b] = (unsigned char)(f->valueint > 18 ? 18 : f->valueint);
+        }
     }
+    if ((x = cJSON_GetObjectItemCaseSensitive(j, "nvlink_switch")))
+        d->nvlink_switch = cJSON_IsTrue(x);
+    if ((x = cJSON_GetObjectItemCaseSensitive(j, "pcie_switch")) && cJSON_IsNumber(x))
+        d->pcie_switch = x->valueint;
+    if ((x = cJSON_GetObjectItemCaseSensitive(j, "pcie_root")) && cJSON_IsNumber(x))
+        d->pcie_root = x->valueint;
     const cJSON *mig = cJSON_GetObjectItemCaseSensitive(j, "mig");
     if (cJSON_IsObject(mig))
         mig_apply(d, mig);
@@ -582,6 +605,8 @@ static void reset_state_locked(void)
     g_ndev = 0;
     g_nmig_pool = 0;
     g_nvlink_all = 0;
+    g_nvlink_fabric = 0;
+    g_pcie_matrix = 0;
     g_control_off = 0;
     g_control_path[0] = 0;
     free(g_partial);
@@ -630,6 +655,7 @@ nvmlReturn_t load_config_locked(void)
     g_cuda_version = cJSON_IsNumber(x) ? x->valueint : 12040;
     x = cJSON_GetObjectItemCaseSensitive(root, "nvlink");
     g_nvlink_all = cJSON_IsString(x) && strcmp(x->valuestring, "all") == 0;
+    g_nvlink_fabric = cJSON_IsString(x) && strcmp(x->valuestring, "switch") == 0;
 
     const cJSON *defaults = cJSON_GetObjectItemCaseSensitive(root, "defaults");
     const cJSON *devs = cJSON_GetObjectItemCaseSensitive(root, "devices");
@@ -649,6 +675,9 @@ nvmlReturn_t load_config_locked(void)
         snprintf(d->pci, sizeof(d->pci), "00000000:%02X:00.0", 0x10 + g_ndev);
         d->nvlink_links = -1;
         d->nvlink_version = 4;
+        d->nvlink_switch = g_nvlink_fabric;
+        d->pcie_switch = -1;
+        d->pcie_root = -1;
         d->persistence = 1; /* GPU nodes run nvidia-persistenced */
         d->cc_major = 9;
         d->cc_minor = 0;
@@ -679,19 +708,53 @@ nvmlReturn_t load_config_locked(void)
                 if (a != b)
                     g_dev[a].nvlink_peer[b] = 1;
     }
+    /* GPUs on one NVSwitch fabric reach each other over NVLink (P2P status OK) */
     for (int a = 0; a < g_ndev; a++)
         for (int b = 0; b < g_ndev; b++)
-            if (g_dev[a].nvlink_peer[b])
+            if (a != b && g_dev[a].nvlink_switch && g_dev[b].nvlink_switch)
+                g_dev[a].nvlink_peer[b] = 1;
+    for (int a = 0; a < g_ndev; a++)
+        for (int b = 0; b < g_ndev; b++)
+            if (g_dev[a].nvlink_peer[b]) {
                 g_dev[b].nvlink_peer[a] = 1;
+                if (g_dev[a].nvlink_width[b] && !g_dev[b].nvlink_width[a])
+                    g_dev[b].nvlink_width[a] = g_dev[a].nvlink_width[b];
+            }
     /* 18 links (NVLink 4 on an H100 SXM) unless the scenario says otherwise: the per-link field values
-     * and the link count nvitop-exporter sums over agree with "nvlink"/"nvlink_peers". */
+     * and the link count nvitop-exporter sums over agree with "nvlink"/"nvlink_peers". With link widths
+     * for every peer, the links are their sum. */
     for (int a = 0; a < g_ndev; a++) {
         if (g_dev[a].nvlink_links >= 0)
             continue;
-        g_dev[a].nvlink_links = 0;
+        int peers = 0, shared = 0, widths = 0;
         for (int b = 0; b < g_ndev; b++)
-            if (g_dev[a].nvlink_peer[b])
-                g_dev[a].nvlink_links = 18;
+            if (g_dev[a].nvlink_peer[b]) {
+                peers++;
+                shared += !g_dev[a].nvlink_width[b];
+                widths += g_dev[a].nvlink_width[b];
+            }
+        g_dev[a].nvlink_links = g_dev[a].nvlink_switch || shared ? (peers ? 18 : 0) : widths > 18 ? 18 : widths;
+    }
+    /* "pcie_topology": [[level, ...], ...] by device position (nvmlGpuTopologyLevel_t: 0, 10, ..., 50) */
+    const cJSON *matrix = cJSON_GetObjectItemCaseSensitive(root, "pcie_topology");
+    if (cJSON_IsArray(matrix)) {
+        g_pcie_matrix = 1;
+        for (int a = 0; a < MAX_DEV; a++)
+            for (int b = 0; b < MAX_DEV; b++)
+                g_pcie_level[a][b] = -1;
+        int a = 0;
+        const cJSON *row, *cell;
+        cJSON_ArrayForEach(row, matrix)
+        {
+            int b = 0;
+            cJSON_ArrayForEach(cell, row)
+            {
+                if (a < MAX_DEV && b < MAX_DEV && cJSON_IsNumber(cell))
+                    g_pcie_level[a][b] = cell->valueint;
+                b++;
+            }
+            a++;
+        }
     }
     cJSON_Delete(root);
     if (ret == NVML_SUCCESS)

@@ -131,6 +131,10 @@ typedef struct {
     vspec v[S_COUNT];
     unsigned char nvlink_peer[MAX_DEV];
     int nvlink_links;   /* -1: not given (18 if the GPU has an NVLink peer, else 0) */
+    /* Per peer link widths ("nvlink_peers" as an object); 0: the peer shares the links left in turn. */
+    unsigned char nvlink_width[MAX_DEV];
+    int nvlink_switch;  /* 1: every link leads to an NVSwitch ("nvlink": "switch", "nvlink_switch") */
+    int pcie_switch, pcie_root; /* -1: not given; PCIe topology groups for nvmlDeviceGetTopologyCommonAncestor */
     int nvlink_version;
     int persistence, display_mode, display_active, compute_mode;
     int cc_major, cc_minor;
@@ -175,6 +179,9 @@ extern int g_refcount;
 extern unsigned g_epoch;
 extern fake_dev g_dev[MAX_DEV];
 extern int g_ndev;
+/* "pcie_topology": an explicit matrix of nvmlGpuTopologyLevel_t values (g_pcie_matrix set), else -1. */
+extern int g_pcie_level[MAX_DEV][MAX_DEV];
+extern int g_pcie_matrix;
 extern fake_mig g_mig_pool[MAX_MIG_POOL];
 extern int g_nmig_pool;
 extern evset g_sets[MAX_SETS];
