@@ -271,7 +271,7 @@ class DevicePluginManager:
             # A resource that vanished (MIG reconfigured) keeps its socket and advertises no devices, so
             # its capacity drops to 0 at once instead of lingering for the kubelet's 5-minute grace.
             res = plan.resources.get(name) or ResourceDevices(name, (), replicated)
-            if plugin.state.publish(res, health.get(name, {}), plan.nvlink_pairs):
+            if plugin.state.publish(res, health.get(name, {}), plan.topology):
                 unhealthy = [i for i, ok in health.get(name, {}).items() if not ok]
                 log.info("device plugin devices changed", resource=name, devices=len(res), unhealthy=unhealthy)
 

@@ -27,6 +27,7 @@ import structlog
 
 from exporter.deviceplugin.api.v1beta1 import deviceplugin_pb2 as pb
 from exporter.deviceplugin.api.v1beta1 import deviceplugin_pb2_grpc as pb_grpc
+from exporter.deviceplugin.placement import EMPTY, Topology
 from exporter.deviceplugin.rm import HEALTHY, UNHEALTHY, ResourceDevices, preferred_allocation
 
 log = structlog.get_logger(__name__)
@@ -65,7 +66,7 @@ class ResourceState:
         self._key: tuple[tuple[str, bool, int | None], ...] | None = None
         self._devices = ResourceDevices(name, (), False)
         self._health: dict[str, bool] = {}
-        self._nvlink: frozenset[tuple[str, str]] = frozenset()
+        self._topology: Topology = EMPTY
         self._message = pb.ListAndWatchResponse()
         self._allocations = dict.fromkeys(RESULTS, 0)
         # Open ListAndWatch streams (every server generation) and when the last one ended: the manager
@@ -83,11 +84,11 @@ class ResourceState:
             self.streams_open -= 1
             self.last_stream_change = time.monotonic()
 
-    def publish(self, devices: ResourceDevices, health: dict[str, bool], nvlink: frozenset[tuple[str, str]]) -> bool:
+    def publish(self, devices: ResourceDevices, health: dict[str, bool], topology: Topology) -> bool:
         """Install a new device list; wake the streams only when what the kubelet sees changed."""
         key = tuple((d.id, health.get(d.id, False), d.numa_node) for d in devices.devices)
         with self._cond:
-            self._devices, self._health, self._nvlink = devices, health, nvlink
+            self._devices, self._health, self._topology = devices, health, topology
             if key == self._key:
                 return False
             self._key = key
@@ -98,9 +99,9 @@ class ResourceState:
             self._cond.notify_all()
             return True
 
-    def snapshot(self) -> tuple[ResourceDevices, dict[str, bool], frozenset[tuple[str, str]]]:
+    def snapshot(self) -> tuple[ResourceDevices, dict[str, bool], Topology]:
         with self._cond:
-            return self._devices, self._health, self._nvlink
+            return self._devices, self._health, self._topology
 
     def counts(self) -> tuple[int, int]:
         """(healthy, unhealthy) devices as last advertised."""
@@ -191,11 +192,11 @@ class DevicePluginServicer:
     def GetPreferredAllocation(
         self, request: pb.PreferredAllocationRequest, context: Any
     ) -> pb.PreferredAllocationResponse:
-        devices, _, nvlink = self._state.snapshot()
+        devices, _, topology = self._state.snapshot()
         response = pb.PreferredAllocationResponse()
         for req in request.container_requests:
             ids = preferred_allocation(
-                devices, nvlink, list(req.available_deviceIDs), list(req.must_include_deviceIDs), req.allocation_size
+                devices, topology, list(req.available_deviceIDs), list(req.must_include_deviceIDs), req.allocation_size
             )
             response.container_responses.append(pb.ContainerPreferredAllocationResponse(deviceIDs=ids))
         return response
