@@ -159,6 +159,7 @@ class App:
 
     def _make_plugin(self) -> DevicePluginManager:
         from exporter.deviceplugin import DevicePluginConfig, DevicePluginManager
+        from exporter.deviceplugin.cdi import check_nvidia_ctk
 
         cfg = self.cfg
         try:
@@ -168,7 +169,20 @@ class App:
                 mig_strategy=cfg.mig_strategy,
                 replicas=cfg.replicas,
                 device_list_strategy=cfg.device_list_strategy,
+                device_id_strategy=cfg.device_id_strategy,
+                pass_device_specs=cfg.pass_device_specs,
+                dev_root=cfg.dev_root,
+                mig_minors_file=cfg.mig_minors_file,
+                cdi_annotation_prefix=cfg.cdi_annotation_prefix,
+                cdi_kind=cfg.cdi_kind,
+                nvidia_ctk_path=cfg.nvidia_ctk_path,
+                cdi_generate_args=cfg.cdi_generate_args,
+                cdi_spec_file=cfg.cdi_spec_file,
+                cdi_spec_dirs=cfg.cdi_spec_dirs,
+                cdi_generate_timeout_s=cfg.cdi_generate_timeout_s,
             )
+            if config.generates_cdi_spec:  # refuse to start rather than hand out names no spec defines
+                check_nvidia_ctk(config.nvidia_ctk_path)
         except ValueError as exc:
             raise ConfigError(f"device plugin: {exc}") from None
 

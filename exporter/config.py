@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from exporter.flags import (
     ArgumentParser,
     Flag,
     ListenAddress,
+    Where,
     add_flags,
     device_selector,
     filesystem_path,
@@ -50,10 +52,31 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 GpuIdType = Literal["uid", "device-name"]
 SharedGpus = Literal["per-pod", "first-pod"]
 MigStrategy = Literal["none", "single", "mixed"]
-DeviceListStrategy = Literal["envvar", "cdi"]
+# One entry of --device-list-strategy (a comma list, as NVIDIA's); "cdi" is our old name of "cdi-cri".
+DeviceListStrategy = Literal["envvar", "volume-mounts", "cdi-annotations", "cdi-cri", "cdi"]
+DeviceIdStrategy = Literal["uuid", "index"]
 
 
 CORE, PODS, HEALTH, PLUGIN = "Core", "Pod attribution", "Health", "Device plugin"
+
+
+def device_list_strategies(raw: str, at: Where) -> str:
+    """--device-list-strategy: a comma list of known strategies, kept as typed (blanks dropped)."""
+    items = [p.strip() for p in raw.split(",") if p.strip()]
+    choices = get_args(DeviceListStrategy)
+    for item in items:
+        if item not in choices:
+            raise ConfigError(f"{at.origin}: {item!r} is not one of {', '.join(choices)}")
+    if not items:
+        raise ConfigError(f"{at.origin}: give at least one of {', '.join(choices)}")
+    return ",".join(items)
+
+
+def shell_words(raw: str, at: Where) -> tuple[str, ...]:
+    try:
+        return tuple(shlex.split(raw))
+    except ValueError as exc:
+        raise ConfigError(f"{at.origin}: {raw!r} is not a valid argument list: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -335,12 +358,95 @@ class Config:
         help="Register a resource even while NVIDIA's device plugin serves it (nvidia-<name>.sock in the plugin "
         "dir). Off: that resource is left to NVIDIA's plugin, and gpuhealth_device_plugin_conflict says so.",
     )
-    device_list_strategy: DeviceListStrategy = flag(
+    device_list_strategy: str = flag(
         "--device-list-strategy",
         default="envvar",
-        choices=get_args(DeviceListStrategy),
+        parse=device_list_strategies,
         section=PLUGIN,
-        help="How Allocate passes devices: envvar (NVIDIA_VISIBLE_DEVICES) or cdi (cdi_devices).",
+        metavar="LIST",
+        help="How Allocate passes devices, a comma list of envvar (NVIDIA_VISIBLE_DEVICES), volume-mounts "
+        "(/var/run/nvidia-container-devices mounts), cdi-annotations, cdi-cri (cdi_devices); cdi = cdi-cri.",
+    )
+    device_id_strategy: DeviceIdStrategy = flag(
+        "--device-id-strategy",
+        default="uuid",
+        choices=get_args(DeviceIdStrategy),
+        section=PLUGIN,
+        help="What names the devices for the runtime (variable, mounts, CDI names): uuid or index.",
+    )
+    pass_device_specs: bool = flag(
+        "--pass-device-specs",
+        default="false",
+        switch=True,
+        section=PLUGIN,
+        help="Also pass the device nodes (/dev/nvidia*, MIG capability nodes) in Allocate (non-CDI strategies).",
+    )
+    dev_root: str = flag(
+        "--dev-root",
+        default="/",
+        section=PLUGIN,
+        metavar="DIR",
+        help="Root of the NVIDIA device nodes on the host (/ or /run/nvidia/driver), for --pass-device-specs.",
+    )
+    mig_minors_file: str = flag(
+        "--mig-minors-file",
+        default="/proc/driver/nvidia-caps/mig-minors",
+        section=PLUGIN,
+        metavar="FILE",
+        help="The driver's MIG capability minors, for --pass-device-specs with MIG devices.",
+    )
+    cdi_annotation_prefix: str = flag(
+        "--cdi-annotation-prefix",
+        default="cdi.k8s.io/",
+        section=PLUGIN,
+        metavar="PREFIX",
+        help="Prefix of the CDI annotation keys (cdi-annotations).",
+    )
+    cdi_kind: str = flag(
+        "--cdi-kind",
+        default="k8s.device-plugin.nvidia.com/gpu",
+        section=PLUGIN,
+        metavar="VENDOR/CLASS",
+        help="CDI kind of the device names handed out and of the generated spec (NVIDIA's plugin's by default).",
+    )
+    nvidia_ctk_path: str = flag(
+        "--nvidia-ctk-path",
+        default="/usr/bin/nvidia-ctk",
+        section=PLUGIN,
+        metavar="PATH",
+        help="nvidia-ctk that generates the CDI spec on every inventory change (CDI strategies); "
+        "empty: the spec is kept current by something else.",
+    )
+    cdi_generate_args: tuple[str, ...] = flag(
+        "--cdi-generate-args",
+        default="",
+        parse=shell_words,
+        section=PLUGIN,
+        metavar="ARGS",
+        help="Extra arguments to 'nvidia-ctk cdi generate' (shell words), e.g. --driver-root=/run/nvidia/driver.",
+    )
+    cdi_spec_file: str = flag(
+        "--cdi-spec-file",
+        default="/var/run/cdi/k8s.device-plugin.nvidia.com-gpu.json",
+        section=PLUGIN,
+        metavar="FILE",
+        help="Where the generated CDI spec is written (.json or .yaml, in one of --cdi-spec-dirs).",
+    )
+    cdi_spec_dirs: tuple[str, ...] = flag(
+        "--cdi-spec-dirs",
+        default="/etc/cdi,/var/run/cdi",
+        parse=name_list,
+        section=PLUGIN,
+        metavar="DIRS",
+        help="The runtime's CDI spec directories: Allocate hands out only CDI names a spec there defines.",
+    )
+    cdi_generate_timeout_s: float = flag(
+        "--cdi-generate-timeout",
+        default="60",
+        parse=seconds(1),
+        section=PLUGIN,
+        metavar="SECONDS",
+        help="Time limit of one 'nvidia-ctk cdi generate' run.",
     )
 
     @property

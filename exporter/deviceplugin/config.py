@@ -7,10 +7,13 @@ import re
 from dataclasses import dataclass
 from typing import get_args
 
-from exporter.config import DEFAULTS, DeviceListStrategy, MigStrategy
+from exporter.config import DEFAULTS, DeviceIdStrategy, DeviceListStrategy, MigStrategy
+from exporter.deviceplugin.allocate import AllocateOptions, is_cdi, normalise_strategies
+from exporter.deviceplugin.cdi import SPEC_EXTENSIONS, GenerateSettings
 
 MIG_STRATEGIES: tuple[str, ...] = get_args(MigStrategy)
 DEVICE_LIST_STRATEGIES: tuple[str, ...] = get_args(DeviceListStrategy)
+DEVICE_ID_STRATEGIES: tuple[str, ...] = get_args(DeviceIdStrategy)
 DEFAULT_PLUGIN_DIR = DEFAULTS.device_plugin_dir
 DEFAULT_RESOURCE_NAME = DEFAULTS.resource_name
 SOCKET_PREFIX = "gpu-health-exporter-"
@@ -29,6 +32,10 @@ _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9
 _QUALIFIED_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _SOCKET_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _PROFILE_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+# CDI qualified names (tags.cncf.io/container-device-interface/pkg/parser): vendor is a domain-like
+# name, class alphanumerics with - and _, both starting and ending with an alphanumeric.
+_CDI_VENDOR = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
+_CDI_CLASS = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_-]*[A-Za-z0-9])?$")
 
 
 def validate_resource_name(name: str) -> None:
@@ -78,17 +85,62 @@ def check_socket_path(plugin_dir: str, resource_name: str) -> str:
 
 @dataclass(frozen=True)
 class DevicePluginConfig:
-    """What the `--device-plugin*`, `--resource-name`, `--mig-strategy`, `--replicas` and
-    `--device-list-strategy` flags configure. Validated on construction: an invalid config cannot exist."""
+    """What the `--device-plugin*`, `--resource-name`, `--mig-strategy`, `--replicas`, Allocate
+    (`--device-list-strategy`, `--device-id-strategy`, `--pass-device-specs`, ...) and CDI flags
+    configure. Validated on construction: an invalid config cannot exist."""
 
     resource_name: str = DEFAULT_RESOURCE_NAME
     plugin_dir: str = DEFAULT_PLUGIN_DIR
     mig_strategy: MigStrategy = DEFAULTS.mig_strategy
     replicas: int = DEFAULTS.replicas
-    device_list_strategy: DeviceListStrategy = DEFAULTS.device_list_strategy
+    device_list_strategy: str = DEFAULTS.device_list_strategy  # comma list as typed; see `strategies`
+    device_id_strategy: DeviceIdStrategy = DEFAULTS.device_id_strategy
+    pass_device_specs: bool = DEFAULTS.pass_device_specs
+    dev_root: str = DEFAULTS.dev_root
+    mig_minors_file: str = DEFAULTS.mig_minors_file
+    cdi_annotation_prefix: str = DEFAULTS.cdi_annotation_prefix
+    cdi_kind: str = DEFAULTS.cdi_kind
+    nvidia_ctk_path: str = DEFAULTS.nvidia_ctk_path  # "": the spec is kept current by something else
+    cdi_generate_args: tuple[str, ...] = DEFAULTS.cdi_generate_args
+    cdi_spec_file: str = DEFAULTS.cdi_spec_file
+    cdi_spec_dirs: tuple[str, ...] = DEFAULTS.cdi_spec_dirs
+    cdi_generate_timeout_s: float = DEFAULTS.cdi_generate_timeout_s
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def strategies(self) -> tuple[str, ...]:
+        """The device list strategies, aliases resolved (`cdi` -> `cdi-cri`), order kept."""
+        return normalise_strategies(self.device_list_strategy)
+
+    @property
+    def uses_cdi(self) -> bool:
+        return any(is_cdi(s) for s in self.strategies)
+
+    @property
+    def generates_cdi_spec(self) -> bool:
+        return self.uses_cdi and bool(self.nvidia_ctk_path)
+
+    def allocate_options(self) -> AllocateOptions:
+        return AllocateOptions(
+            strategies=self.strategies,
+            id_strategy=self.device_id_strategy,
+            cdi_kind=self.cdi_kind,
+            cdi_annotation_prefix=self.cdi_annotation_prefix,
+            pass_device_specs=self.pass_device_specs,
+            dev_root=self.dev_root,
+        )
+
+    def generate_settings(self) -> GenerateSettings:
+        return GenerateSettings(
+            nvidia_ctk=self.nvidia_ctk_path,
+            spec_file=self.cdi_spec_file,
+            kind=self.cdi_kind,
+            id_strategy=self.device_id_strategy,
+            extra_args=tuple(self.cdi_generate_args),
+            timeout_s=float(self.cdi_generate_timeout_s),
+        )
 
     def validate(self) -> None:
         validate_resource_name(self.resource_name)
@@ -101,8 +153,42 @@ class DevicePluginConfig:
             raise ValueError(f"replicas must be an integer >= 1, got {self.replicas!r}")
         if self.replicas > MAX_REPLICAS:
             raise ValueError(f"replicas {self.replicas} is above the supported maximum of {MAX_REPLICAS}")
-        if self.device_list_strategy not in DEVICE_LIST_STRATEGIES:
+        if not isinstance(self.device_list_strategy, str):
+            raise ValueError(f"device list strategy must be a comma list, got {self.device_list_strategy!r}")
+        self.strategies  # noqa: B018 -- raises ValueError naming a bad entry
+        if self.device_id_strategy not in DEVICE_ID_STRATEGIES:
             raise ValueError(
-                f"device list strategy {self.device_list_strategy!r} is not one of {', '.join(DEVICE_LIST_STRATEGIES)}"
+                f"device id strategy {self.device_id_strategy!r} is not one of {', '.join(DEVICE_ID_STRATEGIES)}"
             )
+        for what, path in (("--dev-root", self.dev_root), ("--mig-minors-file", self.mig_minors_file)):
+            if not path or not os.path.isabs(path):
+                raise ValueError(f"{what} {path!r} must be an absolute path")
+        self._validate_cdi()
         check_socket_path(self.plugin_dir, self.resource_name)
+
+    def _validate_cdi(self) -> None:
+        vendor, sep, klass = self.cdi_kind.partition("/")
+        if not sep or not _CDI_VENDOR.match(vendor) or not _CDI_CLASS.match(klass):
+            raise ValueError(
+                f"--cdi-kind {self.cdi_kind!r} must be <vendor>/<class>, e.g. k8s.device-plugin.nvidia.com/gpu"
+            )
+        prefix = self.cdi_annotation_prefix
+        if not prefix.endswith("/") or not _DNS_SUBDOMAIN.match(prefix[:-1]) or len(prefix) > 254:
+            raise ValueError(
+                f"--cdi-annotation-prefix {prefix!r} must be a DNS subdomain followed by '/', e.g. cdi.k8s.io/"
+            )
+        dirs = tuple(self.cdi_spec_dirs)
+        if not dirs or any(not d or not os.path.isabs(d) for d in dirs):
+            raise ValueError(f"--cdi-spec-dirs {','.join(dirs)!r} must be a comma list of absolute paths")
+        spec = self.cdi_spec_file
+        if not os.path.isabs(spec) or not spec.endswith(SPEC_EXTENSIONS):
+            raise ValueError(f"--cdi-spec-file {spec!r} must be an absolute path ending in .json or .yaml")
+        if self.generates_cdi_spec and os.path.normpath(os.path.dirname(spec)) not in {
+            os.path.normpath(d) for d in dirs
+        }:
+            raise ValueError(
+                f"--cdi-spec-file {spec!r} is not in one of --cdi-spec-dirs ({', '.join(dirs)}): "
+                "the runtime would never read it"
+            )
+        if not (self.cdi_generate_timeout_s > 0):
+            raise ValueError(f"--cdi-generate-timeout must be > 0, got {self.cdi_generate_timeout_s}")

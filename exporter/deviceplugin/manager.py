@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
+from exporter.deviceplugin import cdi
 from exporter.deviceplugin.config import DevicePluginConfig, check_socket_path, socket_name
 from exporter.deviceplugin.registration import KubeletIdentity, kubelet_identity, register
 from exporter.deviceplugin.rm import ResourceDevices, ResourcePlan, build_plan, device_health
@@ -258,6 +259,7 @@ class DevicePluginManager:
                 for problem in plan.problems:
                     log.error("device plugin layout problem", mig_strategy=self._config.mig_strategy, problem=problem)
             self._plan, self._last_inventory, self._problems = plan, inventory, plan.problems
+            cdi.regenerate(self._config)  # the CDI spec must name the devices of this inventory
         health = device_health(plan, self._health)
         with self._lock:
             for name in plan.resources:
@@ -292,7 +294,7 @@ class DevicePluginManager:
         plugin.registered_with = None
         if time.monotonic() < plugin.next_attempt:
             return
-        server = PluginServer(plugin.state, plugin.path, self._config.device_list_strategy)
+        server = PluginServer(plugin.state, plugin.path, self._config, self._inventory)
         try:
             check_socket_path(self._config.plugin_dir, plugin.state.name)
             server.start()

@@ -25,10 +25,23 @@ from typing import Any
 import grpc
 import structlog
 
+from exporter.deviceplugin import cdi
+from exporter.deviceplugin.allocate import (
+    AllocateError,
+    MigMinors,
+    Target,
+    cdi_names,
+    container_response,
+    read_mig_minors,
+    runtime_ids,
+    targets_for,
+)
 from exporter.deviceplugin.api.v1beta1 import deviceplugin_pb2 as pb
 from exporter.deviceplugin.api.v1beta1 import deviceplugin_pb2_grpc as pb_grpc
+from exporter.deviceplugin.config import DevicePluginConfig
 from exporter.deviceplugin.placement import EMPTY, Topology
 from exporter.deviceplugin.rm import HEALTHY, UNHEALTHY, ResourceDevices, preferred_allocation
+from exporter.model import Inventory
 
 log = structlog.get_logger(__name__)
 
@@ -143,9 +156,16 @@ def _device_pb(device_id: str, healthy: bool, numa: int | None) -> pb.Device:
 class DevicePluginServicer:
     """The five DevicePlugin RPCs for one resource (one instance per server generation)."""
 
-    def __init__(self, state: ResourceState, device_list_strategy: str) -> None:
+    def __init__(
+        self, state: ResourceState, config: DevicePluginConfig, inventory: Callable[[], Inventory] | None = None
+    ) -> None:
         self._state = state
-        self._cdi = device_list_strategy == "cdi"
+        self._config = config
+        self._options = config.allocate_options()
+        # Allocate needs minors, indices and MIG instance ids, which the advertised devices do not carry.
+        self._inventory = inventory or (lambda: Inventory(driver_version="", gpus=()))
+        self._specs = cdi.spec_index(config.cdi_spec_dirs) if self._options.any_cdi else None
+        self._minors_logged: tuple[str, ...] = ()
         self._lock = threading.Lock()
         self._closed = False
         self._streams: list[threading.Event] = []  # open streams, oldest first; set() ends one
@@ -221,14 +241,39 @@ class DevicePluginServicer:
                 )
             # Replicas of one GPU map to the same UUID: the container sees that GPU once.
             uuids = list(dict.fromkeys(devices.by_id[i].uuid for i in ids))
-            container = pb.ContainerAllocateResponse()
-            if self._cdi:
-                container.cdi_devices.extend(pb.CDIDevice(name=f"{CDI_KIND}={u}") for u in uuids)
-            else:
-                container.envs[ENV_VISIBLE_DEVICES] = ",".join(uuids)
+            try:
+                targets = targets_for(self._inventory(), uuids)
+                if self._specs is not None:
+                    self._check_cdi_specs(targets)
+                container = container_response(targets, self._options, mig_minors=self._mig_minors)
+            except AllocateError as exc:
+                # Fail admission with the reason rather than hand the runtime names or nodes it cannot
+                # resolve: the container would fail later with a far less telling error.
+                log.error("device plugin Allocate refused", resource=self._state.name, error=str(exc))
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self._state.name}: {exc}")
             response.container_responses.append(container)
         self._state.count_allocation(RESULT_SUCCESS)
         return response
+
+    def _check_cdi_specs(self, targets: list[Target]) -> None:
+        assert self._specs is not None
+        names = cdi_names(runtime_ids(targets, self._options.id_strategy), self._options.cdi_kind)
+        missing = self._specs.missing(names)
+        if missing:
+            where = ", ".join(self._specs.dirs)
+            hint = (
+                f"it is regenerated into {self._config.cdi_spec_file} on inventory changes; see the log"
+                if self._config.generates_cdi_spec
+                else "generate one, e.g. with nvidia-ctk cdi generate"
+            )
+            raise AllocateError(f"no CDI spec in {where} defines {', '.join(missing)} ({hint})")
+
+    def _mig_minors(self) -> MigMinors:
+        table = read_mig_minors(self._config.mig_minors_file)
+        if table.problems and table.problems != self._minors_logged:
+            self._minors_logged = table.problems  # once per distinct content, not per Allocate
+            log.warning("MIG minors file has unusable lines", path=table.source, problems=list(table.problems))
+        return table
 
     def PreStartContainer(self, request: pb.PreStartContainerRequest, context: Any) -> pb.PreStartContainerResponse:
         # pre_start_required is false: the kubelet never calls this; answer anyway for completeness.
@@ -239,10 +284,16 @@ class PluginServer:
     """One gRPC server generation on `path`. A kubelet restart deletes the socket: then the manager
     stops this generation and starts a new one (a unix listener cannot be re-attached to a new file)."""
 
-    def __init__(self, state: ResourceState, path: str, device_list_strategy: str) -> None:
+    def __init__(
+        self,
+        state: ResourceState,
+        path: str,
+        config: DevicePluginConfig,
+        inventory: Callable[[], Inventory] | None = None,
+    ) -> None:
         self.path = path
         self._state = state
-        self._servicer = DevicePluginServicer(state, device_list_strategy)
+        self._servicer = DevicePluginServicer(state, config, inventory)
         self._server: Any = None
         self._executor: futures.ThreadPoolExecutor | None = None
         self._inode: tuple[int, int] | None = None
