@@ -8,7 +8,18 @@ from collections.abc import Callable, Sequence
 
 from exporter.backend import DeviceError, DeviceLostError
 from exporter.fields import Event, FieldSpec, Label
-from exporter.model import EVENT_DOUBLE_BIT_ECC, EVENT_XID, DeviceEvent, Gpu, Inventory, ReadResult
+from exporter.model import (
+    EVENT_DOUBLE_BIT_ECC,
+    EVENT_XID,
+    TOPOLOGY_NODE,
+    TOPOLOGY_SINGLE,
+    TOPOLOGY_SYSTEM,
+    DeviceEvent,
+    Gpu,
+    GpuLink,
+    Inventory,
+    ReadResult,
+)
 from exporter.simulate.devices import SimGpu, SimMig
 from exporter.simulate.events import LOST, EventQueue, SimulatedEventSource
 from exporter.simulate.faults import Fault, parse_fault
@@ -18,6 +29,17 @@ from exporter.simulate.spec import SimConfig, parse_spec
 from exporter.simulate.workload import DEFAULT_PATTERNS, MIG_PATTERNS
 
 HANG_POLL_S = 0.05
+# DGX-1 (V100) hybrid cube mesh: links between GPU positions on the board (nvidia-smi topo -m: NV1, NV2);
+# every GPU has 6. The pairs are `_nvlink_pairs`' "cube" pairs.
+_CUBE_LINKS = {
+    (0, 1): 1, (0, 2): 1, (0, 3): 2, (0, 4): 2,
+    (1, 2): 2, (1, 3): 1, (1, 5): 2,
+    (2, 3): 2, (2, 6): 1,
+    (3, 7): 1,
+    (4, 5): 1, (4, 6): 1, (4, 7): 2,
+    (5, 6): 2, (5, 7): 1,
+    (6, 7): 2,
+}  # fmt: skip
 
 
 class SimulatedBackend:
@@ -53,6 +75,7 @@ class SimulatedBackend:
         self._inventory_cache: tuple[tuple[bool, ...], Inventory] | None = None
         self._mig_gis = {g.index: {m.gi for m in g.migs} for g in self._gpus if g.mig_enabled}
         self._pairs = self._nvlink_pairs()
+        self._links = self._topology()
         for text in cfg.faults:
             self._add_fault(parse_fault(text, cfg.gpus, self._mig_gis))
 
@@ -116,6 +139,7 @@ class SimulatedBackend:
             gpus=tuple(gpus),
             nvml_version=f"12.{self.config.driver}",
             nvlink_pairs=pairs,
+            links=tuple(link for link in self._links if link.a in visible and link.b in visible),
             # As NVML answers nvmlDeviceGetP2PStatus(NVLINK): OK where linked, else NOT_SUPPORTED (5).
             p2p_status=tuple(
                 sorted(
@@ -221,6 +245,34 @@ class SimulatedBackend:
             if self._stop.wait(HANG_POLL_S):
                 raise DeviceError(f"simulated GPU {gpu.index}: hung read interrupted by shutdown")
             t = self.elapsed()
+
+    def _topology(self) -> tuple[GpuLink, ...]:
+        """Per pair NVLink links and PCIe level, as NVML would report them for this model.
+
+        "all": an NVSwitch baseboard, every GPU of a board of 8 reaches the others over all its links;
+        "cube": DGX-1's hybrid cube mesh (1 or 2 links per peer, `_CUBE_LINKS`). PCIe: the model's
+        GPUs per switch share one (SINGLE), then the NUMA node (NODE), else SYSTEM.
+        """
+        model = self.model
+        links: list[GpuLink] = []
+        for a in self._gpus:
+            for b in self._gpus:
+                if a.index >= b.index:
+                    continue
+                count = 0
+                if a.index // 8 == b.index // 8 and model.nvlink == "all":
+                    count = model.nvlink_links
+                elif a.index // 8 == b.index // 8 and model.nvlink == "cube":
+                    count = _CUBE_LINKS.get((a.index % 8, b.index % 8), 0)
+                if a.index // model.pcie_per_switch == b.index // model.pcie_per_switch:
+                    level = TOPOLOGY_SINGLE
+                elif a.numa == b.numa:
+                    level = TOPOLOGY_NODE
+                else:
+                    level = TOPOLOGY_SYSTEM
+                x, y = sorted((a.uuid, b.uuid))
+                links.append(GpuLink(x, y, nvlinks=count, pcie=level))
+        return tuple(sorted(links, key=lambda link: (link.a, link.b)))
 
     def _nvlink_pairs(self) -> frozenset[tuple[str, str]]:
         topo = self.model.nvlink

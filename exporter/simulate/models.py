@@ -81,6 +81,9 @@ class GpuModel:
     idle_pstate: int
     mig: dict[str, MigProfile] = field(default_factory=dict)
     gpm: bool = False  # Hopper+: NVML's GPM API gives the DCP activity fields
+    # NVLink links per GPU (to NVSwitches for "all", to peers for "cube"); 0 without NVLink.
+    nvlink_links: int = 0
+    pcie_per_switch: int = 2  # GPUs behind one PCIe switch: 2 on SXM baseboards, 4 on PCIe card servers
 
     def supported(self) -> frozenset[str]:
         s = set(ALWAYS_FIELDS)
@@ -132,6 +135,7 @@ MODELS: dict[str, GpuModel] = {
             0,
             _H100_MIG,
             gpm=True,
+            nvlink_links=18,  # NVLink 4, through four NVSwitches (HGX H100)
         ),
         GpuModel(
             "a100",
@@ -158,6 +162,7 @@ MODELS: dict[str, GpuModel] = {
             True,
             0,
             _A100_MIG,
+            nvlink_links=12,  # NVLink 3, through six NVSwitches (HGX A100)
         ),
         GpuModel(
             "v100",
@@ -183,6 +188,7 @@ MODELS: dict[str, GpuModel] = {
             False,
             True,
             0,
+            nvlink_links=6,  # NVLink 2: DGX-1 hybrid cube mesh, 1 or 2 links per peer
         ),
         GpuModel(
             "l4",
@@ -208,6 +214,7 @@ MODELS: dict[str, GpuModel] = {
             True,
             True,
             8,
+            pcie_per_switch=4,  # PCIe card servers: four GPUs behind each switch
         ),
         GpuModel(
             "rtx4090",
@@ -233,6 +240,7 @@ MODELS: dict[str, GpuModel] = {
             True,
             False,
             8,
+            pcie_per_switch=4,  # PCIe card servers: four GPUs behind each switch
         ),
     )
 }
