@@ -250,6 +250,13 @@ def test_device_plugin_runs_as_its_own_container() -> None:
     }
     assert mounts(ds)["state"] == "/var/lib/gpu-health-exporter"
     assert "pod-resources" not in plugin_mounts
+    # CDI (deviceListStrategy cdi): the runtime's spec directories, in the container that serves Allocate.
+    assert plugin_mounts["cdi-static"] == {"name": "cdi-static", "mountPath": "/etc/cdi", "readOnly": True}
+    assert plugin_mounts["cdi-dynamic"] == {"name": "cdi-dynamic", "mountPath": "/var/run/cdi"}
+    assert not {"cdi-static", "cdi-dynamic"} & set(mounts(ds))
+    envvar = daemonset(render_chart({"devicePlugin": {"enabled": True}}))
+    assert not {"cdi-static", "cdi-dynamic"} & set(mounts(envvar, "device-plugin"))
+    assert not [v for v in pod_spec(envvar)["volumes"] if v["name"].startswith("cdi-")]
     volumes = {v["name"]: v for v in pod_spec(ds)["volumes"]}
     assert volumes["device-plugins"]["hostPath"] == {"path": "/var/lib/kubelet/device-plugins", "type": "Directory"}
     # The control socket is 0600 for the exporter's user and root without capabilities cannot
