@@ -65,8 +65,11 @@ def parse_spec(text: str, path: str) -> tuple[str, frozenset[str]]:
     names: list[str] = []
     for i, dev in enumerate(devices):
         name = dev.get("name") if isinstance(dev, dict) else None
-        if not isinstance(name, str) or not name:
+        if name is None:
             raise SpecError(f"{path}: devices[{i}] has no 'name'")
+        if not isinstance(name, str) or not name:
+            # e.g. YAML `name: 0` is a number; the runtime's CDI parser rejects it too.
+            raise SpecError(f"{path}: devices[{i}].name must be a non-empty string, found {name!r}")
         names.append(name)
     return kind, frozenset(names)
 
