@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -16,6 +25,7 @@ from tests.deploy.deploy_common import (
     DASHBOARD_NAMES,
     DASHBOARDS,
     PLAIN,
+    ROOT,
     all_docs,
     by_kind,
     full_values,
@@ -232,6 +242,8 @@ def test_device_plugin_runs_as_its_own_container() -> None:
         "--mig-strategy=mixed",
         "--replicas=4",
         "--device-list-strategy=cdi",
+        "--log-format=json",
+        "--log-level=info",
     ]
     assert "--state-dir=/var/lib/gpu-health-exporter" in exporter["args"]
     assert plugin["ports"] == [{"name": "plugin-metrics", "containerPort": 9402, "protocol": "TCP"}]
@@ -269,6 +281,65 @@ def test_device_plugin_runs_as_its_own_container() -> None:
     assert {"name": "plugin-metrics", "port": 9402, "targetPort": "plugin-metrics", "protocol": "TCP"} in svc["spec"][
         "ports"
     ]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            status: int = r.status
+            return status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_rendered_plugin_command_runs_the_subcommand() -> None:
+    """The chart's command and args against the real `device-plugin` subcommand (simulated GPUs, no
+    kubelet, no exporter): every flag parses, /health and /metrics answer on the port, /ready is 503
+    until the plugin is registered."""
+    plugin = container(daemonset(render_chart({"devicePlugin": {"enabled": True}})), "device-plugin")
+    # A short directory: the plugin's socket path must fit a unix socket address (107 bytes).
+    with tempfile.TemporaryDirectory(prefix="dp") as tmp:
+        _run_plugin_command(plugin, Path(tmp))
+
+
+def _run_plugin_command(plugin: dict[str, Any], tmp_path: Path) -> None:
+    state, plugin_dir = tmp_path / "state", tmp_path / "device-plugins"
+    state.mkdir(mode=0o700)
+    plugin_dir.mkdir()
+    port = _free_port()
+    args = [
+        a.replace("/var/lib/gpu-health-exporter", str(state))
+        .replace("/var/lib/kubelet/device-plugins", str(plugin_dir))
+        .replace("--address=:9402", f"--address=127.0.0.1:{port}")
+        for a in plugin["args"]
+    ]
+    assert plugin["command"][0] == "python"
+    cmd = [sys.executable, *plugin["command"][1:], *args, "--simulate"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        health = 0
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                health = _get(base + "/health")
+                if health == 200:
+                    break
+            time.sleep(0.2)
+        assert health == 200, proc.communicate(timeout=10)[0] if proc.poll() is not None else "no /health"
+        assert _get(base + "/ready") == 503  # not registered: no kubelet here
+        assert _get(base + "/metrics") == 200
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=15)
+    assert proc.returncode == 0, out
 
 
 def test_device_plugin_needs_the_state_dir() -> None:
