@@ -64,6 +64,7 @@ class FakeKubelet:
         self._endpoints: dict[str, _Endpoint] = {}
         self.registrations: list[tuple[float, Any]] = []  # (time.monotonic(), RegisterRequest)
         self.errors: list[str] = []
+        self.ended: dict[str, int] = {}  # resource -> streams the plugin ended cleanly
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -137,11 +138,21 @@ class FakeKubelet:
                 with self._cond:
                     ep.messages.append(rec)
                     self._cond.notify_all()
+            with self._cond:  # the plugin ended the stream (the real kubelet then stops the endpoint)
+                self.ended[request.resource_name] = self.ended.get(request.resource_name, 0) + 1
+                self._cond.notify_all()
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 with self._cond:
                     self.errors.append(f"{request.resource_name}: {exc.code()} {exc.details()}")
                     self._cond.notify_all()
+
+    def drop_streams(self, resource: str) -> None:
+        """Stop reading a plugin's stream without restarting (what a kubelet does to an endpoint it stops)."""
+        with self._cond:
+            ep = self._endpoints.get(resource)
+        if ep is not None and ep.stream is not None:
+            ep.stream.cancel()
 
     @staticmethod
     def _close(ep: _Endpoint) -> None:

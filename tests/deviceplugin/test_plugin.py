@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import pytest
 
 from exporter.deviceplugin import DevicePluginConfig, DevicePluginManager
 from exporter.deviceplugin.api.v1beta1 import deviceplugin_pb2 as pb
+from exporter.deviceplugin.api.v1beta1 import deviceplugin_pb2_grpc as pb_grpc
 from exporter.deviceplugin.config import socket_name
 from exporter.health.verdict import HealthState
 from exporter.labels import RenderContext
@@ -33,11 +35,11 @@ class Node:
         self.inventory = MutableInventory(inventory([gpu(0, numa=0), gpu(1, numa=0), gpu(2, numa=1)], [(0, 1)]))
         self.manager: DevicePluginManager | None = None
 
-    def start_plugin(self, inv: Inventory | None = None, **kw: object) -> DevicePluginManager:
+    def start_plugin(self, inv: Inventory | None = None, take_over: bool = False, **kw: object) -> DevicePluginManager:
         if inv is not None:
             self.inventory.current = inv
         config = DevicePluginConfig(plugin_dir=self.dir, **kw)  # type: ignore[arg-type]
-        self.manager = DevicePluginManager(config, self.inventory, self.health)
+        self.manager = DevicePluginManager(config, self.inventory, self.health, take_over=take_over)
         self.manager.start()
         return self.manager
 
@@ -306,3 +308,84 @@ def test_mig_reconfiguration_adds_resources_and_empties_vanished_ones(node: Node
     node.wait_registered("nvidia.com/mig-2g.20gb")
     assert node.kubelet.wait_for(lambda: node.kubelet.capacity("nvidia.com/mig-1g.10gb") == 0, 1.0)
     assert node.kubelet.latest("nvidia.com/mig-2g.20gb").ids == {mig_uuid(0, 0)}  # type: ignore[union-attr]
+
+
+def test_newest_list_and_watch_stream_is_served_the_oldest_closed(node: Node) -> None:
+    """The kubelet's newest stream is the one that counts: refusing it can kill the endpoint. With the
+    stream cap reached, the oldest stream ends and the newest is served."""
+    node.kubelet.start()
+    node.start_plugin()
+    node.wait_registered()
+    channel = grpc.insecure_channel(f"unix://{os.path.join(node.dir, socket_name(GPU))}")
+    stub = pb_grpc.DevicePluginStub(channel)
+    try:
+        streams = [stub.ListAndWatch(pb.Empty()) for _ in range(4)]  # the kubelet's stream plus these: 5 > 4
+        assert all(len(next(s).devices) == 3 for s in streams)  # every new one is served
+        assert node.kubelet.wait_for(lambda: node.kubelet.ended.get(GPU, 0) == 1, 3)  # the oldest ended
+        newest = stub.ListAndWatch(pb.Empty())
+        assert len(next(newest).devices) == 3
+        assert list(streams[0]) == []  # the oldest of ours ended next, cleanly
+    finally:
+        channel.close()
+
+
+def test_kubelet_dropping_our_stream_makes_the_plugin_register_again(node: Node) -> None:
+    node.kubelet.start()
+    node.start_plugin()
+    node.wait_registered()
+    seen = len(node.kubelet.registrations)
+    node.kubelet.drop_streams(GPU)  # the kubelet stops reading us, without restarting
+    assert node.kubelet.wait_for(lambda: len(node.kubelet.registrations) > seen, 6), node.kubelet.errors
+    assert node.kubelet.wait_for(lambda: node.kubelet.capacity(GPU) == 3, 3)
+
+
+class LiveSocket:
+    """A listening unix socket standing in for NVIDIA's device plugin."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(8)
+        self.path = path
+
+    def close(self) -> None:
+        self.sock.close()
+        os.unlink(self.path)
+
+
+def test_nvidia_plugin_serving_the_resource_keeps_ours_off_it(node: Node) -> None:
+    node.kubelet.start()
+    nvidia = LiveSocket(os.path.join(node.dir, "nvidia-gpu.sock"))
+    try:
+        manager = node.start_plugin()
+        conflict = 'gpuhealth_device_plugin_conflict{resource="nvidia.com/gpu"} 1'
+        assert node.kubelet.wait_for(lambda: conflict in manager.render_metrics(RenderContext("Hostname", "n")), 3)
+        assert node.kubelet.registrations == []  # never registered while NVIDIA's plugin answers
+    finally:
+        nvidia.close()
+    # NVIDIA's plugin gone: ours registers within a recheck period
+    node.wait_registered(timeout=10)
+    assert 'gpuhealth_device_plugin_conflict{resource="nvidia.com/gpu"} 0' in manager.render_metrics(
+        RenderContext("Hostname", "n")
+    )
+
+
+def test_a_leftover_nvidia_socket_file_is_no_conflict(node: Node) -> None:
+    stale = LiveSocket(os.path.join(node.dir, "nvidia-gpu.sock"))
+    stale.sock.close()  # the file stays, nobody answers: NVIDIA's plugin died without cleaning up
+    node.kubelet.start()
+    node.start_plugin()
+    node.wait_registered()
+
+
+def test_take_over_registers_beside_nvidias_plugin(node: Node) -> None:
+    node.kubelet.start()
+    nvidia = LiveSocket(os.path.join(node.dir, "nvidia-gpu.sock"))
+    try:
+        manager = node.start_plugin(take_over=True)
+        node.wait_registered()
+        assert 'gpuhealth_device_plugin_conflict{resource="nvidia.com/gpu"} 1' in manager.render_metrics(
+            RenderContext("Hostname", "n")
+        )
+    finally:
+        nvidia.close()
