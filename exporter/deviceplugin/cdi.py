@@ -41,6 +41,8 @@ DEFAULT_NVIDIA_CTK = "/usr/bin/nvidia-ctk"  # upstream's DefaultNvidiaCTKPath
 SPEC_EXTENSIONS = (".json", ".yaml")  # what CDI's cache reads; anything else is invisible to the runtime
 _MAX_SPEC_BYTES = 16 * 1024 * 1024
 _TMP_DIR = ".gpu-health-exporter"  # a subdirectory: the runtime does not read it
+RETRY_FIRST_S = 5.0  # a failed generation is retried after this, doubling up to RETRY_MAX_S
+RETRY_MAX_S = 300.0
 
 
 class SpecError(ValueError):
@@ -224,9 +226,13 @@ class SpecGenerator:
             return self._cond.wait_for(lambda: self._done >= ticket, timeout)
 
     def _loop(self) -> None:
+        failures = 0
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._pending)
+                # After a failure, try again on a backoff even without a new request: a spec that failed
+                # at start (driver not ready yet) would otherwise stay missing until the next change.
+                delay = None if failures == 0 else min(RETRY_FIRST_S * 2 ** (failures - 1), RETRY_MAX_S)
+                self._cond.wait_for(lambda: self._pending, delay)
                 self._pending = False
                 covers = self._requested
             try:
@@ -234,6 +240,7 @@ class SpecGenerator:
             except Exception as exc:  # a bug of ours must not end the thread
                 self.last_error = f"CDI spec generation failed: {exc}"
                 log.exception("CDI spec generation failed")
+            failures = failures + 1 if self.last_error else 0
             with self._cond:
                 self.runs += 1
                 self._done = covers

@@ -8,6 +8,7 @@ import json
 import os
 import stat
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -397,3 +398,23 @@ def test_plugin_config_rejects(kw: dict[str, object], message: str) -> None:
 def test_spec_outside_the_dirs_is_fine_when_not_generated() -> None:
     c = DevicePluginConfig(device_list_strategy="cdi", nvidia_ctk_path="", cdi_spec_file="/tmp/x.json")
     assert c.uses_cdi and not c.generates_cdi_spec
+
+
+def test_failed_generation_is_retried_without_a_new_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import exporter.deviceplugin.cdi as cdi_module
+
+    monkeypatch.setattr(cdi_module, "RETRY_FIRST_S", 0.05)
+    ctk, _ = fake_ctk(tmp_path)
+    spec = tmp_path / "x.json"
+    flag = tmp_path / "fail-once"
+    flag.write_text("")
+    # A wrapper that fails while the flag file exists (the driver is not ready yet), then succeeds.
+    wrapper = tmp_path / "ctk-wrapper"
+    wrapper.write_text(f'#!/bin/sh\nif [ -e {flag} ]; then rm {flag}; exit 3; fi\nexec {ctk} "$@"\n')
+    wrapper.chmod(0o755)
+    gen = SpecGenerator(GenerateSettings(str(wrapper), str(spec)))
+    assert gen.wait(gen.request(), 10) and gen.last_error is not None
+    deadline = time.monotonic() + 5
+    while not spec.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert spec.exists() and gen.runs >= 2 and gen.last_error is None
