@@ -28,7 +28,7 @@ def cfg(**kw: object) -> DevicePluginConfig:
         ({"replicas": True}, "replicas must be an integer >= 1"),
         ({"replicas": 5000}, "maximum"),
         ({"mig_strategy": "both"}, "mig strategy 'both' is not one of none, single, mixed"),
-        ({"device_list_strategy": "volume-mounts"}, "device list strategy"),
+        ({"device_list_strategy": "bogus"}, "device list strategy"),
         ({"resource_name": "gpu"}, "must look like <domain>/<name>"),
         ({"resource_name": "Nvidia.com/gpu"}, "not a lower-case DNS subdomain"),
         ({"resource_name": "kubernetes.io/gpu"}, "reserved"),
