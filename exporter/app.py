@@ -158,33 +158,11 @@ class App:
         )
 
     def _make_plugin(self) -> DevicePluginManager:
-        from exporter.deviceplugin import DevicePluginConfig, DevicePluginManager
-        from exporter.deviceplugin.cdi import check_nvidia_ctk
+        from exporter.deviceplugin import DevicePluginManager
+        from exporter.deviceplugin.process import plugin_config
 
         cfg = self.cfg
-        try:
-            config = DevicePluginConfig(
-                resource_name=cfg.resource_name,
-                plugin_dir=cfg.device_plugin_dir,
-                mig_strategy=cfg.mig_strategy,
-                replicas=cfg.replicas,
-                device_list_strategy=cfg.device_list_strategy,
-                device_id_strategy=cfg.device_id_strategy,
-                pass_device_specs=cfg.pass_device_specs,
-                dev_root=cfg.dev_root,
-                mig_minors_file=cfg.mig_minors_file,
-                cdi_annotation_prefix=cfg.cdi_annotation_prefix,
-                cdi_kind=cfg.cdi_kind,
-                nvidia_ctk_path=cfg.nvidia_ctk_path,
-                cdi_generate_args=cfg.cdi_generate_args,
-                cdi_spec_file=cfg.cdi_spec_file,
-                cdi_spec_dirs=cfg.cdi_spec_dirs,
-                cdi_generate_timeout_s=cfg.cdi_generate_timeout_s,
-            )
-            if config.generates_cdi_spec:  # refuse to start rather than hand out names no spec defines
-                check_nvidia_ctk(config.nvidia_ctk_path)
-        except ValueError as exc:
-            raise ConfigError(f"device plugin: {exc}") from None
+        config = plugin_config(cfg)  # the same settings as the device plugin's own process
 
         def inventory() -> Inventory:  # discovered by the first cycle, which runs before the plugin starts
             return self.collector.inventory or Inventory(driver_version="", gpus=())

@@ -175,6 +175,9 @@ class _RequestHandler(socketserver.StreamRequestHandler):
             if not isinstance(req, dict):
                 raise ValueError("request is not a JSON object")
             if req.get("op") == "watch" and self.server.watcher is not None:
+                if req.get("version", WATCH_VERSION) != WATCH_VERSION:
+                    self._send({"ok": False, "error": f"watch version {req.get('version')!r}: this daemon speaks 1"})
+                    return
                 self.server.watching.add(self.connection)
                 try:
                     self.server.watcher.stream(self._send, lambda: self.server.closing)

@@ -166,3 +166,16 @@ def test_many_watchers_at_once(make_engine: EngineFactory, tmp_path: Path, clock
     for t in threads:
         t.join(10)
     assert len(results) == 8 and all(r[0]["seq"] == 1 for r in results)
+
+
+def test_a_watch_of_an_unknown_version_is_refused(make_engine: EngineFactory, tmp_path: Path) -> None:
+    make_engine(control_socket=True)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(str(tmp_path / "state" / CONTROL_SOCKET))
+    try:
+        s.sendall(b'{"op": "watch", "version": 2}\n')
+        answer = json.loads(s.makefile("rb").readline())
+    finally:
+        s.close()
+    assert answer == {"ok": False, "error": "watch version 2: this daemon speaks 1"}
