@@ -45,11 +45,6 @@ from exporter.model import Inventory
 
 log = structlog.get_logger(__name__)
 
-ENV_VISIBLE_DEVICES = "NVIDIA_VISIBLE_DEVICES"
-# The CDI kind nvidia-ctk generates (`nvidia-ctk cdi generate --device-name-strategy=uuid`); it is a CDI
-# vendor/class, unrelated to the (configurable) Kubernetes resource name.
-CDI_KIND = "nvidia.com/gpu"
-
 RESULT_SUCCESS = "success"
 RESULT_UNKNOWN = "unknown_device"
 RESULT_UNHEALTHY = "unhealthy_device"
