@@ -278,11 +278,17 @@ class App:
     def stop(self) -> None:
         log.info("stopping")
         for part in self.parts():
+            name = part.name if isinstance(part, _Closes) else type(part).__name__
+            began = time.monotonic()
             try:
                 part.stop()
             except Exception:
-                log.exception("stop_failed", part=part.name if isinstance(part, _Closes) else type(part).__name__)
+                log.exception("stop_failed", part=name)
+            took = time.monotonic() - began
+            if took > 1.0:  # a stop that lingers (a thread past its join timeout) says which part it was
+                log.warning("stop_slow", part=name, seconds=round(took, 2))
         try:
             self.backend.shutdown()
         except Exception:
             log.exception("backend_shutdown_failed")
+        log.info("stopped")

@@ -111,6 +111,9 @@ class ExporterProcess:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                # Shown with the failing test's output: which part of the stop lingered (stop_slow lines).
+                print(f"exporter did not stop within {timeout}s of {signal.Signals(sig).name}; killing it:")
+                print(self.logs()[-4000:])
                 self.proc.kill()
                 self.proc.wait(5)
         self._log.close()
