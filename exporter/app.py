@@ -159,7 +159,7 @@ class App:
 
     def _make_plugin(self) -> DevicePluginManager:
         from exporter.deviceplugin import DevicePluginManager
-        from exporter.deviceplugin.process import plugin_config
+        from exporter.deviceplugin.settings import plugin_config
 
         cfg = self.cfg
         config = plugin_config(cfg)  # the same settings as the device plugin's own process

@@ -31,8 +31,8 @@ import structlog
 
 from exporter.backend import Backend, BackendError
 from exporter.config import Config, ConfigError, parse_config
-from exporter.deviceplugin.config import DevicePluginConfig
 from exporter.deviceplugin.manager import DevicePluginManager
+from exporter.deviceplugin.settings import plugin_config
 from exporter.health.stream import VerdictStream
 from exporter.labels import RenderContext
 from exporter.model import Inventory
@@ -46,37 +46,6 @@ DEFAULT_ADDRESS = ":9402"  # the exporter's is :9400; both containers share the 
 DISCOVER_EVERY_S = 30.0  # and at once when the daemon streams a device we have not discovered
 RENDER_EVERY_S = 2.0
 EXIT_USAGE, EXIT_STARTUP = 2, 1
-
-
-def plugin_config(cfg: Config) -> DevicePluginConfig:
-    """The device plugin's settings from the flags, checked (the in-process plugin uses the same).
-    Raises ConfigError (exit 2): a bad value, or a CDI mode without nvidia-ctk to write the spec."""
-    from exporter.deviceplugin.cdi import check_nvidia_ctk
-
-    try:
-        config = DevicePluginConfig(
-            resource_name=cfg.resource_name,
-            plugin_dir=cfg.device_plugin_dir,
-            mig_strategy=cfg.mig_strategy,
-            replicas=cfg.replicas,
-            device_list_strategy=cfg.device_list_strategy,
-            device_id_strategy=cfg.device_id_strategy,
-            pass_device_specs=cfg.pass_device_specs,
-            dev_root=cfg.dev_root,
-            mig_minors_file=cfg.mig_minors_file,
-            cdi_annotation_prefix=cfg.cdi_annotation_prefix,
-            cdi_kind=cfg.cdi_kind,
-            nvidia_ctk_path=cfg.nvidia_ctk_path,
-            cdi_generate_args=cfg.cdi_generate_args,
-            cdi_spec_file=cfg.cdi_spec_file,
-            cdi_spec_dirs=cfg.cdi_spec_dirs,
-            cdi_generate_timeout_s=cfg.cdi_generate_timeout_s,
-        )
-        if config.generates_cdi_spec:  # refuse to start rather than hand out names no spec defines
-            check_nvidia_ctk(config.nvidia_ctk_path)
-    except ValueError as exc:
-        raise ConfigError(f"device plugin: {exc}") from None
-    return config
 
 
 def _with_default_address(argv: Sequence[str]) -> list[str]:
