@@ -242,6 +242,7 @@ def test_device_plugin_runs_as_its_own_container() -> None:
         "--mig-strategy=mixed",
         "--replicas=4",
         "--device-list-strategy=cdi",
+        "--device-id-strategy=uuid",
         "--log-format=json",
         "--log-level=info",
     ]
@@ -622,3 +623,27 @@ def test_mig_change_pauses_the_plugin_pod() -> None:
     during = {**OPERATOR_NODE, "nvidia.com/gpu.deploy.device-plugin": "paused-for-mig-change"}
     assert not schedulable(pod, during)
     assert schedulable(pod, {**during, "nvidia.com/gpu.deploy.device-plugin": "true"})  # maybeSetTrue
+
+
+def test_device_specs_and_index_ids_as_nvidias_plugin_offers() -> None:
+    """passDeviceSpecs: the flags NVIDIA's --pass-device-specs needs here, the host's /dev and MIG
+    capability minors mounted read-only into the container that serves Allocate, and only there."""
+    values = {
+        **PLUGIN_VALUES,
+        "devicePlugin": {**PLUGIN_VALUES["devicePlugin"], "passDeviceSpecs": True, "deviceIdStrategy": "index"},
+    }
+    ds = daemonset(render_chart(values))
+    plugin, exporter = container(ds, "device-plugin"), container(ds)
+    args = plugin["args"]
+    assert "--device-id-strategy=index" in args and "--pass-device-specs" in args
+    assert "--dev-root=/host" in args and "--mig-minors-file=/host/proc/driver/nvidia-caps/mig-minors" in args
+    plugin_mounts = {m["name"]: m for m in plugin["volumeMounts"]}
+    assert plugin_mounts["host-dev"] == {"name": "host-dev", "mountPath": "/host/dev", "readOnly": True}
+    assert plugin_mounts["host-nvidia-caps"]["readOnly"] is True
+    assert not {"host-dev", "host-nvidia-caps"} & {m["name"] for m in exporter["volumeMounts"]}
+    volumes = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["host-dev"]["hostPath"]["path"] == "/dev"
+    assert volumes["host-nvidia-caps"]["hostPath"]["path"] == "/proc/driver/nvidia-caps"
+    # off by default: no host /dev in the pod
+    plain = daemonset(render_chart(PLUGIN_VALUES))
+    assert "host-dev" not in {v["name"] for v in plain["spec"]["template"]["spec"]["volumes"]}
