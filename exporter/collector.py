@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 
@@ -85,6 +85,7 @@ class _Target:
     gpu: Gpu
     mig: MigDevice | None
     fields: tuple[FieldSpec, ...]
+    exported: bool = True  # False: a GPU read only for its selected instances' GPU-wide values
 
     @property
     def uuid(self) -> str:
@@ -220,12 +221,14 @@ class Collector:
     def _targets(self, inventory: Inventory) -> list[_Target]:
         targets: list[_Target] = []
         for gpu in inventory.gpus:
+            instances = [m for m in gpu.migs if self.selector.mig_selected(m)] if gpu.mig_enabled else []
             if self.selector.gpu_selected(gpu):
                 targets.append(_Target(gpu, None, self._gpu_fields))
-            if gpu.mig_enabled:
-                targets.extend(
-                    _Target(gpu, mig, self._instance_fields) for mig in gpu.migs if self.selector.mig_selected(mig)
-                )
+            elif instances:
+                # `-d i`: dcgm-exporter fills the instances' GPU-wide fields from their GPU, so it is
+                # read too, without series of its own.
+                targets.append(_Target(gpu, None, self._gpu_fields, exported=False))
+            targets.extend(_Target(gpu, mig, self._instance_fields) for mig in instances)
         return targets
 
     # --- one cycle ---
@@ -242,7 +245,7 @@ class Collector:
             self._submit(t, batch)
         if batch.left:
             self._wait(batch, deadline)
-        samples = [self._collect(t) for t in targets]
+        samples = [self._collect(t) if t.exported else replace(self._collect(t), exported=False) for t in targets]
         present = {g.uuid for g in inventory.gpus}
         vanished = tuple(sorted(u for u in self._ever_seen if u not in present))
         self.collections += 1

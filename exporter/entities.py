@@ -32,12 +32,13 @@ def dcgm_targets(samples: Iterable[DeviceSample], layout: MigLayout) -> list[Tar
     instance would repeat its labels."""
     samples = list(samples)
     with_instances = {s.gpu.uuid for s in samples if s.mig is not None}
+    hidden = {s.gpu.uuid for s in samples if s.mig is None and not s.exported}
     dcgm = layout == "dcgm"
     targets: list[Target] = []
     seen_instances: set[tuple[str, int]] = set()
     for s in samples:
         if s.mig is None:
-            if dcgm and s.gpu.uuid in with_instances:
+            if not s.exported or (dcgm and s.gpu.uuid in with_instances):
                 continue
             targets.append(Target(s, True, None))
             continue
@@ -45,5 +46,7 @@ def dcgm_targets(samples: Iterable[DeviceSample], layout: MigLayout) -> list[Tar
         if instance in seen_instances:
             continue
         seen_instances.add(instance)
-        targets.append(Target(s, dcgm, s.gpu.uuid if dcgm else None))
+        # A GPU read only for its instances (`-d i`) gives them its GPU-wide values under either layout.
+        full = dcgm or s.gpu.uuid in hidden
+        targets.append(Target(s, full, s.gpu.uuid if full else None))
     return targets

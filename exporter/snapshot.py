@@ -28,6 +28,9 @@ class DeviceSample:
     monitor_fault: bool = False
     # Fields the device answered NOT_SUPPORTED for (not asked again for a while).
     unsupported: frozenset[str] = frozenset()
+    # False: read only for its GPU instances' GPU-wide values (`-d i` selects the instances, not the
+    # GPU): no series of its own in the DCGM families.
+    exported: bool = True
     # The device's own UUID (MIG- for a MIG device); derived, stored because the
     # renderer and health look it up for every sample of every cycle.
     uuid: str = field(init=False)

@@ -80,9 +80,10 @@ def test_mig_devices_read_with_instance_fields_only() -> None:
     assert [s.uuid for s in snap.samples] == ["GPU-00000000", "MIG-0-a", "MIG-0-b"]
     mig_asks = [names for uuid, names in b.asked if uuid.startswith("MIG-")]
     assert mig_asks == [("DCGM_FI_DEV_FB_USED",), ("DCGM_FI_DEV_FB_USED",)]
-    # -d g: no instances; -d i:5: only GPU instance 5
+    # -d g: no instances; -d i:5: only GPU instance 5, plus its GPU read for the GPU-wide values only
     assert [s.uuid for s in make(ScriptedBackend(gpus=1, mig_on=0), "g").run_once().samples] == ["GPU-00000000"]
-    assert [s.uuid for s in make(ScriptedBackend(gpus=1, mig_on=0), "i:5").run_once().samples] == ["MIG-0-b"]
+    only_5 = make(ScriptedBackend(gpus=1, mig_on=0), "i:5").run_once().samples
+    assert [(s.uuid, s.exported) for s in only_5] == [("GPU-00000000", False), ("MIG-0-b", True)]
 
 
 def test_vanished_gpu_is_reported() -> None:

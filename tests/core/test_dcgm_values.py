@@ -27,11 +27,11 @@ CSV = (
 )
 
 
-def render(backend: ScriptedBackend, csv: str = CSV, layout: MigLayout = "dcgm") -> str:
+def render(backend: ScriptedBackend, csv: str = CSV, layout: MigLayout = "dcgm", devices: str = "f") -> str:
     xids = XidTracker(300)
     xids.on_events([DeviceEvent("GPU-00000001", EVENT_XID, xid=79)])
     fields = parse_counters(csv, "t.csv")
-    collector = Collector(backend, fields, parse_device_selector("f"), 1.0, 0.5)
+    collector = Collector(backend, fields, parse_device_selector(devices), 1.0, 0.5)
     renderer = Renderer(RenderContext("Hostname", "node1"), xids, "scripted", process_registry=None, mig_layout=layout)
     return renderer.render(collector.run_once()).plain.decode()
 
@@ -167,3 +167,16 @@ def test_xid_gauge_sorts_err_labels_with_the_pod_labels() -> None:
         'modelName="NVIDIA H100 80GB HBM3",Hostname="node1",container="c",err_code="79",'
         'err_msg="GPU has fallen off the bus",namespace="ml",pod="train"} 79'
     ]
+
+
+def test_instances_only_selection_still_gets_the_gpu_wide_values() -> None:
+    """`-d i`: dcgm-exporter watches only the GPU instances, each with every field (GPU-wide ones from
+    its GPU). The GPU is read for them but has no DCGM series of its own, under either layout."""
+    layouts: tuple[MigLayout, ...] = ("dcgm", "parent")
+    for layout in layouts:
+        text = render(mig_backend(), layout=layout, devices="i")
+        power = series(text, "DCGM_FI_DEV_POWER_USAGE")
+        assert [s.rsplit(" ", 1)[1] for s in power] == ["250.500000", "250.500000"], layout
+        assert all("GPU_I_ID" in s for s in power), layout
+        assert not [s for s in text.splitlines() if s.startswith("DCGM_") and 'UUID="GPU-00000000"' in s], layout
+        assert [s.rsplit(" ", 1)[1] for s in series(text, "DCGM_FI_DEV_FB_USED")] == ["3000", "500"], layout
