@@ -46,6 +46,7 @@ from exporter.model import (
     GpuLink,
     Inventory,
 )
+from exporter.simulate.backend import DGX1_NVLINKS
 
 SIZES = (1, 2, 4, 8)
 SIZE_WEIGHTS = (4, 3, 2, 1)
@@ -90,15 +91,7 @@ def make_node(
     return Node(name, inventory, good, nvswitch)
 
 
-DGX1_LINKS = {
-    (0, 1): 1, (0, 2): 1, (0, 3): 2, (0, 4): 2,
-    (1, 2): 2, (1, 3): 1, (1, 5): 2,
-    (2, 3): 2, (2, 6): 1,
-    (3, 7): 1,
-    (4, 5): 1, (4, 6): 1, (4, 7): 2,
-    (5, 6): 2, (5, 7): 1,
-    (6, 7): 2,
-}  # fmt: skip
+DGX1_LINKS = DGX1_NVLINKS  # the simulator's DGX-1 hybrid cube mesh: one table of that fact
 
 NODES = (
     make_node(

@@ -31,7 +31,7 @@ from exporter.simulate.workload import DEFAULT_PATTERNS, MIG_PATTERNS
 HANG_POLL_S = 0.05
 # DGX-1 (V100) hybrid cube mesh: links between GPU positions on the board (nvidia-smi topo -m: NV1, NV2);
 # every GPU has 6. The pairs are `_nvlink_pairs`' "cube" pairs.
-_CUBE_LINKS = {
+DGX1_NVLINKS = {
     (0, 1): 1, (0, 2): 1, (0, 3): 2, (0, 4): 2,
     (1, 2): 2, (1, 3): 1, (1, 5): 2,
     (2, 3): 2, (2, 6): 1,
@@ -250,7 +250,7 @@ class SimulatedBackend:
         """Per pair NVLink links and PCIe level, as NVML would report them for this model.
 
         "all": an NVSwitch baseboard, every GPU of a board of 8 reaches the others over all its links;
-        "cube": DGX-1's hybrid cube mesh (1 or 2 links per peer, `_CUBE_LINKS`). PCIe: the model's
+        "cube": DGX-1's hybrid cube mesh (1 or 2 links per peer, `DGX1_NVLINKS`). PCIe: the model's
         GPUs per switch share one (SINGLE), then the NUMA node (NODE), else SYSTEM.
         """
         model = self.model
@@ -263,7 +263,7 @@ class SimulatedBackend:
                 if a.index // 8 == b.index // 8 and model.nvlink == "all":
                     count = model.nvlink_links
                 elif a.index // 8 == b.index // 8 and model.nvlink == "cube":
-                    count = _CUBE_LINKS.get((a.index % 8, b.index % 8), 0)
+                    count = DGX1_NVLINKS.get((a.index % 8, b.index % 8), 0)
                 if a.index // model.pcie_per_switch == b.index // model.pcie_per_switch:
                     level = TOPOLOGY_SINGLE
                 elif a.numa == b.numa:

@@ -9,10 +9,13 @@ a kubelet restart does to the directory: delete every socket in it, then create 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
@@ -201,3 +204,16 @@ class FakeKubelet:
         """A DevicePlugin client on the registered endpoint of `resource` (Allocate etc.)."""
         with self._cond:
             return pb_grpc.DevicePluginStub(self._endpoints[resource].channel)
+
+
+@contextlib.contextmanager
+def running_kubelet() -> Iterator[FakeKubelet]:
+    """A started fake kubelet in its own short /tmp directory (unix socket paths are limited to 107
+    bytes); stopped and removed afterwards."""
+    plugin_dir = tempfile.mkdtemp(prefix="ghe-dp-", dir="/tmp")
+    kubelet = FakeKubelet(plugin_dir).start()
+    try:
+        yield kubelet
+    finally:
+        kubelet.stop()
+        shutil.rmtree(plugin_dir, ignore_errors=True)

@@ -4,16 +4,14 @@ the same state directory, the fake NVML for both, a fake kubelet with real gRPC 
 from __future__ import annotations
 
 import json
-import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.deviceplugin.fakekubelet_registration import FakeKubelet
+from tests.deviceplugin.fakekubelet_registration import FakeKubelet, running_kubelet
 from tests.e2e.harness import ExporterProcess
 from tests.e2e.nvmlnode import NvmlNode
 from tests.fakenvmllib import FakeNvmlBuild, load_scenario
@@ -23,13 +21,8 @@ RESOURCE = "nvidia.com/gpu"
 
 @pytest.fixture
 def kubelet() -> Iterator[FakeKubelet]:
-    plugin_dir = tempfile.mkdtemp(prefix="ghe-dp-", dir="/tmp")
-    k = FakeKubelet(plugin_dir).start()
-    try:
+    with running_kubelet() as k:
         yield k
-    finally:
-        k.stop()
-        shutil.rmtree(plugin_dir, ignore_errors=True)
 
 
 def daemon(build: FakeNvmlBuild, tmp: Path) -> NvmlNode:

@@ -7,18 +7,16 @@ plugin back and records every ListAndWatch message, like the real one.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.deviceplugin.fakekubelet_registration import FakeKubelet, Received
+from tests.deviceplugin.fakekubelet_registration import FakeKubelet, Received, running_kubelet
 from tests.e2e.harness import ROOT
 from tests.e2e.nvmlnode import NvmlNode
 from tests.fakenvmllib import FakeNvmlBuild, load_scenario
@@ -28,13 +26,8 @@ RESOURCE = "nvidia.com/gpu"
 
 @pytest.fixture
 def kubelet() -> Iterator[FakeKubelet]:
-    plugin_dir = tempfile.mkdtemp(prefix="ghe-dp-", dir="/tmp")
-    k = FakeKubelet(plugin_dir).start()
-    try:
+    with running_kubelet() as k:
         yield k
-    finally:
-        k.stop()
-        shutil.rmtree(plugin_dir, ignore_errors=True)
 
 
 def two_gpu_node(build: FakeNvmlBuild, tmp: Path, kubelet: FakeKubelet, *args: str) -> NvmlNode:
