@@ -344,7 +344,7 @@ class DcgmExpFamilies:
         lines: list[str] = []
         for s in window_entities(snap, self.mig_layout):
             rows = [(str(k), n) for k, n in sorted(self.xids.window_counts(s.gpu.uuid).items())]
-            for fields in self._with_pods(label_fields(labels, s, snap.inventory), s.gpu, s.mig):
+            for fields in self._with_pods(label_fields(labels, s.gpu, snap.inventory), s.gpu, s.mig):
                 lines += _counted(ctx, c.name, s.uuid, fields, window, "xid", rows)
         return header(c) + "".join(lines) if lines else ""  # no device, no family
 
@@ -358,7 +358,7 @@ class DcgmExpFamilies:
             rows = [] if counts is None else [(name, counts[bit]) for bit, name in CLOCK_EVENTS if bit in counts]
             if counts is not None and not rows:
                 continue
-            for fields in self._with_pods(label_fields(labels, s, snap.inventory), s.gpu, s.mig):
+            for fields in self._with_pods(label_fields(labels, s.gpu, snap.inventory), s.gpu, s.mig):
                 lines += _counted(ctx, c.name, s.uuid, fields, window, "clock_event", rows)
         return header(c) + "".join(lines) if lines else ""  # no device, no family
 
@@ -373,7 +373,7 @@ class DcgmExpFamilies:
                 reasons += self.health.verdict(mig.uuid).reasons
             incidents = health_incidents(reasons)
             base = ctx.dcgm_labels(gpu.uuid)
-            fields = label_fields(labels, DeviceSample(gpu, None, {}, up=True), snap.inventory)
+            fields = label_fields(labels, gpu, snap.inventory)
             for with_pods in self._with_pods(fields, gpu, None):
                 for watch in HEALTH_WATCHES:
                     value, code = incidents.get(watch, (PASS, FR_OK))
@@ -391,7 +391,7 @@ class DcgmExpFamilies:
         lines: list[str] = []
         for gpu in inventory.gpus:
             base = ctx.dcgm_labels(gpu.uuid)
-            fields = label_fields(labels, DeviceSample(gpu, None, {}, up=True), inventory)
+            fields = label_fields(labels, gpu, inventory)
             for with_pods in self._with_pods(fields, gpu, None):
                 for peer_index, status in sorted(by_gpu.get(gpu.uuid, ())):
                     text = P2P_STATUS_TEXT.get(status, "Unknown")
@@ -409,10 +409,10 @@ _RENDER: dict[str, _Render] = {
 }
 
 
-def label_fields(fields: Sequence[FieldSpec], sample: DeviceSample, inventory: Inventory) -> dict[str, str]:
+def label_fields(fields: Sequence[FieldSpec], gpu: Gpu, inventory: Inventory) -> dict[str, str]:
     """The counters file's label fields and this device's values for them, as the DCGM block writes
     them (dcgm-exporter copies its label counters onto these families: pkg/cmd/app.go getCounters)."""
-    return dict(label_field_values(fields, sample.gpu, inventory))
+    return dict(label_field_values(fields, gpu, inventory))
 
 
 def window_entities(snapshot: Snapshot, mig_layout: MigLayout) -> list[DeviceSample]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from exporter.config import DEFAULTS
 from exporter.health.control import CONTROL_SOCKET, ControlError, request
-from exporter.health.state import STATE_FILE, read_document, validate
+from exporter.health.state import STATE_FILE, read_state_file
 
 DEFAULT_STATE_DIR = str(DEFAULTS.state_dir)
 _ENV = "GPU_HEALTH_EXPORTER_STATE_DIR"
@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
 def _offline_devices(state_dir: Path) -> list[dict[str, Any]]:
     from exporter.health.expose import reason_json, top_action
 
-    doc = read_document(validate(json.loads((state_dir / STATE_FILE).read_bytes())))
+    doc = read_state_file(state_dir)
     out = []
     for uuid, rec in doc.devices.items():
         reasons = [r.freeze() for r in rec.reasons.values()]

@@ -10,7 +10,9 @@ guessing at a format we do not know would mean dropping the fences in it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -155,6 +157,12 @@ def document(state: Document, written_at: float) -> dict[str, Any]:
         "clears_total": state.clears_total,
         "signals_seen": {m: sorted(f) for m, f in sorted(state.signals_seen.items())},
     }
+
+
+def read_state_file(state_dir: Path) -> Document:
+    """The persisted records, read-only (`health list` without a daemon, the device plugin before it
+    hears one). Raises OSError, ValueError (not JSON) or StateError (not a state document)."""
+    return read_document(validate(json.loads((state_dir / STATE_FILE).read_bytes())))
 
 
 def read_document(doc: dict[str, Any]) -> Document:

@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from exporter.health.control import KEEPALIVE_S, MAX_REQUEST, WATCH_VERSION
-from exporter.health.state import STATE_FILE, read_document, validate
+from exporter.health.state import STATE_FILE, read_state_file
 from exporter.health.verdict import HealthState, Reason, Verdict, combine
 from exporter.logs import Reminder
 
@@ -83,7 +83,7 @@ def _reason(r: dict[str, Any]) -> Reason:
 
 def verdicts_from_state_file(state_dir: Path) -> dict[str, Verdict]:
     """The persisted verdicts (read-only): each device's own reasons, a MIG device with its GPU's."""
-    doc = read_document(validate(json.loads((state_dir / STATE_FILE).read_bytes())))
+    doc = read_state_file(state_dir)
     own = {u: tuple(r.freeze() for r in rec.reasons.values()) for u, rec in doc.devices.items()}
     out: dict[str, Verdict] = {}
     for uuid, rec in doc.devices.items():
