@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 from exporter import __version__
 from exporter.devices import DeviceSelector
@@ -58,6 +59,54 @@ DeviceIdStrategy = Literal["uuid", "index"]
 
 
 CORE, PODS, HEALTH, PLUGIN = "Core", "Pod attribution", "Health", "Device plugin"
+SCHEDULER, PROXY = "Reaching the scheduler", "Device plugin proxy"
+
+DRA_TAINT_EFFECTS = ("NoSchedule", "NoExecute")
+NODE_TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+# A qualified name (optional DNS-subdomain prefix and "/"), as Kubernetes checks a taint key.
+_TAINT_KEY = re.compile(
+    r"^(?:[a-z0-9]([-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+_TAINT_VALUE = re.compile(r"^(?:[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+
+class NodeTaint(NamedTuple):
+    """--health-node-taint KEY[=VALUE]:EFFECT, as kubectl taint writes one."""
+
+    key: str
+    value: str
+    effect: str
+
+    def __str__(self) -> str:
+        return f"{self.key}={self.value}:{self.effect}" if self.value else f"{self.key}:{self.effect}"
+
+
+def node_taint(raw: str, at: Where) -> NodeTaint:
+    spec, sep, effect = raw.strip().rpartition(":")
+    if not sep:
+        raise ConfigError(
+            f"{at.origin}: {raw!r} is not KEY[=VALUE]:EFFECT (e.g. gpu-health-exporter/unhealthy:NoSchedule)"
+        )
+    key, _, value = spec.partition("=")
+    if effect not in NODE_TAINT_EFFECTS:
+        raise ConfigError(f"{at.origin}: effect {effect!r} is not one of {', '.join(NODE_TAINT_EFFECTS)}")
+    if len(key) > 316 or not _TAINT_KEY.match(key) or len(key.rpartition("/")[0]) > 253:
+        raise ConfigError(f"{at.origin}: taint key {key!r} is not a qualified name ([prefix/]name)")
+    if not _TAINT_VALUE.match(value):
+        raise ConfigError(f"{at.origin}: taint value {value!r} is not a label value (63 characters, alphanumeric, -_.)")
+    return NodeTaint(key, value, effect)
+
+
+def dra_taint_effect(raw: str, at: Where) -> str | None:
+    """--dra-device-taints: the effect of the rules, or None (off)."""
+    value = raw.strip()
+    if value.lower() in ("", "off", "false"):
+        return None
+    for effect in DRA_TAINT_EFFECTS:
+        if value.lower() == effect.lower():
+            return effect
+    raise ConfigError(f"{at.origin}: {raw!r} is not one of off, {', '.join(DRA_TAINT_EFFECTS)}")
 
 
 def device_list_strategies(raw: str, at: Where) -> str:
@@ -329,6 +378,45 @@ class Config:
         switch=True,
         section=HEALTH,
         help="Publish a Node condition and Events for GPU health (needs the API server).",
+    )
+    # --- reaching the scheduler (the Kubernetes API) ---
+    dra_device_taints: str | None = flag(
+        "--dra-device-taints",
+        default=None,
+        const="NoSchedule",
+        parse=dra_taint_effect,
+        section=SCHEDULER,
+        metavar="EFFECT",
+        help="Taint each fenced device that a DRA driver publishes in this node's ResourceSlices with a "
+        "DeviceTaintRule (effect NoSchedule, the bare flag, or NoExecute; a degraded device gets effect None "
+        "where the API has it). Off by default.",
+    )
+    health_node_taint: NodeTaint | None = flag(
+        "--health-node-taint",
+        default=None,
+        parse=node_taint,
+        section=SCHEDULER,
+        metavar="KEY[=VALUE]:EFFECT",
+        help="Taint this Node while a verdict asks for a node reboot or every GPU of the node is fenced; "
+        "removed when that no longer holds. Only this taint is ever touched. Off by default.",
+    )
+    kubernetes_events: bool = flag(
+        "--kubernetes-events",
+        default="false",
+        switch=True,
+        section=SCHEDULER,
+        help="Post a Warning Event (reason GpuUnhealthy) on every pod holding a GPU when it is fenced "
+        "(also on with --kubernetes-node-status).",
+    )
+    # --- device plugin proxy (gpu-health-exporter device-plugin-proxy) ---
+    upstream_dir: Path | None = flag(
+        "--upstream-dir",
+        default=None,
+        parse=filesystem_path,
+        section=PROXY,
+        metavar="DIR",
+        help="device-plugin-proxy: the host directory NVIDIA's device plugin has mounted as its "
+        "/var/lib/kubelet/device-plugins; the proxy serves the Registration API at DIR/kubelet.sock.",
     )
     # --- device plugin ---
     device_plugin: bool = flag(

@@ -12,6 +12,7 @@ from exporter.config import (
     FLAGS,
     Config,
     ConfigError,
+    NodeTaint,
     parse_config,
 )
 from exporter.devices import DeviceSelector, DeviceSelectorError, parse_device_selector
@@ -147,6 +148,12 @@ def test_values_parse_into_their_types() -> None:
         (["--kubernetes-pod-labels-allowlist", "("], {}, "--kubernetes-pod-labels-allowlist: invalid regex"),
         (["--simulate", "--nvml-library", "/x.so"], {}, "exclude each other"),
         (["--no-such-flag"], {}, "unrecognized arguments"),
+        (["--health-node-taint", "gpu-broken"], {}, "--health-node-taint: 'gpu-broken' is not KEY[=VALUE]:EFFECT"),
+        (["--health-node-taint", "a:Evict"], {}, "--health-node-taint: effect 'Evict' is not one of NoSchedule"),
+        (["--health-node-taint", "a b:NoSchedule"], {}, "taint key 'a b' is not a qualified name"),
+        (["--health-node-taint", "a=b c:NoSchedule"], {}, "taint value 'b c' is not a label value"),
+        (["--dra-device-taints=Evict"], {}, "--dra-device-taints: 'Evict' is not one of off, NoSchedule, NoExecute"),
+        ([], {"GPU_HEALTH_EXPORTER_DRA_DEVICE_TAINTS": "x"}, "DRA_DEVICE_TAINTS: 'x' is not one of off"),
     ],
 )
 def test_bad_values_name_the_flag(argv: list[str], env: dict[str, str], needle: str) -> None:
@@ -183,6 +190,21 @@ def test_simulate_takes_an_optional_spec() -> None:
     assert parse_config(["--simulate"], environ={}).simulate == ""
     assert parse_config(["--simulate=gpus=2"], environ={}).simulate == "gpus=2"
     assert parse_config([], environ={}).simulate is None
+
+
+def test_scheduler_flags_parse_like_kubectl_taint() -> None:
+    cfg = parse_config([], environ={})
+    assert (cfg.dra_device_taints, cfg.health_node_taint, cfg.kubernetes_events) == (None, None, False)
+    assert parse_config(["--dra-device-taints"], environ={}).dra_device_taints == "NoSchedule"
+    assert parse_config(["--dra-device-taints=noexecute"], environ={}).dra_device_taints == "NoExecute"
+    assert parse_config([], environ={"GPU_HEALTH_EXPORTER_DRA_DEVICE_TAINTS": "off"}).dra_device_taints is None
+    taint = parse_config(["--health-node-taint", "example.com/gpu=broken:NoExecute"], environ={}).health_node_taint
+    assert (
+        taint == NodeTaint("example.com/gpu", "broken", "NoExecute")
+        and str(taint) == "example.com/gpu=broken:NoExecute"
+    )
+    taint = parse_config(["--health-node-taint=gpu-health-exporter/unhealthy:NoSchedule"], environ={}).health_node_taint
+    assert taint == NodeTaint("gpu-health-exporter/unhealthy", "", "NoSchedule")
 
 
 def test_parse_address_forms() -> None:
