@@ -59,7 +59,7 @@ DeviceIdStrategy = Literal["uuid", "index"]
 
 
 CORE, PODS, HEALTH, PLUGIN = "Core", "Pod attribution", "Health", "Device plugin"
-SCHEDULER, PROXY = "Reaching the scheduler", "Device plugin proxy"
+SCHEDULER, PROXY, WEB = "Reaching the scheduler", "Device plugin proxy", "HTTP and TLS"
 
 DRA_TAINT_EFFECTS = ("NoSchedule", "NoExecute")
 NODE_TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
@@ -140,6 +140,57 @@ class Config:
         parse=listen_address,
         section=CORE,
         help="Address to listen on for HTTP ([host]:port).",
+    )
+    # --- HTTP and TLS ---
+    web_config_file: Path | None = flag(
+        "--web-config-file",
+        "--web.config.file",
+        default=None,
+        parse=filesystem_path,
+        section=WEB,
+        metavar="PATH",
+        help="exporter-toolkit web configuration (TLS, mTLS, basic auth, headers); re-read for each new "
+        "connection. Default: plain HTTP, no auth.",
+    )
+    web_unauthenticated_probes: bool = flag(
+        "--web-unauthenticated-probes",
+        default="false",
+        switch=True,
+        section=WEB,
+        help="Serve /health and /ready without basic auth or a client certificate (for kubelet probes); "
+        "off: they follow the same rules as /metrics.",
+    )
+    http_header_timeout_s: float = flag(
+        "--http-header-timeout",
+        default="10",
+        parse=seconds(1),
+        section=WEB,
+        metavar="S",
+        help="Seconds a client has to send a complete request head, from its first byte; then it is closed.",
+    )
+    http_idle_timeout_s: float = flag(
+        "--http-idle-timeout",
+        default="60",
+        parse=seconds(1),
+        section=WEB,
+        metavar="S",
+        help="Seconds a keep-alive connection may sit idle between requests.",
+    )
+    http_max_connections: int = flag(
+        "--http-max-connections",
+        default="256",
+        parse=integer(4),
+        section=WEB,
+        metavar="N",
+        help="Open connections at most; beyond it the oldest idle ones are closed first.",
+    )
+    http_max_header_bytes: int = flag(
+        "--http-max-header-bytes",
+        default="16384",
+        parse=integer(1024),
+        section=WEB,
+        metavar="BYTES",
+        help="Largest request head (request line and headers) accepted; a longer one gets 431 or 414.",
     )
     collect_interval_s: float = flag(
         "-c",
