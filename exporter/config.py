@@ -163,7 +163,7 @@ class Config:
     http_header_timeout_s: float = flag(
         "--http-header-timeout",
         default="10",
-        parse=seconds(1),
+        parse=seconds(1, 600),
         section=WEB,
         metavar="S",
         help="Seconds a client has to send a complete request head, from its first byte; then it is closed.",
@@ -171,7 +171,7 @@ class Config:
     http_idle_timeout_s: float = flag(
         "--http-idle-timeout",
         default="60",
-        parse=seconds(1),
+        parse=seconds(1, 3600),
         section=WEB,
         metavar="S",
         help="Seconds a keep-alive connection may sit idle between requests.",
@@ -179,7 +179,7 @@ class Config:
     http_max_connections: int = flag(
         "--http-max-connections",
         default="256",
-        parse=integer(4),
+        parse=integer(4, 65536),
         section=WEB,
         metavar="N",
         help="Open connections at most; beyond it the oldest idle ones are closed first.",
@@ -187,7 +187,7 @@ class Config:
     http_max_header_bytes: int = flag(
         "--http-max-header-bytes",
         default="16384",
-        parse=integer(1024),
+        parse=integer(1024, 1 << 20),
         section=WEB,
         metavar="BYTES",
         help="Largest request head (request line and headers) accepted; a longer one gets 431 or 414.",
@@ -196,7 +196,7 @@ class Config:
         "-c",
         "--collect-interval",
         default="5000",
-        parse=millis_as_seconds(100),
+        parse=millis_as_seconds(100, 3_600_000),
         section=CORE,
         metavar="MS",
         help="Collection interval in milliseconds. Scrapes are served from the last collection.",
@@ -231,7 +231,7 @@ class Config:
     device_timeout_s: float = flag(
         "--device-timeout",
         default="2000",
-        parse=millis_as_seconds(10),
+        parse=millis_as_seconds(10, 600_000),
         section=CORE,
         metavar="MS",
         help="Deadline for reading one device per cycle, in ms. A device past it is served stale and flagged.",
@@ -274,7 +274,7 @@ class Config:
     xid_count_window_s: float = flag(
         "--xid-count-window-size",
         default="300000",
-        parse=millis_as_seconds(1000),
+        parse=millis_as_seconds(1000, 30 * 86_400_000),
         section=CORE,
         metavar="MS",
         help="Window of DCGM_EXP_XID_ERRORS_COUNT, in ms.",
@@ -282,7 +282,7 @@ class Config:
     clock_events_count_window_s: float = flag(
         "--clock-events-count-window-size",
         default="300000",  # dcgm-exporter's default: 5 minutes
-        parse=millis_as_seconds(1000),
+        parse=millis_as_seconds(1000, 30 * 86_400_000),
         section=CORE,
         metavar="MS",
         help="Window of DCGM_EXP_CLOCK_EVENTS_COUNT, in ms.",
@@ -306,7 +306,7 @@ class Config:
     pod_resources_timeout_s: float = flag(
         "--pod-resources-timeout",
         default="10000",
-        parse=millis_as_seconds(100),
+        parse=millis_as_seconds(100, 600_000),
         section=PODS,
         metavar="MS",
         help="Deadline for one kubelet PodResources call, in ms. A call past it fails; the last good mapping "
@@ -403,7 +403,7 @@ class Config:
     health_nvml_timeout_grace_s: float = flag(
         "--health-nvml-timeout-grace",
         default="30",
-        parse=seconds(0),
+        parse=seconds(0, 86_400),
         section=HEALTH,
         metavar="S",
         help="Seconds a device's NVML reads may time out before it is fenced.",
@@ -411,7 +411,7 @@ class Config:
     health_slowdown_s: float = flag(
         "--health-slowdown-seconds",
         default="300",
-        parse=seconds(0),
+        parse=seconds(0, 86_400),
         section=HEALTH,
         metavar="S",
         help="Seconds of sustained HW thermal or power-brake slowdown before a GPU is degraded.",
@@ -487,7 +487,12 @@ class Config:
         "--mig-strategy", default="none", choices=get_args(MigStrategy), section=PLUGIN, help="MIG strategy."
     )
     replicas: int = flag(
-        "--replicas", default="1", parse=integer(1), section=PLUGIN, metavar="N", help="Time-slicing replicas per GPU."
+        "--replicas",
+        default="1",
+        parse=integer(1, 1024),
+        section=PLUGIN,
+        metavar="N",
+        help="Time-slicing replicas per GPU.",
     )
     device_plugin_take_over: bool = flag(
         "--device-plugin-take-over",
@@ -582,7 +587,7 @@ class Config:
     cdi_generate_timeout_s: float = flag(
         "--cdi-generate-timeout",
         default="60",
-        parse=seconds(1),
+        parse=seconds(1, 3600),
         section=PLUGIN,
         metavar="SECONDS",
         help="Time limit of one 'nvidia-ctk cdi generate' run.",
@@ -622,7 +627,25 @@ def parse_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) 
     return cfg
 
 
+def api_server_features(cfg: Config) -> list[str]:
+    """The flags given that make the daemon talk to the Kubernetes API server (and so read --kubeconfig)."""
+    wanted = {
+        "--kubernetes-enable-pod-labels": cfg.kubernetes and cfg.kubernetes_enable_pod_labels,
+        "--kubernetes-enable-pod-uid": cfg.kubernetes and cfg.kubernetes_enable_pod_uid,
+        "--kubernetes-dra": cfg.kubernetes and cfg.kubernetes_dra,
+        "--kubernetes-node-status": cfg.kubernetes_node_status,
+        "--kubernetes-events": cfg.kubernetes_events,
+        "--dra-device-taints": cfg.dra_device_taints is not None,
+        "--health-node-taint": cfg.health_node_taint is not None,
+    }
+    return [name for name, on in wanted.items() if on]
+
+
 def validate(cfg: Config) -> None:
     """What no single flag can check: each flag's own value was checked when it was parsed."""
     if cfg.nvml_library is not None and cfg.simulate is not None:
         raise ConfigError("--nvml-library and --simulate exclude each other")
+    features = api_server_features(cfg)
+    if cfg.kubeconfig is not None and features and not os.path.isfile(cfg.kubeconfig):
+        # Found out at start-up, not minutes later as a feature that quietly never worked.
+        raise ConfigError(f"--kubeconfig {cfg.kubeconfig!r}: no such file (needed by {', '.join(features)})")

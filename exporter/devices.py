@@ -8,6 +8,11 @@ from typing import Literal
 
 from exporter.model import Gpu, MigDevice
 
+# The largest id a selector may name: DCGM's limit on instances per node (DCGM_MAX_INSTANCES, 32 GPUs x 8
+# instances; GPU indices stay under 32). A range is bounded before it is expanded: `g:0-99999999` must be
+# an error, not 2 GB of ids.
+MAX_DEVICE_ID = 255
+
 
 class DeviceSelectorError(ValueError):
     """A selector that does not parse; the message says what is wrong with it (not which flag it came from)."""
@@ -54,6 +59,8 @@ def _parse_ids(text: str) -> frozenset[int]:
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise DeviceSelectorError(f"range {part!r} runs backwards")
+        if hi > MAX_DEVICE_ID:
+            raise DeviceSelectorError(f"id {hi} in {part.strip()!r} is past the device limit ({MAX_DEVICE_ID})")
         ids.update(range(lo, hi + 1))
     return frozenset(ids)
 

@@ -54,6 +54,8 @@ def text(raw: str, at: Where) -> str:
 
 
 def filesystem_path(raw: str, at: Where) -> Path:
+    if not raw.strip():  # Path("") is ".": an empty --state-dir would put the state in the working dir
+        raise ConfigError(f"{at.origin}: must not be empty")
     return Path(raw)
 
 
@@ -64,35 +66,40 @@ def _whole_number(raw: str, at: Where) -> int:
         raise ConfigError(f"{at.origin}: {raw!r} is not a whole number") from None
 
 
-def _at_least(value: int, minimum: int, at: Where) -> int:
+def _within(value: int, minimum: int, maximum: int | None, at: Where) -> int:
     if value < minimum:
         raise ConfigError(f"{at.flag}: must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{at.flag}: must be at most {maximum}, got {value}")
     return value
 
 
-def integer(minimum: int) -> Parser:
-    """A whole number >= minimum."""
+def integer(minimum: int, maximum: int | None = None) -> Parser:
+    """A whole number >= minimum (and <= maximum)."""
 
     def parse(raw: str, at: Where) -> int:
-        return _at_least(_whole_number(raw, at), minimum, at)
+        return _within(_whole_number(raw, at), minimum, maximum, at)
 
     return parse
 
 
-def millis_as_seconds(minimum_ms: int) -> Parser:
-    """Whole milliseconds on the command line (like dcgm-exporter), float seconds in Config."""
+def millis_as_seconds(minimum_ms: int, maximum_ms: int) -> Parser:
+    """Whole milliseconds on the command line (like dcgm-exporter), float seconds in Config.
+
+    Bounded above as well: a value no timer can hold (-c 10000000000000) must be refused at start-up,
+    not kill the thread that sleeps on it while /health stays green."""
 
     def parse(raw: str, at: Where) -> float:
-        return _at_least(_whole_number(raw, at), minimum_ms, at) / 1000
+        return _within(_whole_number(raw, at), minimum_ms, maximum_ms, at) / 1000
 
     return parse
 
 
-def seconds(minimum: int) -> Parser:
+def seconds(minimum: int, maximum: int) -> Parser:
     """Whole seconds on the command line, float seconds in Config."""
 
     def parse(raw: str, at: Where) -> float:
-        return float(_at_least(_whole_number(raw, at), minimum, at))
+        return float(_within(_whole_number(raw, at), minimum, maximum, at))
 
     return parse
 

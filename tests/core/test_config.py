@@ -152,6 +152,23 @@ def test_values_parse_into_their_types() -> None:
         (["--health-node-taint", "a:Evict"], {}, "--health-node-taint: effect 'Evict' is not one of NoSchedule"),
         (["--health-node-taint", "a b:NoSchedule"], {}, "taint key 'a b' is not a qualified name"),
         (["--health-node-taint", "a=b c:NoSchedule"], {}, "taint value 'b c' is not a label value"),
+        (["-d", "g:0-99999999"], {}, "--devices 'g:0-99999999': id 99999999 in '0-99999999' is past the device limit"),
+        (["-d", "i:256"], {}, "is past the device limit (255)"),
+        (["-c", "10000000000000"], {}, "--collect-interval: must be at most 3600000, got 10000000000000"),
+        (["--device-timeout", "10000000000"], {}, "--device-timeout: must be at most 600000"),
+        (["--http-max-connections", "100000000"], {}, "--http-max-connections: must be at most 65536"),
+        (["--state-dir", ""], {}, "--state-dir: must not be empty"),
+        ([], {"GPU_HEALTH_EXPORTER_STATE_DIR": " "}, "GPU_HEALTH_EXPORTER_STATE_DIR: must not be empty"),
+        (
+            ["--kubeconfig", "/nonexistent/kubeconfig", "--kubernetes-node-status"],
+            {},
+            "--kubeconfig '/nonexistent/kubeconfig': no such file (needed by --kubernetes-node-status)",
+        ),
+        (
+            ["--kubeconfig", "/nonexistent/k", "-k", "--kubernetes-dra", "--dra-device-taints"],
+            {},
+            "no such file (needed by --kubernetes-dra, --dra-device-taints)",
+        ),
         (["--dra-device-taints=Evict"], {}, "--dra-device-taints: 'Evict' is not one of off, NoSchedule, NoExecute"),
         ([], {"GPU_HEALTH_EXPORTER_DRA_DEVICE_TAINTS": "x"}, "DRA_DEVICE_TAINTS: 'x' is not one of off"),
     ],
@@ -171,6 +188,13 @@ def test_bad_values_name_the_flag(argv: list[str], env: dict[str, str], needle: 
         (["-d", "q"], "--devices 'q'"),
         (["-a", "localhost"], "--address 'localhost'"),
         (["--kubernetes-shared-gpus", "all"], "--kubernetes-shared-gpus: invalid choice: 'all'"),
+        (["-d", "g:0-99999999"], "past the device limit"),
+        (["-c", "10000000000000"], "--collect-interval: must be at most"),
+        (["--state-dir", ""], "--state-dir: must not be empty"),
+        (
+            ["--kubeconfig", "/nonexistent", "--health-node-taint", "a:NoSchedule"],
+            "--kubeconfig '/nonexistent': no such",
+        ),
     ],
 )
 def test_bad_values_exit_2_naming_the_flag(argv: list[str], needle: str) -> None:
@@ -190,6 +214,15 @@ def test_simulate_takes_an_optional_spec() -> None:
     assert parse_config(["--simulate"], environ={}).simulate == ""
     assert parse_config(["--simulate=gpus=2"], environ={}).simulate == "gpus=2"
     assert parse_config([], environ={}).simulate is None
+
+
+def test_a_kubeconfig_only_matters_to_features_that_use_the_api_server(tmp_path: Path) -> None:
+    assert parse_config(["--kubeconfig", "/nonexistent"], environ={}).kubeconfig == "/nonexistent"
+    assert parse_config(["--kubeconfig", "/nonexistent", "-k"], environ={}).kubernetes  # PodResources only
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("{}")
+    cfg = parse_config(["--kubeconfig", str(kubeconfig), "--kubernetes-events"], environ={})
+    assert cfg.kubernetes_events
 
 
 def test_scheduler_flags_parse_like_kubectl_taint() -> None:
