@@ -1,5 +1,6 @@
-"""Command line entry point: the daemon, the `health` subcommands, or `device-plugin` (the kubelet
-device plugin as its own process, exporter/deviceplugin/process.py); exit codes and signals.
+"""Command line entry point: the daemon, the `health` subcommands, `device-plugin` (the kubelet
+device plugin as its own process, exporter/deviceplugin/process.py) or `device-plugin-proxy` (the
+health proxy in front of NVIDIA's plugin, exporter/proxy/process.py); exit codes and signals.
 
 Imports go one way: cli -> app (the wiring) -> parts. The daemon's modules are imported only
 when the daemon runs, so `health list|clear` stays light.
@@ -83,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from exporter.deviceplugin.process import run as plugin_run
 
         return plugin_run(args[1:])
+    if args[:1] == ["device-plugin-proxy"]:
+        from exporter.proxy.process import run as proxy_run
+
+        return proxy_run(args[1:])
     return run(args)
 
 

@@ -1,0 +1,215 @@
+"""The kubelet-facing DevicePlugin service for one resource: what the kubelet dials back.
+
+ListAndWatch streams the `ForwardedList`. Allocate, PreStartContainer and GetDevicePluginOptions go to
+the upstream as the kubelet's request bytes, with the kubelet's deadline, and its response bytes (or
+its error status) come back unchanged: the service is registered with a generic handler without
+(de)serialisers, so nothing is re-encoded. GetPreferredAllocation is decoded only to take fenced
+devices out of the candidates; the upstream's answer comes back unchanged. The proxy never answers in
+the upstream's stead, with one exception: GetDevicePluginOptions while the upstream is unreachable
+answers with the options the upstream registered with (the kubelet asks inside our Register, which a
+restarting upstream must not fail).
+
+A sync grpc.server, as exporter/deviceplugin/server.py explains: one long-lived stream per resource.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import structlog
+
+from exporter.deviceplugin.api.v1beta1 import deviceplugin_pb2 as pb
+from exporter.proxy.forwarded import ForwardedList
+from exporter.proxy.upstream import Upstream, UpstreamUnavailable
+
+log = structlog.get_logger(__name__)
+
+FORWARDED_RPCS = ("Allocate", "GetPreferredAllocation", "PreStartContainer", "GetDevicePluginOptions")
+_WORKERS = 8
+_MAX_STREAMS = 4  # the kubelet's one, plus slack for a re-registration overlap; the oldest goes first
+_MAX_MESSAGE = 16 * 1024 * 1024
+
+
+class RelayCounts:
+    """forwarded_total{rpc,result}: written by RPC threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = {(rpc, r): 0 for rpc in FORWARDED_RPCS for r in ("ok", "error")}
+
+    def add(self, rpc: str, ok: bool) -> None:
+        with self._lock:
+            self._counts[(rpc, "ok" if ok else "error")] += 1
+
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+class RelayServicer:
+    """The five RPCs for one resource; one instance per server generation."""
+
+    def __init__(
+        self,
+        forwarded: ForwardedList,
+        upstream: Callable[[], Upstream | None],
+        is_fenced: Callable[[str], bool],
+        counts: RelayCounts,
+    ) -> None:
+        self._forwarded = forwarded
+        self._upstream = upstream
+        self._is_fenced = is_fenced
+        self._counts = counts
+        self._lock = threading.Lock()
+        self._closed = False
+        self._streams: list[threading.Event] = []
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._forwarded.wake()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        def unary(rpc: str) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(lambda req, ctx: self._forward(rpc, req, ctx))
+
+        return grpc.method_handlers_generic_handler(
+            "v1beta1.DevicePlugin",
+            {
+                "ListAndWatch": grpc.unary_stream_rpc_method_handler(
+                    self._list_and_watch, request_deserializer=pb.Empty.FromString
+                ),
+                "GetPreferredAllocation": grpc.unary_unary_rpc_method_handler(self._preferred),
+                "Allocate": unary("Allocate"),
+                "PreStartContainer": unary("PreStartContainer"),
+                "GetDevicePluginOptions": grpc.unary_unary_rpc_method_handler(self._options),
+            },
+        )
+
+    # --- ListAndWatch ---
+    def _list_and_watch(self, request: pb.Empty, context: Any) -> Iterator[bytes]:
+        ended = threading.Event()
+        with self._lock:
+            if self._closed:
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"{self._forwarded.resource}: proxy shutting down")
+            superseded = self._streams[: max(0, len(self._streams) - _MAX_STREAMS + 1)]
+            self._streams.append(ended)
+        for old in superseded:
+            old.set()
+        self._forwarded.stream_opened(time.monotonic())
+        context.add_callback(self._forwarded.wake)
+        log.info("kubelet ListAndWatch opened", resource=self._forwarded.resource)
+        try:
+            seen = 0
+            while True:
+                nxt = self._forwarded.wait_newer(
+                    seen, lambda: self._closed or ended.is_set() or not context.is_active()
+                )
+                if nxt is None:
+                    return
+                seen, message = nxt
+                yield message
+        finally:
+            with self._lock:
+                self._streams.remove(ended)
+            self._forwarded.stream_closed(time.monotonic())
+            log.info("kubelet ListAndWatch closed", resource=self._forwarded.resource)
+
+    # --- forwarded calls ---
+    def _forward(self, rpc: str, request: bytes, context: Any) -> bytes:
+        upstream = self._upstream()
+        if upstream is None:
+            self._counts.add(rpc, ok=False)
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"{self._forwarded.resource}: no upstream plugin registered")
+        assert upstream is not None
+        try:
+            response = upstream.call(rpc, request, context.time_remaining(), context.add_callback)
+        except grpc.RpcError as exc:
+            self._counts.add(rpc, ok=False)
+            code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+            context.abort(code, exc.details() if isinstance(exc, grpc.Call) else str(exc))
+        except (UpstreamUnavailable, grpc.FutureCancelledError) as exc:
+            self._counts.add(rpc, ok=False)
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc) or f"{self._forwarded.resource}: call cancelled")
+        self._counts.add(rpc, ok=True)
+        return response
+
+    def _preferred(self, request: bytes, context: Any) -> bytes:
+        """Fenced devices leave the candidates; `must_include` is the kubelet's and stays as sent."""
+        decoded = pb.PreferredAllocationRequest.FromString(request)
+        changed = False
+        for req in decoded.container_requests:
+            keep = [i for i in req.available_deviceIDs if i in req.must_include_deviceIDs or not self._is_fenced(i)]
+            if len(keep) != len(req.available_deviceIDs):
+                del req.available_deviceIDs[:]
+                req.available_deviceIDs.extend(keep)
+                changed = True
+        return self._forward("GetPreferredAllocation", decoded.SerializeToString() if changed else request, context)
+
+    def _options(self, request: bytes, context: Any) -> bytes:
+        upstream = self._upstream()
+        if upstream is not None and upstream.streaming:
+            return self._forward("GetDevicePluginOptions", request, context)
+        if upstream is None:
+            return self._forward("GetDevicePluginOptions", request, context)  # aborts UNAVAILABLE
+        # Restarting upstream: the options it registered with (the kubelet asks inside Register).
+        self._counts.add("GetDevicePluginOptions", ok=True)
+        result: bytes = upstream.options.SerializeToString()
+        return result
+
+
+class RelayServer:
+    """One gRPC server generation on `<real dir>/<endpoint>`; a kubelet restart deletes the file, and
+    the proxy then starts a new generation (a unix listener cannot move to a new file)."""
+
+    def __init__(self, path: str, servicer: RelayServicer) -> None:
+        self.path = path
+        self._servicer = servicer
+        self._server: Any = None
+        self._executor: futures.ThreadPoolExecutor | None = None
+        self._inode: tuple[int, int] | None = None
+
+    def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self._executor = futures.ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="proxy-relay")
+        server = grpc.server(self._executor, options=[("grpc.max_receive_message_length", _MAX_MESSAGE)])
+        server.add_generic_rpc_handlers((self._servicer.handler(),))
+        if not server.add_insecure_port(f"unix://{self.path}"):
+            raise OSError(f"cannot listen on {self.path}")
+        server.start()
+        self._server = server
+        st = os.stat(self.path)
+        self._inode = (st.st_dev, st.st_ino)
+
+    def socket_ok(self) -> bool:
+        return self._server is not None and self._file_is_ours()
+
+    def _file_is_ours(self) -> bool:
+        if self._inode is None:
+            return False
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._inode
+
+    def stop(self) -> None:
+        self._servicer.close()
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop(grace=None).wait(5)
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+        if self._file_is_ours():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        self._inode = None
