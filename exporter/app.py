@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # grpc and kubernetes: imported only when the feature is enab
     from exporter.deviceplugin import DevicePluginManager
     from exporter.health.nodestatus import NodeStatusReporter
     from exporter.pods.mapper import PodMapper
+    from exporter.scheduling.parts import SchedulingParts
 
 log = structlog.get_logger("exporter.app")
 
@@ -107,6 +108,7 @@ class App:
         self.events = EventPump(self.backend, lambda: self.collector.inventory, self.collector.request_rediscovery)
         self.plugin: DevicePluginManager | None = None
         self.node_status: NodeStatusReporter | None = None
+        self.scheduling = self._make_scheduling()
         self.server = HttpServer(
             *cfg.address,
             Routes(
@@ -156,6 +158,14 @@ class App:
                 kubeconfig=cfg.kubeconfig,
             )
         )
+
+    def _make_scheduling(self) -> SchedulingParts | None:
+        """DeviceTaintRules, the Node taint, pod Events (kubernetes: imported only when one is on)."""
+        from exporter.scheduling import parts  # the package itself imports nothing heavy
+
+        if not parts.wanted(self.cfg):
+            return None
+        return parts.SchedulingParts(self.cfg, self.health, lambda: self.collector.inventory, self.pods)
 
     def _make_plugin(self) -> DevicePluginManager:
         from exporter.deviceplugin import DevicePluginManager
@@ -258,6 +268,12 @@ class App:
             self.collector.add_layout_listener(lambda _inv: plugin.on_inventory_change())
             self.renderer.contributors.append(plugin)
             plugin.start()
+        if self.scheduling is not None:  # after the first cycle: the inventory is known
+            scheduling = self.scheduling
+            self.collector.add_layout_listener(lambda _inv: scheduling.wake())
+            self.renderer.contributors.extend(scheduling.contributors)
+            for part in scheduling.parts:
+                part.start()
         self.collector.start()
         log.info(
             "started",
@@ -272,7 +288,10 @@ class App:
         """The parts to stop, in order: the device plugin first (the kubelet stops allocating), health last
         (it flushes the state file)."""
         pods = _Closes(type(self.pods).__name__, self.pods.close) if self.pods is not None else None
-        parts = (self.plugin, self.events, self.collector, self.server, pods, self.node_status, self.health)
+        scheduling = self.scheduling.parts if self.scheduling is not None else []
+        # The scheduling consumers before the pod mapper: pod Events read it.
+        parts = (self.plugin, self.events, self.collector, self.server, *scheduling, pods, self.node_status)
+        parts += (self.health,)
         return [part for part in parts if part is not None]
 
     def stop(self) -> None:

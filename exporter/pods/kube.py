@@ -111,6 +111,7 @@ class Reflector(Generic[T]):
         request_timeout_s: float = 30.0,
         backoff_initial_s: float = 1.0,
         backoff_max_s: float = 60.0,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self._list_fn = list_fn
@@ -120,6 +121,8 @@ class Reflector(Generic[T]):
         self._request_timeout_s = request_timeout_s
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
+        # Called (on the reflector's thread, so it must return at once) after a list or a change.
+        self._on_change = on_change
         self._lock = threading.Lock()
         self._items: dict[Any, T] = {}
         self._version = 0  # bumps on every change, so consumers can tell whether to rebuild
@@ -185,6 +188,7 @@ class Reflector(Generic[T]):
             self._items = items
             self._version += 1
         self.synced.set()
+        self._changed()
         return str((body.get("metadata") or {}).get("resourceVersion", ""))
 
     def _watch_once(self, rv: str) -> str:
@@ -228,7 +232,12 @@ class Reflector(Generic[T]):
                 items[key] = value
             self._items = items
             self._version += 1
+        self._changed()
         return new_rv
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
 
 
 def pod_reflector(api_client: Any, node_name: str, **kw: Any) -> Reflector[PodMeta]:

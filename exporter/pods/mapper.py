@@ -43,9 +43,18 @@ from podresources.client import (
     PodResourcesError,
 )
 
-__all__ = ["PodMapper", "PodMappingConfig"]
+__all__ = ["PodMapper", "PodMappingConfig", "PodRef"]
 
 log = structlog.get_logger("exporter.pods")
+
+
+@dataclass(frozen=True)
+class PodRef:
+    """A pod holding a device, as the kubelet reports it; `uid` only where the pod watch knows it."""
+
+    namespace: str
+    name: str
+    uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,22 @@ class PodMapper:
             request_counts=self._client.request_counts(),
             attribution=mapping.attribution if mapping is not None else None,
             age_s=max(0.0, self._clock() - mapping.built_at) if mapping is not None else 0.0,
+        )
+
+    def holders(self, uuid: str) -> tuple[PodRef, ...]:
+        """The pods holding this GPU (or any MIG device on it) or this MIG device, from the last mapping.
+
+        Sorted by (namespace, name); empty before the first kubelet reply. Reads no I/O."""
+        mapping = self._mapping
+        if mapping is None:
+            return ()
+        index = mapping.attribution.index
+        gpu = index.gpus.get(uuid)
+        wanted = {uuid, *(m.uuid for m in gpu.migs)} if gpu is not None else {uuid}
+        meta = self._pods_reflector.snapshot()[1] if self._pods_reflector is not None else {}
+        pods = {(ns, pod) for dev, _res, ns, pod, _c in mapping.attribution.allocation if pod and dev in wanted}
+        return tuple(
+            PodRef(ns, pod, pm.uid if (pm := meta.get((ns, pod))) is not None else "") for ns, pod in sorted(pods)
         )
 
     def wait_idle(self, timeout_s: float) -> bool:
