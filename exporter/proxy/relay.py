@@ -35,6 +35,8 @@ FORWARDED_RPCS = ("Allocate", "GetPreferredAllocation", "PreStartContainer", "Ge
 _WORKERS = 8
 _MAX_STREAMS = 4  # the kubelet's one, plus slack for a re-registration overlap; the oldest goes first
 _MAX_MESSAGE = 16 * 1024 * 1024
+# grpc reports "no deadline" as a time_remaining() of about 9e18 s; anything past a year is none.
+_NO_DEADLINE_S = 365 * 24 * 3600.0
 
 
 class RelayCounts:
@@ -130,7 +132,7 @@ class RelayServicer:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"{self._forwarded.resource}: no upstream plugin registered")
         assert upstream is not None
         try:
-            response = upstream.call(rpc, request, context.time_remaining(), context.add_callback)
+            response = upstream.call(rpc, request, _deadline(context), context.add_callback)
         except grpc.RpcError as exc:
             self._counts.add(rpc, ok=False)
             code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
@@ -163,6 +165,13 @@ class RelayServicer:
         self._counts.add("GetDevicePluginOptions", ok=True)
         result: bytes = upstream.options.SerializeToString()
         return result
+
+
+def _deadline(context: Any) -> float | None:
+    """The kubelet's time left for this call, for the upstream call; None when it set no deadline
+    (as for Allocate and GetPreferredAllocation, which it calls without one)."""
+    remaining: float | None = context.time_remaining()
+    return None if remaining is None or remaining > _NO_DEADLINE_S else remaining
 
 
 class RelayServer:
