@@ -12,9 +12,9 @@ text (Python's str.splitlines would count them as line ends and shift every late
 
 from __future__ import annotations
 
-import os
-import stat
 from dataclasses import dataclass
+
+from exporter.boundedread import read_regular_file
 
 MAX_BYTES = 1 << 20  # a counters file is a few KiB; this bounds what -f /dev/zero could cost
 
@@ -29,42 +29,13 @@ class Record:
     fields: tuple[str, ...]  # trimmed of spaces, as upstream does
 
 
-def _refuse_kind(path: str, st: os.stat_result) -> None:
-    if stat.S_ISDIR(st.st_mode):
-        raise CountersError(f"{path}: cannot read counters file: is a directory")
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device or socket"
-        raise CountersError(f"{path}: cannot read counters file: not a regular file ({kind})")
-    if st.st_size > MAX_BYTES:
-        raise CountersError(f"{path}: cannot read counters file: {st.st_size} bytes, more than 1 MiB")
-
-
 def read_counters_file(path: str) -> str:
     """The file's text. Refuses, naming the path: anything but a regular file (checked before opening, so a
     FIFO or /dev/zero is never read), more than 1 MiB, text that is not UTF-8 (naming the line)."""
     try:
-        _refuse_kind(path, os.stat(path))
-        # O_NONBLOCK: should the path become a FIFO after the check, opening it does not wait for a writer.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        data = read_regular_file(path, MAX_BYTES)
     except OSError as exc:
         raise CountersError(f"{path}: cannot read counters file: {exc.strerror or exc}") from None
-    try:
-        _refuse_kind(path, os.fstat(fd))  # what was opened, should the path have changed since the check
-        chunks: list[bytes] = []
-        left = MAX_BYTES + 1  # one byte more tells a file that grew past the limit
-        while left > 0:
-            chunk = os.read(fd, left)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-    except OSError as exc:
-        raise CountersError(f"{path}: cannot read counters file: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
-    if len(data) > MAX_BYTES:
-        raise CountersError(f"{path}: cannot read counters file: more than 1 MiB")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -4,6 +4,8 @@ Protocol: the client sends one JSON object terminated by a newline; the server a
 object and a newline, then closes. Requests: {"op": "list"} and
 {"op": "clear", "target": "<uuid|index|all>", "reason": "..."}. Answers carry "ok" and either the
 result or "error". Access control is the file mode: only root (or the daemon's user) can connect.
+Every clear is logged with the peer's uid and pid as the kernel reports them (SO_PEERCRED), not
+as the client says: who cleared a fence is an audit fact.
 
 {"op": "watch"} is the verdict stream (docs/verdict-stream.md, a public versioned interface): the
 connection stays open and the server writes one line with every device's verdict at once, again
@@ -22,8 +24,11 @@ import os
 import socket
 import socketserver
 import stat
+import struct
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,7 +38,35 @@ log = structlog.get_logger()
 
 MAX_REQUEST = 64 * 1024
 CONTROL_SOCKET = "control.sock"  # in the state dir
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+# Connections waiting to be accepted. socketserver's default of 5 made a burst of 20 CLI calls fail
+# with EAGAIN; the kernel caps this at net.core.somaxconn.
+LISTEN_BACKLOG = 128
+# How long a client keeps trying while the backlog is full (EAGAIN) before it gives up.
+CONNECT_RETRY_S = 3.0
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The process at the other end of a control connection, as the kernel says (SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: socket.socket) -> Peer | None:
+    """The connecting process's credentials; None where the platform has no SO_PEERCRED."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    try:
+        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i")))
+    except OSError:
+        return None
+    return Peer(pid, uid, gid)
+
+
+Handler = Callable[[dict[str, Any], "Peer | None"], dict[str, Any]]
 NOT_LOADED = "starting: the health state is not loaded yet; retry"
 
 
@@ -44,7 +77,7 @@ KEEPALIVE_S = 5.0  # a watcher that hears nothing for 3x this knows the daemon i
 class Controlled(Protocol):
     """What the control socket drives (HealthEngine)."""
 
-    def clear(self, target: str, reason: str) -> list[str]: ...
+    def clear(self, target: str, reason: str, *, peer: Peer | None = None) -> list[str]: ...
 
     def list(self) -> list[dict[str, Any]]: ...  # last: a method named list shadows the type below it
 
@@ -91,8 +124,8 @@ def _with_since(device: dict[str, Any]) -> dict[str, Any]:
     return {**device, "since": min(firsts) if firsts else None}
 
 
-def respond(target: Controlled, req: dict[str, Any]) -> dict[str, Any]:
-    """The answer to one request; a bad one gets {"ok": False, "error": ...}."""
+def respond(target: Controlled, req: dict[str, Any], peer: Peer | None = None) -> dict[str, Any]:
+    """The answer to one request from `peer`; a bad one gets {"ok": False, "error": ...}."""
     op = req.get("op")
     if op == "list":
         return {"ok": True, "devices": target.list()}
@@ -101,7 +134,7 @@ def respond(target: Controlled, req: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(what, str) or not isinstance(reason, str):
             return {"ok": False, "error": "clear needs string 'target' and 'reason'"}
         try:
-            return {"ok": True, "cleared": target.clear(what, reason)}
+            return {"ok": True, "cleared": target.clear(what, reason, peer=peer)}
         except ValueError as e:
             return {"ok": False, "error": str(e)}
     return {"ok": False, "error": f"unknown op {op!r}"}
@@ -111,10 +144,10 @@ def handler(target: Controlled, ready: Callable[[], bool]) -> Handler:
     """respond() once `ready()`; before that (the socket is up a moment before the state file is
     read) every request is told to retry."""
 
-    def handle(req: dict[str, Any]) -> dict[str, Any]:
+    def handle(req: dict[str, Any], peer: Peer | None = None) -> dict[str, Any]:
         if not ready():
             return {"ok": False, "error": NOT_LOADED}
-        return respond(target, req)
+        return respond(target, req, peer)
 
     return handle
 
@@ -153,6 +186,7 @@ class ControlError(Exception):
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
     handler: Handler
     watcher: Watcher | None = None
     closing = False
@@ -184,7 +218,7 @@ class _RequestHandler(socketserver.StreamRequestHandler):
                 finally:
                     self.server.watching.discard(self.connection)
                 return
-            resp = self.server.handler(req)
+            resp = self.server.handler(req, peer_credentials(self.connection))
         except (ValueError, OSError) as e:
             resp = {"ok": False, "error": f"bad request: {e}"}
         except Exception as e:  # never let a bad request kill the server thread silently
@@ -255,15 +289,32 @@ class ControlServer:
             self.path.unlink()
 
 
-def request(path: Path, req: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:
-    """Send one request; raises ControlError when no daemon answers."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout_s)
-    try:
+def _connect(path: Path, timeout_s: float) -> socket.socket:
+    """A connected socket. A full backlog (EAGAIN: many clients at once) is retried for a while; no
+    listener at all (ENOENT, ECONNREFUSED) is not, since waiting would not change that."""
+    deadline = time.monotonic() + CONNECT_RETRY_S
+    pause = 0.005
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout_s)
         try:
             s.connect(str(path))
+            return s
+        except BlockingIOError as e:  # EAGAIN
+            s.close()
+            if time.monotonic() + pause > deadline:
+                raise ControlError(f"the daemon on {path} is too busy to accept ({e.strerror or e})") from e
         except OSError as e:
+            s.close()
             raise ControlError(f"no daemon is listening on {path} ({e.strerror or e})") from e
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
+
+def request(path: Path, req: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:
+    """Send one request; raises ControlError when no daemon answers."""
+    s = _connect(path, timeout_s)
+    try:
         s.sendall(json.dumps(req).encode() + b"\n")
         buf = b""
         while not buf.endswith(b"\n"):

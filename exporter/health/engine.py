@@ -47,9 +47,18 @@ class Transition:
     state: HealthState
     reasons: tuple[Any, ...]  # tuple[Reason, ...] of the new verdict
     at: float
+    # For a clear: who asked and why ("by uid 0 pid 4242 over the control socket: reseated"), so an
+    # Event about it names them too. Empty for every other change.
+    cleared: str = ""
 
 
 _HEALTHY: tuple[HealthState, frozenset[tuple[str, str]]] = (HealthState.HEALTHY, frozenset())
+
+
+def clear_note(reason: str, source: str, peer: control.Peer | None) -> str:
+    """Who cleared and why, in words, for Events and logs."""
+    who = f"uid {peer.uid} pid {peer.pid} over the control socket" if peer is not None else source
+    return f"cleared by {who}: {reason}"
 
 
 class HealthEngine:
@@ -159,18 +168,24 @@ class HealthEngine:
     def on_snapshot(self, snapshot: Snapshot) -> None:
         self._mutate(lambda: self._apply_snapshot(snapshot))
 
-    def clear(self, target: str, reason: str, *, source: str = "control") -> list[str]:
+    def clear(
+        self, target: str, reason: str, *, source: str = "control", peer: control.Peer | None = None
+    ) -> list[str]:
         """Clear every reason of the target ("all", a GPU index, a GPU or MIG UUID); a GPU's MIG
-        devices are cleared with it. Returns the UUIDs cleared; raises ValueError on a bad request."""
+        devices are cleared with it. Returns the UUIDs cleared; raises ValueError on a bad request.
+        `peer`: who asked, over the control socket (logged for the audit trail)."""
         if not reason.strip():
             raise ValueError("a reason is required for every clear")
         out: list[str] = []
-        self._mutate(lambda: out.extend(self._clear_locked(self._records.resolve(target), reason, source)))
+        self._mutate(
+            lambda: out.extend(self._clear_locked(self._records.resolve(target), reason, source, peer)),
+            cleared=clear_note(reason, source, peer),
+        )
         return out
 
     # ---- the mutation protocol -------------------------------------------------------------------
 
-    def _mutate(self, change: Callable[[], None]) -> None:
+    def _mutate(self, change: Callable[[], None], cleared: str = "") -> None:
         with self._lock:
             before = self._records.structure(self._overlay)
             counts_before = self._gen_counts
@@ -186,12 +201,12 @@ class HealthEngine:
         self._store.write(doc, gen)  # before anyone hears of it: a published fence is on disk
         now = self._clock()
         transitions = [
-            Transition(u, before.get(u, _HEALTHY)[0], st, self.verdict(u).reasons, now)
+            Transition(u, before.get(u, _HEALTHY)[0], st, self.verdict(u).reasons, now, cleared)
             for u, (st, _) in after.items()
             if st != before.get(u, _HEALTHY)[0]
         ]
         gone = [u for u in before if u not in after and before[u][0] is not HealthState.HEALTHY]
-        transitions += [Transition(u, before[u][0], HealthState.HEALTHY, (), now) for u in gone]
+        transitions += [Transition(u, before[u][0], HealthState.HEALTHY, (), now, cleared) for u in gone]
         for t in transitions:
             level = log.warning if is_worse(t.state, t.previous) else log.info
             previous, st, action = t.previous.name.lower(), t.state.name.lower(), [r.action for r in t.reasons]
@@ -334,10 +349,11 @@ class HealthEngine:
         if auto and has_reasons:
             self._clear_locked(targets, "automatic recovery: GPU reset detected", "auto")
 
-    def _clear_locked(self, uuids: list[str], reason: str, source: str) -> list[str]:
+    def _clear_locked(self, uuids: list[str], reason: str, source: str, peer: control.Peer | None = None) -> list[str]:
         removed = self._records.clear(uuids)
         self._gen_counts += 1
-        log.warning("health_cleared", uuids=uuids, reason=reason, source=source, removed_reasons=removed)
+        who = {} if peer is None else {"peer_uid": peer.uid, "peer_pid": peer.pid, "peer_gid": peer.gid}
+        log.warning("health_cleared", uuids=uuids, reason=reason, source=source, removed_reasons=removed, **who)
         return uuids
 
     # ---- persistence -----------------------------------------------------------------------------

@@ -17,12 +17,15 @@ from typing import Any
 
 import structlog
 
+from exporter.boundedread import read_regular_file
 from exporter.health.records import DeviceRecord, ReasonRecord
 from exporter.health.verdict import HealthState
 
 # 2: adds "signals_seen": {"<GPU model>": ["DCGM_FI_...", ...]} (health fields that model reports).
 SCHEMA_VERSION = 2
 STATE_FILE = "state.json"
+# A state file is a few KiB per device; this bounds what a hostile or corrupt one costs to read.
+MAX_STATE_BYTES = 64 << 20
 
 log = structlog.get_logger()
 
@@ -159,10 +162,21 @@ def document(state: Document, written_at: float) -> dict[str, Any]:
     }
 
 
+def parse_state_bytes(raw: bytes) -> dict[str, Any]:
+    """The validated document in `raw`. Raises StateVersionError or ValueError (StateFormatError
+    for what is not a state document, JSON nested past the parser's depth included)."""
+    try:
+        doc = json.loads(raw)
+    except RecursionError:
+        raise StateFormatError("JSON nested too deeply") from None
+    return validate(doc)
+
+
 def read_state_file(state_dir: Path) -> Document:
     """The persisted records, read-only (`health list` without a daemon, the device plugin before it
-    hears one). Raises OSError, ValueError (not JSON) or StateError (not a state document)."""
-    return read_document(validate(json.loads((state_dir / STATE_FILE).read_bytes())))
+    hears one). Raises OSError (RefusedFile: not a regular file, too large), ValueError (not JSON) or
+    StateError (not a state document)."""
+    return read_document(parse_state_bytes(read_regular_file(state_dir / STATE_FILE, MAX_STATE_BYTES)))
 
 
 def read_document(doc: dict[str, Any]) -> Document:

@@ -30,7 +30,15 @@ from typing import Any
 
 import structlog
 
-from exporter.health.state import SCHEMA_VERSION, STATE_FILE, StateError, StateVersionError, validate
+from exporter.boundedread import read_regular_file
+from exporter.health.state import (
+    MAX_STATE_BYTES,
+    SCHEMA_VERSION,
+    STATE_FILE,
+    StateError,
+    StateVersionError,
+    parse_state_bytes,
+)
 from exporter.logs import Reminder
 
 _TMP_PREFIX = ".state.json.tmp-"
@@ -130,14 +138,14 @@ class StateStore:
 
     def _read(self) -> dict[str, Any] | None:
         try:
-            raw = self.path.read_bytes()
+            raw = read_regular_file(self.path, MAX_STATE_BYTES)  # a FIFO there must not hang start-up
         except FileNotFoundError:
             return None
         except OSError as e:
             self._move_aside(f"unreadable: {e}")
             return None
         try:
-            return validate(json.loads(raw))
+            return parse_state_bytes(raw)
         except StateVersionError as e:
             raise StateError(
                 f"{self.path} has schema {e.found}, this version reads up to {SCHEMA_VERSION}; it was written "
@@ -145,7 +153,7 @@ class StateStore:
                 "start this one with empty health state instead, move the file away first (its fences are "
                 "then forgotten)"
             ) from None
-        except (ValueError, RecursionError) as e:  # JSONDecodeError and StateFormatError are ValueErrors
+        except ValueError as e:  # JSONDecodeError and StateFormatError are ValueErrors
             self._move_aside(str(e))
             return None
 

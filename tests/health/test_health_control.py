@@ -79,11 +79,11 @@ def test_list_without_a_daemon_reads_the_file(make_engine: EngineFactory, tmp_pa
 
 def test_a_second_daemon_is_refused_and_a_stale_socket_replaced(tmp_path: Path) -> None:
     path = tmp_path / "c.sock"
-    first = ControlServer(path, lambda req: {"ok": True})
+    first = ControlServer(path, lambda req, peer: {"ok": True})
     first.start()
     try:
         with pytest.raises(ControlError, match="another daemon"):
-            ControlServer(path, lambda req: {"ok": True}).start()
+            ControlServer(path, lambda req, peer: {"ok": True}).start()
         assert request(path, {"op": "x"}) == {"ok": True}
     finally:
         first.stop()
@@ -92,7 +92,7 @@ def test_a_second_daemon_is_refused_and_a_stale_socket_replaced(tmp_path: Path) 
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(path))  # bound, never listening: what a killed daemon leaves
     stale.close()
-    again = ControlServer(path, lambda req: {"ok": True, "again": True})
+    again = ControlServer(path, lambda req, peer: {"ok": True, "again": True})
     again.start()
     try:
         assert request(path, {"op": "x"})["again"] is True
@@ -106,3 +106,75 @@ def test_bad_requests_get_errors(make_engine: EngineFactory) -> None:
     assert request(path, {"op": "nope"}) == {"ok": False, "error": "unknown op 'nope'"}
     assert request(path, {"op": "clear", "target": 1})["ok"] is False
     assert request(path, {"op": "clear", "target": "all", "reason": " "})["error"].startswith("a reason")
+
+
+def test_a_hundred_clients_at_once_are_all_answered(tmp_path: Path) -> None:
+    """A burst of CLI calls (a fleet script, a remediation tool) used to fail with EAGAIN past a backlog of 5."""
+    import threading
+    import time
+
+    path = tmp_path / "c.sock"
+    server = ControlServer(path, lambda req, peer: (time.sleep(0.005), {"ok": True, "op": req["op"]})[1])
+    server.start()
+    clients = 100
+    start = threading.Barrier(clients)
+    answers: list[dict[str, object]] = []
+    errors: list[str] = []
+
+    def client() -> None:
+        start.wait()
+        try:
+            answers.append(request(path, {"op": "list"}))
+        except ControlError as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        server.stop()
+    assert errors == []
+    assert answers == [{"ok": True, "op": "list"}] * clients
+
+
+def test_a_clear_names_who_asked_for_it(make_engine: EngineFactory, tmp_path: Path, clock: Clock) -> None:
+    """The audit line carries the peer's uid and pid from SO_PEERCRED, not what the client claims."""
+    sd = tmp_path / "state"
+    eng = make_engine(control_socket=True)
+    eng.on_snapshot(snapshot(inventory(), clock()))
+    eng.on_events([DeviceEvent(GPU1, EVENT_XID, 79)])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [sys.executable, "-m", "exporter.health.cli", "clear", "--gpu", GPU1, "--reason", "RMA done"]
+    with capture_logs() as logs:
+        proc = subprocess.Popen([*args, "--state-dir", str(sd)], env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and f"cleared {GPU1}" in out
+    [cleared] = [e for e in logs if e["event"] == "health_cleared"]
+    assert cleared["uuids"] == [GPU1] and cleared["reason"] == "RMA done"
+    assert cleared["peer_uid"] == os.getuid() and cleared["peer_pid"] == proc.pid
+    assert cleared["source"] == "control"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"[" * 200_000,  # nesting past the JSON parser's recursion limit
+        b'{"schema": 2, "devices": {"GPU-x": {"reasons": [{"signal": 5}]}}}',
+        b"\xff\xfe not text",
+    ],
+)
+def test_list_on_a_hostile_state_file_is_an_error_not_a_traceback(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "state.json").write_bytes(content)
+    out = cli("list", "--state-dir", str(tmp_path))
+    assert "Traceback" not in out.stderr
+    assert out.returncode == 1, out.stdout
+    assert f"error: cannot read {tmp_path / 'state.json'}" in out.stderr
+
+
+def test_list_refuses_a_state_file_that_is_not_a_regular_file(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "state.json")  # reading it would wait for a writer forever
+    out = cli("list", "--state-dir", str(tmp_path))
+    assert out.returncode == 1 and "not a regular file" in out.stderr

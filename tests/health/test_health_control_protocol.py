@@ -18,8 +18,10 @@ class Fake:
     def __init__(self, fail: str | None = None) -> None:
         self.fail = fail
         self.clears: list[tuple[str, str]] = []
+        self.peers: list[control.Peer | None] = []
 
-    def clear(self, target: str, reason: str) -> list[str]:
+    def clear(self, target: str, reason: str, *, peer: control.Peer | None = None) -> list[str]:
+        self.peers.append(peer)
         if self.fail is not None:
             raise ValueError(self.fail)
         self.clears.append((target, reason))
@@ -93,3 +95,20 @@ def test_an_engine_answers_through_respond(make_engine: EngineFactory) -> None:
     }
     assert control.respond(eng, {"op": "clear", "target": "1", "reason": "swapped"}) == {"ok": True, "cleared": [GPU1]}
     assert eng.verdict(GPU1).state.name == "HEALTHY"
+
+
+def test_clear_passes_the_peer_on_and_the_transition_says_who_cleared(make_engine: EngineFactory) -> None:
+    fake = Fake()
+    peer = control.Peer(pid=4242, uid=1000, gid=1000)
+    assert control.respond(fake, {"op": "clear", "target": "0", "reason": "fixed"}, peer)["ok"] is True
+    assert fake.peers == [peer]
+
+    eng = make_engine()
+    eng.on_snapshot(snapshot(inventory(), 0.0))
+    eng.on_events([xid(79, GPU1)])
+    heard: list[Any] = []
+    eng.add_transition_listener(heard.extend)
+    assert control.respond(eng, {"op": "clear", "target": GPU1, "reason": "reseated"}, peer)["cleared"] == [GPU1]
+    [t] = heard
+    assert (t.uuid, t.state.name) == (GPU1, "HEALTHY")
+    assert t.cleared == "cleared by uid 1000 pid 4242 over the control socket: reseated"
