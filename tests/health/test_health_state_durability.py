@@ -338,6 +338,18 @@ def test_an_unknowable_schema_is_moved_aside(make_engine: EngineFactory, tmp_pat
     assert aside.read_bytes() == content
 
 
+def test_a_fifo_in_place_of_the_state_file_is_moved_aside_not_waited_on(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    sd = tmp_path / "state"
+    sd.mkdir(mode=0o700)
+    os.mkfifo(sd / STATE_FILE)  # opening it for reading would wait for a writer: start-up would hang
+    eng = make_engine(state_dir=sd)
+    assert eng.state_file_errors == 1
+    (aside,) = sd.glob(f"{STATE_FILE}.corrupt-*")
+    assert stat.S_ISFIFO(aside.lstat().st_mode)
+
+
 # ---- 4. the state directory is ours alone -----------------------------------------------------------
 
 
