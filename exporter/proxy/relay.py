@@ -35,6 +35,7 @@ FORWARDED_RPCS = ("Allocate", "GetPreferredAllocation", "PreStartContainer", "Ge
 _WORKERS = 8
 _MAX_STREAMS = 4  # the kubelet's one, plus slack for a re-registration overlap; the oldest goes first
 _MAX_MESSAGE = 16 * 1024 * 1024
+_STOP_GRACE_S = 0.5
 # grpc reports "no deadline" as a time_remaining() of about 9e18 s; anything past a year is none.
 _NO_DEADLINE_S = 365 * 24 * 3600.0
 
@@ -211,10 +212,10 @@ class RelayServer:
         return (st.st_dev, st.st_ino) == self._inode
 
     def stop(self) -> None:
-        self._servicer.close()
+        self._servicer.close()  # the streams end cleanly within the grace, as a plugin's own stop does
         server, self._server = self._server, None
         if server is not None:
-            server.stop(grace=None).wait(5)
+            server.stop(grace=_STOP_GRACE_S).wait(5)
         executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
