@@ -35,6 +35,12 @@ from tests.deploy.deploy_common import (
 
 K8S_VERSION = kubernetes_validate.latest_version()
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+CLUSTER_SCOPED = {
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+}
 
 
 def validate(doc: dict[str, Any]) -> None:
@@ -62,7 +68,7 @@ def validate_crd(doc: dict[str, Any]) -> None:
         }
         assert spec["selector"]["matchLabels"] and spec["endpoints"]
         for ep in spec["endpoints"]:
-            assert ep["port"] in ("metrics", "plugin-metrics") and ep["path"] == "/metrics"
+            assert ep["port"] in ("metrics", "plugin-metrics", "proxy-metrics") and ep["path"] == "/metrics"
             assert set(ep) <= {
                 "port",
                 "path",
@@ -141,7 +147,7 @@ def test_rendered_manifests_validate(values: dict[str, Any]) -> None:
     assert docs
     for doc in docs:
         validate(doc)
-        if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+        if doc["kind"] not in CLUSTER_SCOPED:
             assert doc["metadata"]["namespace"] in ("gpu-health-exporter", "monitoring"), doc["kind"]
 
 
@@ -172,7 +178,12 @@ def test_plain_manifests_validate_and_are_listed() -> None:
 def test_plain_rbac_is_least_privilege() -> None:
     (role,) = [d for d in load_docs((PLAIN / "rbac.yaml").read_text()) if d["kind"] == "ClusterRole"]
     grants = {(tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r["verbs"])) for r in role["rules"]}
-    assert grants == {(("",), ("nodes/status",), ("patch",)), (("", "events.k8s.io"), ("events",), ("create", "patch"))}
+    # Node status posts node and pod Events (create only) and finds the pods holding a fenced GPU.
+    assert grants == {
+        (("",), ("nodes/status",), ("patch",)),
+        (("", "events.k8s.io"), ("events",), ("create",)),
+        (("",), ("pods",), ("list", "watch")),
+    }
 
 
 def test_daemonset_basics(values: dict[str, Any]) -> None:
@@ -385,13 +396,26 @@ def test_rbac_only_for_enabled_features() -> None:
     assert daemonset(labels)["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
     node = render_chart({"health": {"nodeStatus": True}})
     resources = {res for r in rbac_rules(node) for res in r["resources"]}
-    assert resources == {"nodes/status", "events"}
+    # Node status posts pod Events too (--kubernetes-events is implied): pods to find their holders.
+    assert resources == {"nodes/status", "events", "pods"}
     assert "--kubernetes-node-status" in container(daemonset(node))["args"]
     full = render_chart(full_values())
     resources = {res for r in rbac_rules(full) for res in r["resources"]}
-    assert resources == {"pods", "resourceslices", "resourceclaims", "nodes/status", "events"}
+    assert resources == {
+        "pods",
+        "resourceslices",
+        "resourceclaims",
+        "nodes/status",
+        "nodes",
+        "events",
+        "devicetaintrules",
+    }
     for rule in rbac_rules(full):
-        assert not set(rule["verbs"]) & {"*", "delete", "update", "deletecollection"}, rule
+        assert not set(rule["verbs"]) & {"*", "deletecollection", "escalate", "bind", "impersonate"}, rule
+        # Writes beyond create/patch only where a feature owns the objects: its DeviceTaintRules (the
+        # admission policy narrows them to the node) and its own taint in the Node's spec.
+        if set(rule["verbs"]) & {"delete", "update"}:
+            assert rule["resources"] in (["devicetaintrules"], ["nodes"]), rule
 
 
 def test_no_web_config_until_the_exporter_implements_it() -> None:

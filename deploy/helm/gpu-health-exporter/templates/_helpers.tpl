@@ -56,14 +56,35 @@ app.kubernetes.io/part-of: gpu-health-exporter
 
 {{/* "true" when the pod must run as root: the kubelet's sockets and directories are root-owned
      (PodResources socket srwxr-xr-x root; the device plugin creates its socket in
-     /var/lib/kubelet/device-plugins and dials the kubelet's registration socket). */}}
+     /var/lib/kubelet/device-plugins and dials the kubelet's registration socket; so does the proxy). */}}
 {{- define "gpu-health-exporter.needsRoot" -}}
-{{- if or .Values.podMapping.enabled .Values.devicePlugin.enabled }}true{{ end }}
+{{- if or .Values.podMapping.enabled .Values.devicePlugin.enabled .Values.devicePluginProxy.enabled }}true{{ end }}
 {{- end }}
 
 {{/* "true" when the pod talks to the API server (and so needs a token and RBAC). */}}
 {{- define "gpu-health-exporter.needsApi" -}}
-{{- if or (and .Values.podMapping.enabled (or .Values.podMapping.enablePodLabels .Values.podMapping.dra)) .Values.health.nodeStatus }}true{{ end }}
+{{- if or (and .Values.podMapping.enabled (or .Values.podMapping.enablePodLabels .Values.podMapping.dra)) .Values.health.nodeStatus (include "gpu-health-exporter.writesScheduler" .) }}true{{ end }}
+{{- end }}
+
+{{/* "true" when a scheduler feature writes to the API server (DeviceTaintRules, the node taint, pod
+     Events). */}}
+{{- define "gpu-health-exporter.writesScheduler" -}}
+{{- with .Values.scheduler }}
+{{- if or .draDeviceTaints.effect .nodeTaint .podEvents }}true{{ end }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when pod Events are posted: --kubernetes-events, or --kubernetes-node-status, which
+     posts them too. */}}
+{{- define "gpu-health-exporter.podEvents" -}}
+{{- if or .Values.scheduler.podEvents .Values.health.nodeStatus }}true{{ end }}
+{{- end }}
+
+{{/* "true" when the DeviceTaintRule admission policy is rendered. */}}
+{{- define "gpu-health-exporter.taintRulePolicy" -}}
+{{- with .Values.scheduler.draDeviceTaints }}
+{{- if and .effect .admissionPolicy.enabled }}true{{ end }}
+{{- end }}
 {{- end }}
 
 {{/* "true" when the device plugin runs as its own container (the `device-plugin` subcommand) beside
@@ -80,7 +101,7 @@ app.kubernetes.io/part-of: gpu-health-exporter
 {{- $selector := deepCopy (.Values.nodeSelector | default dict) }}
 {{- with .Values.gpuOperator }}
 {{- if .enabled }}
-{{- if $.Values.devicePlugin.enabled }}
+{{- if or $.Values.devicePlugin.enabled $.Values.devicePluginProxy.enabled }}
 {{- $_ := set $selector .devicePluginLabel "true" }}
 {{- else }}
 {{- $_ := set $selector .exporterLabel "true" }}
