@@ -109,8 +109,8 @@ class App:
         self.plugin: DevicePluginManager | None = None
         self.node_status: NodeStatusReporter | None = None
         self.scheduling = self._make_scheduling()
-        self.server = HttpServer(
-            *cfg.address,
+        self.server = HttpServer.for_config(  # ConfigError (exit 2) for a bad --web-config-file
+            cfg,
             Routes(
                 exposition=lambda: self.renderer.current,
                 health=self.liveness,

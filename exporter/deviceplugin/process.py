@@ -74,9 +74,8 @@ class PluginProcess:
         self._rediscover = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.server = HttpServer(
-            *cfg.address,
-            Routes(exposition=lambda: self._exposition, health=self.liveness, ready=self.readiness),
+        self.server = HttpServer.for_config(  # ConfigError (exit 2) for a bad --web-config-file
+            cfg, Routes(exposition=lambda: self._exposition, health=self.liveness, ready=self.readiness)
         )
 
     # --- inventory ---
