@@ -16,6 +16,7 @@ from exporter.deviceplugin import manager
 from exporter.family import Family
 from exporter.health import blindspots, expose
 from exporter.pods import expose as mapper  # the pods part's families (mapper.FAMILIES below)
+from exporter.scheduling import drataints, faults, nodetaint, podevents
 
 # In the order of the exposition: the renderer's parts, then the contributors.
 OWN_METRICS: tuple[Family, ...] = (
@@ -26,6 +27,10 @@ OWN_METRICS: tuple[Family, ...] = (
     *events.FAMILIES,
     *mapper.FAMILIES,
     *manager.FAMILIES,
+    *drataints.FAMILIES,
+    *nodetaint.FAMILIES,
+    *podevents.FAMILIES,
+    *faults.FAMILIES,
     render.RENDER_SUCCESS,
 )
 
