@@ -30,6 +30,7 @@ from exporter.ownmetrics import BY_NAME, OWN_METRICS
 from tests.deviceplugin.fakekubelet_registration import FakeKubelet as RegistrationKubelet
 from tests.e2e.harness import ExporterProcess
 from tests.e2e.nvmlnode import GOLDEN, SCENARIOS, NvmlNode
+from tests.fakeapiserver import FakeApiServer
 from tests.fakekubelet import FakeKubelet as PodResourcesKubelet
 from tests.fakenvmllib import FakeNvmlBuild, load_scenario
 
@@ -130,8 +131,16 @@ def feature_run(fakenvml_build: FakeNvmlBuild, tmp_path_factory: pytest.TempPath
     pods.set_allocatable([{"resource_name": GPU_RESOURCE, "device_ids": [gpu0]}])  # GPU 1: unhealthy to the kubelet
     pods.start()
     registration = RegistrationKubelet(os.path.join(short, "device-plugins")).start()
+    # The scheduling consumers (exporter/scheduling/) against a fake API server serving DeviceTaintRule.
+    api = FakeApiServer(dra_taint_versions=("v1",)).start()
+    api.set_node({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "test-node"}, "spec": {}})
+    device = {"name": "gpu-0", "attributes": {"uuid": {"string": gpu0}}}
+    spec = {"driver": "gpu.nvidia.com", "nodeName": "test-node", "pool": {"name": "test-node"}, "devices": [device]}
+    api.upsert_resource_slice({"metadata": {"name": "s"}, "spec": spec})
     args = ["-c", "200", "-k", "--pod-resources-kubelet-socket", pods.socket_path]
     args += ["--device-plugin", "--device-plugin-dir", registration.plugin_dir]
+    args += ["--kubeconfig", api.write_kubeconfig(os.path.join(short, "kubeconfig")), "--dra-device-taints"]
+    args += ["--health-node-taint", "gpu-health-exporter/unhealthy:NoSchedule", "--kubernetes-events"]
     node = NvmlNode(fakenvml_build, tmp_path_factory.mktemp("feature"), scenario, args)
     exp = node.exporter
     try:
@@ -149,6 +158,7 @@ def feature_run(fakenvml_build: FakeNvmlBuild, tmp_path_factory: pytest.TempPath
         assert exp.stop() == 0
         registration.stop()
         pods.stop()
+        api.stop()
         shutil.rmtree(short, ignore_errors=True)
     return text
 
