@@ -53,7 +53,7 @@ def find_head_end(buf: bytes | bytearray, start: int = 0) -> tuple[int, int]:
 def check_incomplete(buf: bytes | bytearray, max_header_bytes: int) -> None:
     """Limits on a head whose blank line has not arrived yet."""
     line_end = buf.find(b"\n")
-    if line_end < 0 and len(buf) > MAX_REQUEST_LINE_BYTES:
+    if (line_end < 0 and len(buf) > MAX_REQUEST_LINE_BYTES) or line_end > MAX_REQUEST_LINE_BYTES:
         raise HttpError(414, "request line too long")
     if len(buf) > max_header_bytes:
         raise HttpError(431, "request head too large")
@@ -61,14 +61,15 @@ def check_incomplete(buf: bytes | bytearray, max_header_bytes: int) -> None:
 
 def parse_head(head: bytes | bytearray, max_header_bytes: int) -> Request:
     """Parse one complete head: up to the blank line, without it (find_head_end's first index)."""
+    first_end = head.find(b"\n")
+    if (first_end if first_end >= 0 else len(head)) > MAX_REQUEST_LINE_BYTES:
+        raise HttpError(414, "request line too long")
     if len(head) > max_header_bytes:
         raise HttpError(431, "request head too large")
     lines = bytes(head).removesuffix(b"\n").split(b"\n")
     if len(lines) - 1 > MAX_HEADER_COUNT:
         raise HttpError(431, "too many header fields")
     first = lines[0].removesuffix(b"\r")
-    if len(first) > MAX_REQUEST_LINE_BYTES:
-        raise HttpError(414, "request line too long")
     parts = first.split(b" ")
     if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not parts[1]:
         raise HttpError(400, "malformed request line")
@@ -129,7 +130,7 @@ def _path(target: str) -> str:
 
 def wants_gzip(accept_encoding: str | None) -> bool:
     """Whether gzip is the coding to send for this Accept-Encoding (RFC 9110 section 12.5.3): gzip (or
-    x-gzip, or *) with q > 0 and not below identity's q. Unknown codings and malformed elements are
+    x-gzip, or *) with q > 0 and not below an identity listed explicitly. Unknown codings and malformed elements are
     skipped."""
     if not accept_encoding:
         return False
@@ -150,7 +151,6 @@ def wants_gzip(accept_encoding: str | None) -> bool:
         if coding == "x-gzip":
             coding = "gzip"
         q[coding] = max(q.get(coding, -1.0), weight)
-    star = q.get("*")
-    gzip_q = q.get("gzip", star if star is not None else 0.0)
-    identity_q = q.get("identity", star if star is not None else 1.0)
-    return gzip_q > 0.0 and gzip_q >= identity_q
+    gzip_q = q.get("gzip", q.get("*", 0.0))
+    # identity is always acceptable, but it is preferred only when listed with a higher q.
+    return gzip_q > 0.0 and gzip_q >= q.get("identity", 0.0)
