@@ -510,6 +510,8 @@ class _Connection(asyncio.Protocol):
         """Hand the response to the transport a slice at a time, each once the previous one has drained."""
         transport = self._transport
         while transport is not None and self._out is not None:
+            if transport.is_closing():
+                return  # the peer reset: connection_lost follows, and nothing more may be written
             if transport.get_write_buffer_size() > 0:
                 return  # resume_writing continues
             if not self._out:
