@@ -1,0 +1,185 @@
+"""Chart: reaching the scheduler through the API server (DeviceTaintRules, the node taint, pod Events):
+flags, least-privilege RBAC per feature, and the admission policy that keeps each node's exporter to
+its own DeviceTaintRules."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from helm_python.errors import HelmRenderError
+
+from tests.deploy.deploy_common import by_kind, render_chart
+from tests.deploy.test_deploy_helm import container, daemonset, pod_spec, rbac_rules, validate
+
+TAINTS: dict[str, Any] = {"scheduler": {"draDeviceTaints": {"effect": "NoSchedule"}}}
+NODE_TAINT = "gpu-health-exporter/unhealthy:NoSchedule"
+RULE_WRITES = ["get", "list", "watch", "create", "update", "patch", "delete"]
+# What exporter/scheduling/drataints.py puts on each rule it writes.
+NODE_LABEL = NODE_ANNOTATION = "gpu-health-exporter/node"
+NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
+
+
+def args(values: dict[str, Any]) -> list[str]:
+    result: list[str] = container(daemonset(render_chart(values)))["args"]
+    return result
+
+
+def grants(values: dict[str, Any]) -> set[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]]:
+    return {(tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r["verbs"])) for r in rbac_rules(render_chart(values))}
+
+
+def policy(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    rendered = render_chart(values)
+    (vap,) = by_kind(rendered, "ValidatingAdmissionPolicy")
+    (binding,) = by_kind(rendered, "ValidatingAdmissionPolicyBinding")
+    return vap, binding
+
+
+def test_off_by_default_no_flags_no_grants_no_policy() -> None:
+    rendered = render_chart({})
+    flags = container(daemonset(rendered))["args"]
+    assert not [a for a in flags if a.startswith(("--dra-device-taints", "--health-node-taint", "--kubernetes-events"))]
+    assert not rbac_rules(rendered)
+    assert not by_kind(rendered, "ValidatingAdmissionPolicy")
+
+
+@pytest.mark.parametrize("effect", ["NoSchedule", "NoExecute"])
+def test_dra_device_taints(effect: str) -> None:
+    values = {"scheduler": {"draDeviceTaints": {"effect": effect}}}
+    assert f"--dra-device-taints={effect}" in args(values)
+    assert grants(values) == {
+        (("resource.k8s.io",), ("devicetaintrules",), tuple(RULE_WRITES)),
+        (("resource.k8s.io",), ("resourceslices",), ("get", "list", "watch")),
+    }
+    assert pod_spec(daemonset(render_chart(values)))["automountServiceAccountToken"] is True
+
+
+def test_node_taint() -> None:
+    values = {"scheduler": {"nodeTaint": NODE_TAINT}}
+    assert f"--health-node-taint={NODE_TAINT}" in args(values)
+    assert grants(values) == {(("",), ("nodes",), ("get", "patch", "update"))}
+    assert not by_kind(render_chart(values), "ValidatingAdmissionPolicy")
+
+
+def test_pod_events() -> None:
+    values = {"scheduler": {"podEvents": True}}
+    assert "--kubernetes-events" in args(values)
+    assert grants(values) == {
+        (("", "events.k8s.io"), ("events",), ("create",)),
+        (("",), ("pods",), ("list", "watch")),
+    }
+    # Node status posts the same Events: the same grants, once, plus its own.
+    both = grants({"scheduler": {"podEvents": True}, "health": {"nodeStatus": True}})
+    assert both == grants(values) | {(("",), ("nodes/status",), ("patch",))}
+
+
+def test_all_three_together_and_nothing_else() -> None:
+    values = {"scheduler": {"draDeviceTaints": {"effect": "NoExecute"}, "nodeTaint": NODE_TAINT, "podEvents": True}}
+    flags = args(values)
+    assert {"--dra-device-taints=NoExecute", f"--health-node-taint={NODE_TAINT}", "--kubernetes-events"} <= set(flags)
+    resources = {res for _, rs, _ in grants(values) for res in rs}
+    assert resources == {"devicetaintrules", "resourceslices", "nodes", "events", "pods"}
+    for doc in [d for docs in render_chart(values).values() for d in docs]:
+        validate(doc)
+
+
+@pytest.mark.parametrize("effect", ["None", "noschedule", "Evict"])
+def test_bad_effect_fails_the_render(effect: str) -> None:
+    with pytest.raises(HelmRenderError, match=f'scheduler.draDeviceTaints.effect "{effect}" is not one of'):
+        render_chart({"scheduler": {"draDeviceTaints": {"effect": effect}}})
+
+
+# --- the admission policy ---
+
+
+def test_policy_is_on_with_dra_taints_and_validates() -> None:
+    vap, binding = policy(TAINTS)
+    validate(vap)
+    validate(binding)
+    spec = vap["spec"]
+    assert spec["failurePolicy"] == "Fail"
+    (rule,) = spec["matchConstraints"]["resourceRules"]
+    assert rule == {
+        "apiGroups": ["resource.k8s.io"],
+        "apiVersions": ["*"],  # v1alpha3, v1beta2, v1: whichever the exporter found served
+        "operations": ["CREATE", "UPDATE", "DELETE"],
+        "resources": ["devicetaintrules"],
+    }
+    assert binding["spec"] == {"policyName": vap["metadata"]["name"], "validationActions": ["Deny"]}
+    assert "namespace" not in vap["metadata"] and "namespace" not in binding["metadata"]
+
+
+def test_policy_applies_to_our_service_account_only() -> None:
+    (cond,) = policy(TAINTS)[0]["spec"]["matchConditions"]
+    assert (
+        cond["expression"]
+        == "request.userInfo.username == 'system:serviceaccount:gpu-health-exporter:gpu-health-exporter'"
+    )
+    renamed = {**TAINTS, "serviceAccount": {"name": "ghe"}, "namespaceOverride": "gpu-system"}
+    (cond,) = policy(renamed)[0]["spec"]["matchConditions"]
+    assert cond["expression"] == "request.userInfo.username == 'system:serviceaccount:gpu-system:ghe'"
+    ds = daemonset(render_chart(renamed))
+    assert pod_spec(ds)["serviceAccountName"] == "ghe" and ds["metadata"]["namespace"] == "gpu-system"
+
+
+def _expressions(vap: dict[str, Any]) -> dict[str, str]:
+    spec = vap["spec"]
+    out = {v["name"]: v["expression"] for v in spec["variables"]}
+    out.update({f"validation{i}": v["expression"] for i, v in enumerate(spec["validations"])})
+    return out
+
+
+def test_policy_reads_the_node_from_the_token_and_the_rule_from_the_right_side() -> None:
+    """The node comes from the token's user info (pod-bound tokens), never from the request body; a
+    CREATE is judged on object, a DELETE on oldObject (object is null there), an UPDATE on both."""
+    vap, _ = policy(TAINTS)
+    exprs = _expressions(vap)
+    assert NODE_NAME_EXTRA in exprs["node"] and "request.userInfo.extra" in exprs["node"]
+    assert "object" not in exprs["node"]
+    new, old = exprs["newOwned"], exprs["oldOwned"]
+    assert new.startswith("request.operation != 'DELETE' && ") and "oldObject" not in new
+    assert old.startswith("request.operation != 'CREATE' && ") and re.search(r"(?<!old)object\.", old) is None
+    for expr, obj in ((new, "object"), (old, "oldObject")):
+        assert f"{obj}.metadata.annotations['{NODE_ANNOTATION}'] == variables.node" in expr
+        assert f"{obj}.metadata.labels['{NODE_LABEL}'] == variables.node" in expr
+        # Node names over 63 characters: the exporter labels with sha256-<hash> (drataints.node_label_value).
+        assert f"{obj}.metadata.labels['{NODE_LABEL}'].startsWith('sha256-')" in expr
+    validations = [v["expression"] for v in vap["spec"]["validations"]]
+    assert validations[:3] == [
+        "variables.node != ''",
+        "request.operation == 'DELETE' || variables.newOwned",
+        "request.operation == 'CREATE' || variables.oldOwned",
+    ]
+    for v in vap["spec"]["validations"]:
+        assert v["reason"] == "Forbidden"
+        assert "\n" not in v.get("message", "") and "\n" not in v.get("messageExpression", "")
+
+
+def test_policy_labels_match_what_the_exporter_writes() -> None:
+    from exporter.scheduling import drataints
+
+    assert drataints.NODE_LABEL == NODE_LABEL and drataints.NODE_ANNOTATION == NODE_ANNOTATION
+    assert drataints.node_label_value("node-a") == "node-a"
+    assert drataints.node_label_value("n" * 64).startswith("sha256-")
+
+
+def test_policy_pool_check_follows_require_node_pool() -> None:
+    pool = "object.spec.deviceSelector.pool == variables.node"
+    on = [v["expression"] for v in policy(TAINTS)[0]["spec"]["validations"]]
+    assert any(pool in e and e.startswith("request.operation == 'DELETE' || ") for e in on)
+    off_values = {
+        "scheduler": {"draDeviceTaints": {"effect": "NoSchedule", "admissionPolicy": {"requireNodePool": False}}}
+    }
+    off = [v["expression"] for v in policy(off_values)[0]["spec"]["validations"]]
+    assert not any(pool in e for e in off) and len(off) == len(on) - 1
+
+
+def test_policy_can_be_turned_off_and_is_absent_without_dra_taints() -> None:
+    values = {"scheduler": {"draDeviceTaints": {"effect": "NoSchedule", "admissionPolicy": {"enabled": False}}}}
+    rendered = render_chart(values)
+    assert not by_kind(rendered, "ValidatingAdmissionPolicy")
+    assert not by_kind(rendered, "ValidatingAdmissionPolicyBinding")
+    for other in ({"scheduler": {"nodeTaint": NODE_TAINT, "podEvents": True}}, {"health": {"nodeStatus": True}}):
+        assert not by_kind(render_chart(other), "ValidatingAdmissionPolicy")
