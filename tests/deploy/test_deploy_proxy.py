@@ -3,10 +3,17 @@ points NVIDIA's plugin at it (deploy/nvidia-device-plugin/)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import socket
 import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +44,25 @@ NVIDIA_DIR = ROOT / "deploy/nvidia-device-plugin"
 PLUGIN_VOLUME = "kubelet-device-plugins-dir"  # templates/daemonset-device-plugin.yml
 NVIDIA_GIT = Path(os.environ.get("NVIDIA_DEVICE_PLUGIN_GIT", "/work/.mirror/NVIDIA+k8s-device-plugin/repo"))
 NVIDIA_CHART = "deployments/helm/nvidia-device-plugin"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def http_status(url: str) -> int:
+    """The status of a GET, 0 while nothing answers."""
+    with contextlib.suppress(OSError):
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                status: int = r.status
+                return status
+        except urllib.error.HTTPError as e:
+            return e.code
+    return 0
 
 
 def volumes(ds: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -291,3 +317,46 @@ def test_kustomize_applies_the_patch_to_nvidias_rendered_chart(tmp_path: Path) -
     assert len(plugin["volumes"]) == len({v["name"] for v in plugin["volumes"]})  # merged, not appended
     for other in daemonsets.values():  # MPS control daemon (and GFD when on): untouched
         assert PLUGIN_VOLUME not in {v["name"] for v in other["volumes"]}
+
+
+def test_rendered_proxy_command_runs_the_subcommand() -> None:
+    """The chart's command and args against the real `device-plugin-proxy` subcommand (simulated
+    GPUs, no kubelet, no exporter, no NVIDIA plugin): every flag parses, it serves the Registration API
+    for NVIDIA's plugin at <upstreamDir>/kubelet.sock, /health and /metrics answer, /ready is 503."""
+    proxy = container(daemonset(render_chart(PROXY)), "device-plugin-proxy")
+    # A short directory: socket paths must fit a unix socket address (107 bytes).
+    with tempfile.TemporaryDirectory(prefix="px") as tmp:
+        root = Path(tmp)
+        state, kubelet_dir, upstream = root / "state", root / "kubelet", root / "upstream"
+        state.mkdir(mode=0o700)
+        kubelet_dir.mkdir()
+        upstream.mkdir()
+        port = free_port()
+        args = [
+            a.replace("/var/lib/gpu-health-exporter", str(state))
+            .replace(KUBELET_DIR, str(kubelet_dir))
+            .replace(UPSTREAM_DIR, str(upstream))
+            .replace("--address=:9403", f"--address=127.0.0.1:{port}")
+            for a in proxy["args"]
+        ]
+        assert proxy["command"][0] == "python"
+        cmd = [sys.executable, *proxy["command"][1:], *args, "--simulate"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and proc.poll() is None:
+                if (upstream / "kubelet.sock").is_socket() and http_status(base + "/health") == 200:
+                    break
+                time.sleep(0.2)
+            assert proc.poll() is None, proc.communicate(timeout=10)[0]
+            assert (upstream / "kubelet.sock").is_socket(), "no Registration API in the upstream directory"
+            assert http_status(base + "/health") == 200
+            assert http_status(base + "/ready") == 503  # no kubelet, no upstream plugin, no exporter
+            with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+                body = r.read().decode()
+            assert "\ngpuhealth_device_plugin_proxy_upstreams 0\n" in body
+        finally:
+            proc.terminate()
+            out, _ = proc.communicate(timeout=15)
+        assert proc.returncode == 0, out

@@ -183,3 +183,21 @@ def test_policy_can_be_turned_off_and_is_absent_without_dra_taints() -> None:
     assert not by_kind(rendered, "ValidatingAdmissionPolicyBinding")
     for other in ({"scheduler": {"nodeTaint": NODE_TAINT, "podEvents": True}}, {"health": {"nodeStatus": True}}):
         assert not by_kind(render_chart(other), "ValidatingAdmissionPolicy")
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"scheduler": {"draDeviceTaints": {"effect": "NoExecute"}, "nodeTaint": NODE_TAINT, "podEvents": True}},
+        {"scheduler": {"nodeTaint": "example.com/gpu=broken:NoExecute"}},
+    ],
+)
+def test_rendered_exporter_flags_parse_into_the_features(values: dict[str, Any]) -> None:
+    """The exporter's rendered args through the daemon's own parser: each value reaches its feature."""
+    from exporter.config import parse_config
+
+    cfg = parse_config(args(values), environ={})
+    scheduler = values["scheduler"]
+    assert cfg.dra_device_taints == (scheduler.get("draDeviceTaints", {}).get("effect") or None)
+    assert str(cfg.health_node_taint) == scheduler["nodeTaint"]
+    assert cfg.kubernetes_events is bool(scheduler.get("podEvents"))
