@@ -360,3 +360,17 @@ def test_rendered_proxy_command_runs_the_subcommand() -> None:
             proc.terminate()
             out, _ = proc.communicate(timeout=15)
         assert proc.returncode == 0, out
+
+
+def test_lint_proxy_mode_with_the_scheduler_features() -> None:
+    from helm_python.chart import lint
+
+    values = {
+        **PROXY,
+        "gpuOperator": {"enabled": True},
+        "serviceMonitor": {"enabled": True},
+        "scheduler": {"draDeviceTaints": {"effect": "NoSchedule", "admissionPolicy": {"enabled": False}}},
+    }
+    report = lint(CHART, values, strict=True)
+    assert not report["errors"], report
+    assert not [m for m in report["messages"] if m["severity"] >= 2], report
