@@ -35,7 +35,7 @@ FORWARDED_RPCS = ("Allocate", "GetPreferredAllocation", "PreStartContainer", "Ge
 _WORKERS = 8
 _MAX_STREAMS = 4  # the kubelet's one, plus slack for a re-registration overlap; the oldest goes first
 _MAX_MESSAGE = 16 * 1024 * 1024
-_STOP_GRACE_S = 0.5
+_STOP_GRACE_S = 2.0
 # grpc reports "no deadline" as a time_remaining() of about 9e18 s; anything past a year is none.
 _NO_DEADLINE_S = 365 * 24 * 3600.0
 
@@ -74,10 +74,17 @@ class RelayServicer:
         self._closed = False
         self._streams: list[threading.Event] = []
 
-    def close(self) -> None:
+    def close(self, timeout: float) -> None:
+        """End this generation's streams, waiting up to `timeout` for them to finish."""
         with self._lock:
             self._closed = True
         self._forwarded.wake()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._streams:
+                    return
+            time.sleep(0.01)
 
     def handler(self) -> grpc.GenericRpcHandler:
         def unary(rpc: str) -> grpc.RpcMethodHandler:
@@ -158,14 +165,19 @@ class RelayServicer:
 
     def _options(self, request: bytes, context: Any) -> bytes:
         upstream = self._upstream()
-        if upstream is not None and upstream.streaming:
-            return self._forward("GetDevicePluginOptions", request, context)
         if upstream is None:
             return self._forward("GetDevicePluginOptions", request, context)  # aborts UNAVAILABLE
-        # Restarting upstream: the options it registered with (the kubelet asks inside Register).
+        try:
+            response = upstream.call("GetDevicePluginOptions", request, _deadline(context), context.add_callback)
+        except (grpc.RpcError, UpstreamUnavailable, grpc.FutureCancelledError) as exc:
+            # The upstream is restarting: answer with the options it registered with. The kubelet asks
+            # inside our Register, and failing it would take the resource away until the next retry.
+            self._counts.add("GetDevicePluginOptions", ok=False)
+            log.info("upstream options unavailable; answering with its registered ones", error=str(exc))
+            registered: bytes = upstream.options.SerializeToString()
+            return registered
         self._counts.add("GetDevicePluginOptions", ok=True)
-        result: bytes = upstream.options.SerializeToString()
-        return result
+        return response
 
 
 def _deadline(context: Any) -> float | None:
@@ -212,7 +224,8 @@ class RelayServer:
         return (st.st_dev, st.st_ino) == self._inode
 
     def stop(self) -> None:
-        self._servicer.close()  # the streams end cleanly within the grace, as a plugin's own stop does
+        # The streams end with an OK status first, as a plugin's own stop ends them.
+        self._servicer.close(_STOP_GRACE_S)
         server, self._server = self._server, None
         if server is not None:
             server.stop(grace=_STOP_GRACE_S).wait(5)

@@ -18,8 +18,9 @@ FENCED = GPUS[1]
 def steady(node: Node) -> None:
     """Registered, streaming, the fenced GPU Unhealthy and the other three Healthy."""
     node.wait_kubelet(
-        lambda: node.kubelet.latest(RESOURCE) is not None
-        and node.kubelet.latest(RESOURCE).healthy == set(GPUS) - {FENCED},  # type: ignore[union-attr]
+        lambda: (
+            node.kubelet.latest(RESOURCE) is not None and node.kubelet.latest(RESOURCE).healthy == set(GPUS) - {FENCED}
+        ),  # type: ignore[union-attr]
         timeout=10,
     )
 
@@ -97,6 +98,7 @@ def test_a_kubelet_restart_while_the_plugin_is_away_registers_what_is_known(node
 def test_the_proxy_restarting_brings_nvidias_plugin_back_through_its_kubelet_sock(node: Node) -> None:
     plugin = fenced_node(node)
     restart_proxy(node, plugin)
+    node.wait_kubelet(lambda: node.kubelet.latest(RESOURCE) is not None)
     first = node.kubelet.messages(RESOURCE)[0]
     assert FENCED not in first.healthy and len(first.devices) == 4  # the new endpoint's very first list
     steady(node)
@@ -110,7 +112,9 @@ def test_every_restart_order(node: Node, order: tuple[str, ...]) -> None:
         never_advertised_healthy(node)
         steady(node)
         never_advertised_healthy(node)
-    assert not node.kubelet.errors
+    # A stream cut by a stopping proxy's server reads as UNAVAILABLE to the kubelet, which handles it
+    # as any end of stream; any other error (a failed dial-back or GetDevicePluginOptions) is a bug.
+    assert [e for e in node.kubelet.errors if "Cancelling all calls" not in e] == []
 
 
 def plugin_empty() -> object:
