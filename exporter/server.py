@@ -27,7 +27,7 @@ import structlog
 
 from exporter import __version__
 from exporter.render import CONTENT_TYPE, Exposition
-from exporter.web.request import HttpError, Request, check_incomplete, find_head_end, parse_head, wants_gzip
+from exporter.web.request import HttpError, Request, check_incomplete, find_head_end, parse_head
 from exporter.web.settings import HttpSettings
 
 if TYPE_CHECKING:  # the web configuration's modules are imported only when a file is given
@@ -236,6 +236,7 @@ class _Connection(asyncio.Protocol):
         self._peer = ""
         self._cert_refusal: str | None = None
         self._tls = False
+        self._handshaking: asyncio.Transport | None = None
         self._gone_logged = False
 
     # --- life cycle ---
@@ -257,7 +258,9 @@ class _Connection(asyncio.Protocol):
         web = self._server.web_refresh()
         if web is not None and web.ssl_context is not None:
             raw.pause_reading()
-            self._transport = raw  # until the handshake ends: eviction and stop can close it
+            # No _transport until the handshake ends: a request that arrives with the last handshake
+            # record is buffered, and answered through TLS (never in plain text on the raw socket).
+            self._handshaking = raw  # eviction and stop close this one meanwhile
             self._server.spawn(self._start_tls(raw, web))
             return
         self._ready(raw)
@@ -287,6 +290,7 @@ class _Connection(asyncio.Protocol):
         self._ready(tls)
 
     def _ready(self, transport: asyncio.Transport) -> None:
+        self._handshaking = None
         self._transport = transport
         self._tls = transport.get_extra_info("sslcontext") is not None
         # pause_writing at any buffered byte, resume_writing when drained: the one-response-in-flight rule.
@@ -302,6 +306,7 @@ class _Connection(asyncio.Protocol):
     def _gone(self) -> None:
         self._phase = _CLOSED
         self._transport = None
+        self._handshaking = None
         self._out = None
         self._deadline = None
         if self._timer is not None:
@@ -317,7 +322,7 @@ class _Connection(asyncio.Protocol):
             log.debug("http_client_gone", peer=self._peer, error=f"{type(exc).__name__}: {exc}")
 
     def close(self) -> None:
-        transport = self._transport
+        transport = self._transport or self._handshaking
         if transport is not None:
             transport.close()
         self._gone()
@@ -480,9 +485,7 @@ class _Connection(asyncio.Protocol):
     def _answer(self, req: Request, extra: tuple[tuple[str, str], ...]) -> None:
         connection = _connection_header(req)
         if req.path == "/metrics":
-            data, head_len = self._server.routes.metrics(
-                wants_gzip(req.headers.get("accept-encoding")), connection, extra
-            )
+            data, head_len = self._server.routes.metrics(req.gzip, connection, extra)
             self._send(data[:head_len] if req.method == "HEAD" else data, not req.keep_alive)
             return
         self._reply(req, self._server.routes.dispatch(req.path), extra)

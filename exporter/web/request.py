@@ -36,6 +36,7 @@ class Request:
     headers: dict[str, str]  # lower-case names; repeated fields joined with ", "
     keep_alive: bool
     has_body: bool
+    gzip: bool  # the Accept-Encoding's choice (wants_gzip), decided once per distinct head
 
 
 def find_head_end(buf: bytes | bytearray, start: int = 0) -> tuple[int, int]:
@@ -110,6 +111,7 @@ def parse_head(head: bytes | bytearray, max_header_bytes: int) -> Request:
         headers=headers,
         keep_alive=keep_alive and not has_body,
         has_body=has_body,
+        gzip=wants_gzip(headers.get("accept-encoding")),
     )
 
 
