@@ -17,12 +17,12 @@ FENCED = GPUS[1]
 
 def steady(node: Node) -> None:
     """Registered, streaming, the fenced GPU Unhealthy and the other three Healthy."""
-    node.wait_kubelet(
-        lambda: (
-            node.kubelet.latest(RESOURCE) is not None and node.kubelet.latest(RESOURCE).healthy == set(GPUS) - {FENCED}
-        ),  # type: ignore[union-attr]
-        timeout=10,
-    )
+
+    def settled() -> bool:
+        last = node.kubelet.latest(RESOURCE)
+        return last is not None and last.healthy == set(GPUS) - {FENCED}
+
+    node.wait_kubelet(settled, timeout=10)
 
 
 def never_advertised_healthy(node: Node) -> None:
