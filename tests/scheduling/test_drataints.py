@@ -203,10 +203,13 @@ def test_a_refused_write_is_logged_counted_and_retried(
     assert out.count("kubernetes_write_failed") == 1 and f"kind={kind}" in out.replace("'", "")
     server.clear_faults()
     assert wait_for(lambda: "gpu-0" in by_device(server))
-    said: list[str] = []  # the recovery is logged right after the write's reply: poll the log for it
-    assert wait_for(
-        lambda: "kubernetes_writes_recovered" in "".join(said) or bool(said.append(capsys.readouterr().out))
-    )
+    said: list[str] = []
+
+    def recovered() -> bool:  # logged right after the write's reply: poll the log for it
+        said.append(capsys.readouterr().out)
+        return "kubernetes_writes_recovered" in "".join(said)
+
+    assert wait_for(recovered)
 
 
 def test_an_unreachable_server_never_delays_a_fence(
