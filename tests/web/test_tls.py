@@ -108,7 +108,10 @@ def test_probes_without_a_certificate_only_when_configured(pki: Pki, serve: list
 def test_inline_cert_and_key(pki: Pki, serve: list[HttpServer]) -> None:
     cert = pki.server.cert_chain_pems[0].bytes().decode()
     key = pki.server.private_key_pem.bytes().decode()
-    indent = lambda text: "\n".join("    " + line for line in text.splitlines())  # noqa: E731
+
+    def indent(text: str) -> str:
+        return "\n".join("    " + line for line in text.splitlines())
+
     srv = start(config(pki, f"tls_server_config:\n  cert: |\n{indent(cert)}\n  key: |\n{indent(key)}\n"))
     serve.append(srv)
     assert https_get(srv, "/metrics", pki.client_context()).status == 200
