@@ -16,6 +16,7 @@ from exporter.deviceplugin import manager
 from exporter.family import Family
 from exporter.health import blindspots, expose
 from exporter.pods import expose as mapper  # the pods part's families (mapper.FAMILIES below)
+from exporter.proxy import metrics as proxy_metrics
 from exporter.scheduling import drataints, faults, nodetaint, podevents
 
 # In the order of the exposition: the renderer's parts, then the contributors.
@@ -34,6 +35,10 @@ OWN_METRICS: tuple[Family, ...] = (
     render.RENDER_SUCCESS,
 )
 
-BY_NAME: dict[str, Family] = {f.name: f for f in OWN_METRICS}
-if len(BY_NAME) != len(OWN_METRICS):  # pragma: no cover - a declaration error, caught at import
+# Served by `gpu-health-exporter device-plugin-proxy` on its own /metrics, never by the daemon
+# (with manager.VERDICT_SOURCE, listed above); tests/proxy checks the proxy serves them as declared.
+PROXY_METRICS: tuple[Family, ...] = proxy_metrics.FAMILIES
+
+BY_NAME: dict[str, Family] = {f.name: f for f in (*OWN_METRICS, *PROXY_METRICS)}
+if len(BY_NAME) != len(OWN_METRICS) + len(PROXY_METRICS):  # pragma: no cover - a declaration error, caught at import
     raise ValueError("an own metric family is declared twice")
