@@ -30,6 +30,7 @@ from exporter.scheduling.worker import ReconcileFailed, Reconciler
 log = structlog.get_logger("exporter.scheduling")
 
 REBOOT_NODE = "reboot_node"
+_JUDGED = (HealthState.UNHEALTHY, HealthState.DEGRADED)
 _REQUEST_TIMEOUT_S = 10.0
 _CONFLICT_RETRIES = 5  # re-reads after a 409 within one reconcile, before backing off
 
@@ -49,7 +50,8 @@ def taint_wanted(
 ) -> str | None:
     """Why the node should be tainted ("reboot_node", "all_gpus_fenced"), or None."""
     for v in verdicts.values():
-        if v.state is not HealthState.HEALTHY and any(r.action == REBOOT_NODE for r in v.reasons):
+        # Judged reasons only: UNKNOWN is the monitor's own trouble, never a reason to drain the node.
+        if any(r.action == REBOOT_NODE and r.state in _JUDGED for r in v.reasons):
             return REBOOT_NODE
     gpus = inventory.gpus if inventory is not None else ()
     if gpus and all(verdict_of(g.uuid).state is HealthState.UNHEALTHY for g in gpus):

@@ -155,3 +155,27 @@ def test_a_node_that_does_not_exist_is_a_logged_failure(
     rec = start(engine, api, inventory())
     assert wait_for(lambda: faults.errors(NODE_TAINT) >= 1)
     assert rec.applied is None and "gpuhealth_node_taint_applied 0\n" in rec.render_metrics(RenderContext("", "h"))
+
+
+def test_taint_wanted_judges_only_judged_reasons_and_real_inventories() -> None:
+    from exporter.health.verdict import HealthState, Reason, Verdict
+    from exporter.scheduling.nodetaint import taint_wanted
+
+    def reason(state: HealthState, action: str) -> Reason:
+        return Reason("xid", "79", "m", 0.0, 0.0, 1, action, state)
+
+    inv = inventory()
+    fenced = Verdict(GPU0, HealthState.UNHEALTHY, (reason(HealthState.UNHEALTHY, "reset_gpu"),))
+    healthy = Verdict(GPU1, HealthState.HEALTHY)
+    unknown = Verdict(GPU1, HealthState.UNKNOWN, (reason(HealthState.UNKNOWN, "reboot_node"),))
+    reboot = Verdict(GPU1, HealthState.UNHEALTHY, (reason(HealthState.UNHEALTHY, "reboot_node"),))
+    of = {GPU0: fenced, GPU1: healthy}
+    assert taint_wanted(of, inv, lambda u: of.get(u, healthy)) is None
+    of = {GPU0: fenced, GPU1: unknown}  # the monitor's trouble: never a reason to drain
+    assert taint_wanted(of, inv, lambda u: of.get(u, healthy)) is None
+    of = {GPU0: fenced, GPU1: reboot}
+    assert taint_wanted(of, inv, lambda u: of.get(u, healthy)) == "reboot_node"
+    both = {GPU0: fenced, GPU1: Verdict(GPU1, HealthState.UNHEALTHY, fenced.reasons)}
+    assert taint_wanted(both, inv, lambda u: both[u]) == "all_gpus_fenced"
+    assert taint_wanted(both, Inventory("570.86.15", ()), lambda u: both[u]) is None
+    assert taint_wanted(both, None, lambda u: both[u]) is None
