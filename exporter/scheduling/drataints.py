@@ -213,8 +213,12 @@ class DraTaintRules(Reconciler):
             current = actual.get(name)
             if current is None or not self._same(current, rule):
                 failed |= not self._write(rule, current)
+            if self._version is None:  # a 404: the API went away mid-pass; discover again first
+                raise ReconcileFailed()
         for name in sorted(set(actual) - set(wanted)):
             failed |= not self._delete(name)
+            if self._version is None:
+                raise ReconcileFailed()
         self.present = len(self._actual or {})
         if failed:
             raise ReconcileFailed()

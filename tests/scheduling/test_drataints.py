@@ -258,3 +258,21 @@ def test_names_and_labels() -> None:
     assert node_label_value(NODE) == NODE
     hashed = node_label_value(long_node)
     assert hashed.startswith("sha256-") and len(hashed) <= 63 and hashed == node_label_value(long_node)
+
+
+def test_the_rule_api_going_away_is_discovered_again(
+    engine: HealthEngine, make_api: ApiFactory, start: Start, faults: ApiFaults
+) -> None:
+    server, api = make_api(dra_taint_versions=("v1beta2",))
+    server.upsert_resource_slice(nvidia_slice())
+    rules = start(engine, api, backoff_initial_s=0.05, backoff_max_s=0.1)
+    assert rules.wait_passes(1, 10) and rules.supported is True
+    server.dra_taint_versions = ()  # a gate turned off, a downgrade
+    engine.on_events([xid(48, GPU0)])
+    assert wait_for(lambda: rules.supported is False)
+    assert faults.errors(DRA_TAINT) >= 1  # the 404 that told us
+    server.dra_taint_versions = ("v1alpha3",)  # back, in another version
+    rules.resync_s = 0.05
+    rules.wake()
+    assert wait_for(lambda: set(by_device(server)) == {"gpu-0"})
+    assert next(iter(server.rules().values()))["apiVersion"] == "resource.k8s.io/v1alpha3"
