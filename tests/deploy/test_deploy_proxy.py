@@ -22,7 +22,7 @@ import yaml
 from helm_python.errors import HelmRenderError
 
 from tests.deploy.deploy_common import CHART, ROOT, by_kind, render_chart
-from tests.deploy.test_deploy_helm import (
+from tests.deploy.k8s_objects import (
     OPERATOR_NODE,
     container,
     container_names,

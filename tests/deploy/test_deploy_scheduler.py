@@ -11,7 +11,7 @@ import pytest
 from helm_python.errors import HelmRenderError
 
 from tests.deploy.deploy_common import by_kind, render_chart
-from tests.deploy.test_deploy_helm import container, daemonset, pod_spec, rbac_rules, validate
+from tests.deploy.k8s_objects import container, daemonset, pod_spec, rbac_rules, validate
 
 TAINTS: dict[str, Any] = {"scheduler": {"draDeviceTaints": {"effect": "NoSchedule"}}}
 NODE_TAINT = "gpu-health-exporter/unhealthy:NoSchedule"
