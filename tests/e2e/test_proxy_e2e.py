@@ -121,3 +121,34 @@ def test_the_proxy_refuses_the_kubelets_own_directory_as_upstream(tmp_path: Path
     px = ExporterProcess(args, tmp_path, subcommand="device-plugin-proxy")
     assert px.proc.wait(30) == 2
     assert "register with itself" in px.logs() and "Traceback" not in px.logs()
+
+
+def test_without_nvml_the_proxy_still_forwards_and_fences_by_uuid(
+    fakenvml_build: FakeNvmlBuild, tmp_path: Path, kubelet: FakeKubelet, upstream_dir: str
+) -> None:
+    node = daemon(fakenvml_build, tmp_path / "daemon")
+    node.exporter.wait_ready()
+    gpus = [d["uuid"] for d in json.loads(node.exporter.get("/gpus")[1])["devices"]]
+    node.control("xid", gpu=0, xid=79)
+    node.exporter.wait_for(lambda t: node.value(t, "gpuhealth_health_state", gpu="0") == 2)
+    args = ["--nvml-library", "/nonexistent/libnvidia-ml.so.1", "--device-plugin-dir", kubelet.plugin_dir]
+    px = ExporterProcess(
+        [*args, "--upstream-dir", upstream_dir],
+        tmp_path / "proxy",
+        node.env,
+        state_dir=node.state_dir,
+        subcommand="device-plugin-proxy",
+    )
+    plugin = StandInPlugin(upstream_dir, gpus[:2])
+    try:
+        plugin.start()
+        assert kubelet.wait_for(lambda: kubelet.capacity(RESOURCE) == 2, timeout=20), px.logs()
+        last = kubelet.latest(RESOURCE)
+        assert last is not None and last.healthy == {gpus[1]}  # GPU 0's fence still applies
+        status, body = px.get("/ready")
+        assert status == 503 and b"NVML discovery failing" in body
+        assert px.get("/health")[0] == 200 and "Traceback" not in px.logs()
+    finally:
+        plugin.stop()
+        px.stop()
+        node.exporter.stop()
