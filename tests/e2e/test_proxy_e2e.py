@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -55,6 +56,11 @@ def proxy(node: NvmlNode, kubelet: FakeKubelet, upstream_dir: str, tmp: Path) ->
     )
 
 
+def ready_reason(p: ExporterProcess) -> str:
+    status, body = p.get("/ready")
+    return "" if status == 200 else body.decode()
+
+
 def test_an_xid_in_the_daemon_reaches_the_kubelet_through_the_proxy(
     fakenvml_build: FakeNvmlBuild, tmp_path: Path, kubelet: FakeKubelet, upstream_dir: str
 ) -> None:
@@ -91,6 +97,17 @@ def test_an_xid_in_the_daemon_reaches_the_kubelet_through_the_proxy(
             in text
         )
         assert 'gpuhealth_device_plugin_verdict_source{source="daemon"} 1' in text
+
+        # The daemon dies (kill -9): the proxy keeps the last verdicts, GPU 1 stays fenced; then it is back.
+        node.exporter.stop(signal.SIGKILL)
+        assert kubelet.wait_for(lambda: "keeping its last verdicts" in ready_reason(px), timeout=10)
+        assert kubelet.allocatable(RESOURCE) == 1
+        assert 'gpuhealth_device_plugin_verdict_source{source="last_known"} 1' in px.wait_for(
+            lambda t: 'source="last_known"} 1' in t
+        )
+        node.restart().wait_ready()
+        assert kubelet.wait_for(lambda: ready_reason(px) == "", timeout=15), ready_reason(px)
+        assert kubelet.allocatable(RESOURCE) == 1
 
         # The proxy restarts: NVIDIA's plugin sees its kubelet.sock re-created and registers again; the
         # kubelet's first message from the new proxy already fences GPU 1.
