@@ -27,11 +27,11 @@ import structlog
 
 from exporter.deviceplugin.api.v1beta1 import deviceplugin_pb2 as pb
 from exporter.proxy.forwarded import ForwardedList
-from exporter.proxy.upstream import Upstream, UpstreamUnavailable
+from exporter.proxy.upstream import UNARY_RPCS, Upstream, UpstreamUnavailable
 
 log = structlog.get_logger(__name__)
 
-FORWARDED_RPCS = ("Allocate", "GetPreferredAllocation", "PreStartContainer", "GetDevicePluginOptions")
+FORWARDED_RPCS = UNARY_RPCS
 _WORKERS = 8
 _MAX_STREAMS = 4  # the kubelet's one, plus slack for a re-registration overlap; the oldest goes first
 _MAX_MESSAGE = 16 * 1024 * 1024

@@ -21,6 +21,7 @@ from exporter.deviceplugin.api.v1beta1 import deviceplugin_pb2 as pb
 log = structlog.get_logger(__name__)
 
 SERVICE = "/v1beta1.DevicePlugin/"
+UNARY_RPCS = ("Allocate", "GetPreferredAllocation", "PreStartContainer", "GetDevicePluginOptions")
 _MAX_MESSAGE = 16 * 1024 * 1024
 _BACKOFF_FIRST_S = 0.1
 _BACKOFF_MAX_S = 2.0
@@ -53,6 +54,8 @@ class Upstream:
             request_serializer=pb.Empty.SerializeToString,
             response_deserializer=pb.ListAndWatchResponse.FromString,
         )
+        # No (de)serialisers: the kubelet's request bytes go up, the upstream's response bytes come back.
+        self._unary = {rpc: self._channel.unary_unary(SERVICE + rpc) for rpc in UNARY_RPCS}
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._stream: Any = None
@@ -87,9 +90,8 @@ class Upstream:
         Raises grpc.RpcError with the upstream's status, or UpstreamUnavailable."""
         if self._closed.is_set():
             raise UpstreamUnavailable(f"{self.resource}: the upstream plugin's registration was replaced")
-        method = self._channel.unary_unary(SERVICE + rpc)  # no serialisers: bytes in, bytes out
         try:
-            future = method.future(request, timeout=timeout)
+            future = self._unary[rpc].future(request, timeout=timeout)
         except ValueError as exc:  # the channel was closed under us
             raise UpstreamUnavailable(f"{self.resource}: {exc}") from None
         on_cancel(future.cancel)
