@@ -331,12 +331,69 @@ def bench_scrape(seconds: int) -> None:
                 report("scrape", f"50 conns {enc}: ratio ours/nginx", f"{ours / theirs:.2f}")
             before = exp.get("/metrics").count(b"\n")
             report("scrape", "exposition lines", str(before))
+            bench_scrape_vs_prometheus_client(exp, body, seconds)
         finally:
             nginx.terminate()
             nginx.wait(5)
             shutil.rmtree(nroot, ignore_errors=True)
     finally:
         exp.stop()
+
+
+# prometheus_client's own HTTP server (start_http_server) on the same payload: the families parsed once
+# from our exposition and rendered by generate_latest per scrape, as an exporter built on it serves them.
+_PROM_CLIENT_SERVER = """
+import sys, time
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.parser import text_string_to_metric_families
+families = list(text_string_to_metric_families(open(sys.argv[1]).read()))
+class Same:
+    def collect(self):
+        return families
+registry = CollectorRegistry()
+registry.register(Same())
+start_http_server(int(sys.argv[2]), addr="127.0.0.1", registry=registry)
+while True:
+    time.sleep(3600)
+"""
+
+
+def _proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_per_scrape_us(pid: int, url: str, seconds: int) -> tuple[float, float, float]:
+    """(p99 ms, req/s, CPU µs per scrape) for 50 clients; the process's idle CPU over as long is taken off."""
+    idle0 = _proc_cpu_s(pid)
+    time.sleep(seconds)
+    idle = _proc_cpu_s(pid) - idle0
+    busy0 = _proc_cpu_s(pid)
+    rps, _, p99 = wrk(url, 50, seconds)
+    busy = _proc_cpu_s(pid) - busy0
+    return p99, rps, max(0.0, busy - idle) / max(1.0, rps * seconds) * 1e6
+
+
+def bench_scrape_vs_prometheus_client(exp: Exporter, body: bytes, seconds: int) -> None:
+    root = Path(tempfile.mkdtemp(prefix="ghe-promclient-"))
+    (root / "metrics.txt").write_bytes(body)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PROM_CLIENT_SERVER, str(root / "metrics.txt"), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=open(root / "log", "wb"),  # noqa: SIM115
+    )
+    try:
+        wait_ready(proc, f"http://127.0.0.1:{port}/metrics", "prometheus_client", root / "log")
+        ours = _cpu_per_scrape_us(exp.proc.pid, f"http://127.0.0.1:{exp.port}/metrics", seconds)
+        theirs = _cpu_per_scrape_us(proc.pid, f"http://127.0.0.1:{port}/metrics", seconds)
+        report("scrape", "50 clients: p99 ours / prometheus_client (ms)", f"{ours[0]:.2f} / {theirs[0]:.2f}")
+        report("scrape", "50 clients: req/s ours / prometheus_client", f"{ours[1]:.0f} / {theirs[1]:.0f}")
+        report("scrape", "CPU per scrape ours / prometheus_client (us)", f"{ours[2]:.0f} / {theirs[2]:.0f}")
+    finally:
+        proc.terminate()
+        proc.wait(5)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # --- collection against the fake NVML -----------------------------------------------------
