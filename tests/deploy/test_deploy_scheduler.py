@@ -201,3 +201,16 @@ def test_rendered_exporter_flags_parse_into_the_features(values: dict[str, Any])
     assert cfg.dra_device_taints == (scheduler.get("draDeviceTaints", {}).get("effect") or None)
     assert str(cfg.health_node_taint) == scheduler["nodeTaint"]
     assert cfg.kubernetes_events is bool(scheduler.get("podEvents"))
+
+
+@pytest.mark.parametrize(
+    "taint", ["gpu-health-exporter/unhealthy", "k:Evict", "k:noschedule", ":NoSchedule", "a b:NoExecute"]
+)
+def test_bad_node_taint_fails_the_render(taint: str) -> None:
+    """Caught at render time rather than as a crash-looping exporter (which would exit 2 on it)."""
+    with pytest.raises(HelmRenderError, match=r"scheduler\.nodeTaint .* is not KEY\[=VALUE\]:EFFECT"):
+        render_chart({"scheduler": {"nodeTaint": taint}})
+    from exporter.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError):
+        parse_config([f"--health-node-taint={taint}"], environ={})
