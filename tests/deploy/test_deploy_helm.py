@@ -95,12 +95,8 @@ def test_plain_manifests_validate_and_are_listed() -> None:
 def test_plain_rbac_is_least_privilege() -> None:
     (role,) = [d for d in load_docs((PLAIN / "rbac.yaml").read_text()) if d["kind"] == "ClusterRole"]
     grants = {(tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r["verbs"])) for r in role["rules"]}
-    # Node status posts node and pod Events (create only) and finds the pods holding a fenced GPU.
-    assert grants == {
-        (("",), ("nodes/status",), ("patch",)),
-        (("", "events.k8s.io"), ("events",), ("create",)),
-        (("",), ("pods",), ("list", "watch")),
-    }
+    # Node status posts node and pod Events: create only, never patch.
+    assert grants == {(("",), ("nodes/status",), ("patch",)), (("", "events.k8s.io"), ("events",), ("create",))}
 
 
 def test_daemonset_basics(values: dict[str, Any]) -> None:
@@ -313,8 +309,7 @@ def test_rbac_only_for_enabled_features() -> None:
     assert daemonset(labels)["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
     node = render_chart({"health": {"nodeStatus": True}})
     resources = {res for r in rbac_rules(node) for res in r["resources"]}
-    # Node status posts pod Events too (--kubernetes-events is implied): pods to find their holders.
-    assert resources == {"nodes/status", "events", "pods"}
+    assert resources == {"nodes/status", "events"}
     assert "--kubernetes-node-status" in container(daemonset(node))["args"]
     full = render_chart(full_values())
     resources = {res for r in rbac_rules(full) for res in r["resources"]}
@@ -329,10 +324,10 @@ def test_rbac_only_for_enabled_features() -> None:
     }
     for rule in rbac_rules(full):
         assert not set(rule["verbs"]) & {"*", "deletecollection", "escalate", "bind", "impersonate"}, rule
-        # Writes beyond create/patch only where a feature owns the objects: its DeviceTaintRules (the
-        # admission policy narrows them to the node) and its own taint in the Node's spec.
+        # Update and delete only on the objects a feature owns: its DeviceTaintRules (the admission
+        # policy narrows them to the node).
         if set(rule["verbs"]) & {"delete", "update"}:
-            assert rule["resources"] in (["devicetaintrules"], ["nodes"]), rule
+            assert rule["resources"] == ["devicetaintrules"], rule
 
 
 def test_no_web_config_until_the_exporter_implements_it() -> None:

@@ -15,7 +15,8 @@ from tests.deploy.k8s_objects import container, daemonset, pod_spec, rbac_rules,
 
 TAINTS: dict[str, Any] = {"scheduler": {"draDeviceTaints": {"effect": "NoSchedule"}}}
 NODE_TAINT = "gpu-health-exporter/unhealthy:NoSchedule"
-RULE_WRITES = ["get", "list", "watch", "create", "update", "patch", "delete"]
+# What the code calls, no more (docs/scheduling.md, RBAC): list by label, create, PUT, delete.
+RULE_WRITES = ["list", "create", "update", "delete"]
 # What exporter/scheduling/drataints.py puts on each rule it writes.
 NODE_LABEL = NODE_ANNOTATION = "gpu-health-exporter/node"
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
@@ -51,7 +52,7 @@ def test_dra_device_taints(effect: str) -> None:
     assert f"--dra-device-taints={effect}" in args(values)
     assert grants(values) == {
         (("resource.k8s.io",), ("devicetaintrules",), tuple(RULE_WRITES)),
-        (("resource.k8s.io",), ("resourceslices",), ("get", "list", "watch")),
+        (("resource.k8s.io",), ("resourceslices",), ("list", "watch")),
     }
     assert pod_spec(daemonset(render_chart(values)))["automountServiceAccountToken"] is True
 
@@ -59,17 +60,15 @@ def test_dra_device_taints(effect: str) -> None:
 def test_node_taint() -> None:
     values = {"scheduler": {"nodeTaint": NODE_TAINT}}
     assert f"--health-node-taint={NODE_TAINT}" in args(values)
-    assert grants(values) == {(("",), ("nodes",), ("get", "patch", "update"))}
+    assert grants(values) == {(("",), ("nodes",), ("get", "patch"))}
     assert not by_kind(render_chart(values), "ValidatingAdmissionPolicy")
 
 
 def test_pod_events() -> None:
     values = {"scheduler": {"podEvents": True}}
     assert "--kubernetes-events" in args(values)
-    assert grants(values) == {
-        (("", "events.k8s.io"), ("events",), ("create",)),
-        (("",), ("pods",), ("list", "watch")),
-    }
+    # The pods holding a GPU come from the kubelet (PodResources): no pods grant.
+    assert grants(values) == {(("", "events.k8s.io"), ("events",), ("create",))}
     # Node status posts the same Events: the same grants, once, plus its own.
     both = grants({"scheduler": {"podEvents": True}, "health": {"nodeStatus": True}})
     assert both == grants(values) | {(("",), ("nodes/status",), ("patch",))}
@@ -80,7 +79,7 @@ def test_all_three_together_and_nothing_else() -> None:
     flags = args(values)
     assert {"--dra-device-taints=NoExecute", f"--health-node-taint={NODE_TAINT}", "--kubernetes-events"} <= set(flags)
     resources = {res for _, rs, _ in grants(values) for res in rs}
-    assert resources == {"devicetaintrules", "resourceslices", "nodes", "events", "pods"}
+    assert resources == {"devicetaintrules", "resourceslices", "nodes", "events"}
     for doc in [d for docs in render_chart(values).values() for d in docs]:
         validate(doc)
 
