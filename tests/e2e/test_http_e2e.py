@@ -3,7 +3,8 @@
 A scraper that times out, a curl interrupted with ^C, a load balancer's health check: the
 connection is reset while the exposition is still being sent. That is the client's business,
 not an error of the exporter: the daemon logs it at debug level, without a traceback, and keeps
-serving.
+serving. Hostile clients cost a bounded amount: a socket of unread pipelined scrapes leaves the
+daemon's memory flat, slow and silent connections beyond the cap give way and never starve scrapes.
 """
 
 from __future__ import annotations
@@ -112,5 +113,68 @@ def test_client_reset_mid_response_is_a_debug_event_and_the_daemon_keeps_serving
         # Nothing outside structlog's JSON lines either (asyncio's own warnings go to stderr as text).
         stray = [line for line in lines if not line.startswith("{")]
         assert not stray, "\n".join(stray[:10])
+    finally:
+        assert exp.stop() == 0
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_unread_pipelined_scrapes_leave_the_daemon_flat(tmp_path: Path) -> None:
+    # The reported attack: one socket of pipelined GET /metrics that never reads grew the daemon from
+    # 42 MB to 310 MB. Now it stops reading that socket once one response cannot leave.
+    exp = ExporterProcess(["--simulate", "-c", "1000"], tmp_path)
+    try:
+        exp.wait_ready(timeout=60)
+        exp.metrics()
+        before = rss_mb(exp.proc.pid)
+        with connect(exp.port) as sock:
+            requests = b"GET /metrics HTTP/1.1\r\nHost: exporter\r\n\r\n" * 3000
+            sock.settimeout(3)
+            sent = 0
+            try:
+                while sent < len(requests):
+                    sent += sock.send(requests[sent : sent + 65536])
+            except TimeoutError:
+                pass  # the daemon stopped reading: the kernel buffers are full
+            for _ in range(3):  # other clients are served meanwhile
+                assert "DCGM_FI_DEV_GPU_TEMP" in exp.metrics()
+            grown = rss_mb(exp.proc.pid) - before
+            assert grown < 20, f"the daemon grew {grown:.0f} MB"
+            reset(sock)
+    finally:
+        assert exp.stop() == 0
+
+
+def test_slow_and_idle_connections_beyond_the_cap_do_not_starve_scrapes(tmp_path: Path) -> None:
+    # More half-sent heads and silent connections than --http-max-connections: the oldest give way, and
+    # each one is closed at the head deadline; scrapes keep succeeding throughout.
+    exp = ExporterProcess(
+        ["--simulate", "-c", "1000", "--http-max-connections", "32", "--http-header-timeout", "2"], tmp_path
+    )
+    try:
+        exp.wait_ready(timeout=60)
+        slow = []
+        for i in range(60):
+            sock = socket.create_connection(("127.0.0.1", exp.port), timeout=5)
+            if i % 2:
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+            slow.append(sock)
+        for _ in range(5):
+            assert "DCGM_FI_DEV_GPU_TEMP" in exp.metrics()
+        deadline = time.monotonic() + 10
+        for sock in slow:  # every one of them is closed by the daemon: evicted or at the deadline
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                while sock.recv(4096):
+                    pass
+            except ConnectionError:
+                pass
+            sock.close()
+        assert "DCGM_FI_DEV_GPU_TEMP" in exp.metrics()
     finally:
         assert exp.stop() == 0
