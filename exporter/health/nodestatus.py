@@ -156,7 +156,7 @@ class NodeStatusReporter:
             "type": "Warning" if worse else "Normal",
             "message": (
                 f"{t.uuid}: {t.previous.name.lower()} -> {t.state.name.lower()} ({causes}; action "
-                f"{top_action([r.action for r in t.reasons])})"
+                f"{top_action([r.action for r in t.reasons])})" + (f"; {t.cleared}" if t.cleared else "")
             )[:1024],
             "source": {"component": COMPONENT, "host": self._node},
             "reportingComponent": COMPONENT,

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from exporter.health.control import Peer
 from exporter.health.nodestatus import CONDITION_TYPE, NodeStatusReporter
 from exporter.model import EVENT_XID, DeviceEvent
 from tests.fakeapiserver import FakeApiServer
@@ -44,9 +45,11 @@ def test_condition_and_events(make_engine: EngineFactory, tmp_path: Path) -> Non
             ev = api.events[0]
             assert ev["reason"] == "GPUUnhealthy" and ev["type"] == "Warning"
             assert ev["involvedObject"]["name"] == "node1" and GPU0 in ev["message"]
-            eng.clear("all", "fixed")
+            eng.clear("all", "fixed", peer=Peer(pid=4242, uid=0, gid=0))
             assert wait_for(lambda: (condition(api, "node1") or {}).get("status") == "True")
             assert wait_for(lambda: len(api.events) == 2 and api.events[1]["reason"] == "GPUHealthy")
+            # The audit trail reaches the cluster: who cleared it, and why.
+            assert api.events[1]["message"].endswith("cleared by uid 0 pid 4242 over the control socket: fixed")
             patches = [r for r in api.requests if r.method == "PATCH"]
             assert patches and patches[0].path == "/api/v1/nodes/node1/status"
         finally:
