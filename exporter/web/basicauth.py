@@ -45,6 +45,7 @@ class BasicAuth:
         costs = [int(h[4:6]) if h[3] == "$" else int(h[3:5]) for h in self._users.values()]
         self._dummy = _dummy_hash(max(costs, default=10))
         self._cache: dict[bytes, bool] = {}
+        self._pending: dict[bytes, list[Callable[[bool], None]]] = {}
         self._lock = threading.Lock()
         self._executor = executor
 
@@ -64,9 +65,25 @@ class BasicAuth:
             return self._cache.get(key)
 
     def check(self, credentials: tuple[str, str], done: Callable[[bool], None]) -> None:
-        """Run bcrypt in the auth thread; `done(ok)` is called from that thread."""
+        """Run bcrypt in the auth thread; `done(ok)` is called from that thread. Requests with the same
+        credentials that arrive while it runs wait for that one run: 50 scrapers connecting at once with
+        one password cost one bcrypt, not fifty in a row."""
+        user, password = credentials
+        key = self._key(user, self._hash_of(user), password)
+        with self._lock:
+            waiting = self._pending.get(key)
+            if waiting is not None:
+                waiting.append(done)
+                return
+            self._pending[key] = [done]
         fut = self._executor.submit(self._check_now, credentials)
-        fut.add_done_callback(lambda f: done(_result(f)))
+        fut.add_done_callback(lambda f: self._finish(key, _result(f)))
+
+    def _finish(self, key: bytes, ok: bool) -> None:
+        with self._lock:
+            waiting = self._pending.pop(key, [])
+        for done in waiting:
+            done(ok)
 
     def _hash_of(self, user: str) -> bytes:
         hashed = self._users.get(user)

@@ -16,6 +16,7 @@ import ssl
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from exporter.web.config import CIPHER_SUITES, CURVES, TlsServerConfig, WebConfigError
@@ -154,7 +155,7 @@ def _load_client_cas(ctx: ssl.SSLContext, k: str, tls: TlsServerConfig) -> bool:
 
 
 @contextlib.contextmanager
-def _as_file(inline: str, path: Any) -> Iterator[str]:
+def _as_file(inline: str, path: Path | None) -> Iterator[str]:
     """load_cert_chain reads files only: inline PEM goes through an anonymous memfd (never on disk)."""
     if path is not None:
         yield str(path)
@@ -163,7 +164,9 @@ def _as_file(inline: str, path: Any) -> Iterator[str]:
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("web-config-pem", os.MFD_CLOEXEC)
         try:
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
             yield f"/proc/self/fd/{fd}"
         finally:
             os.close(fd)

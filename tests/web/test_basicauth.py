@@ -125,3 +125,19 @@ def test_basic_auth_over_tls(pki: Pki, serve: list[HttpServer]) -> None:
     conn.request("GET", "/metrics", headers={"Authorization": "Basic " + token})
     r = conn.getresponse()
     assert r.status == 200 and r.read() == BODY
+
+
+def test_scrapers_arriving_together_with_one_password_cost_one_bcrypt(tmp_path: Path, serve: list[HttpServer]) -> None:
+    srv = start(users_config(tmp_path))
+    serve.append(srv)
+    one = statistics.median(timed(srv, "prometheus", f"single{i}") for i in range(5))
+    token = base64.b64encode(b"prometheus:s3cret").decode()
+    conns = [http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30) for _ in range(30)]
+    started = time.perf_counter()
+    for conn in conns:  # all asked before any answer: none of them is cached yet
+        conn.putrequest("GET", "/metrics")
+        conn.putheader("Authorization", "Basic " + token)
+        conn.endheaders()
+    assert all(c.getresponse().status == 200 for c in conns)
+    together = time.perf_counter() - started
+    assert together < 10 * one, (together, one)  # 30 bcrypts in a row would be 30 times one
