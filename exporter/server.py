@@ -14,6 +14,7 @@ lookup and a socket write: no NVML call, no rendering. Every client is bounded (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import socket
 import threading
@@ -462,7 +463,9 @@ class _Connection(asyncio.Protocol):
             assert credentials is not None
 
             def checked(ok: bool) -> None:
-                self._loop.call_soon_threadsafe(self._after_auth, req, ok, extra)
+                # RuntimeError: the server stopped while bcrypt ran, nobody is left to answer.
+                with contextlib.suppress(RuntimeError):
+                    self._loop.call_soon_threadsafe(self._after_auth, req, ok, extra)
 
             web.auth.check(credentials, checked)
             return False
