@@ -53,6 +53,9 @@ def proxy_config(argv: Sequence[str]) -> Config:
             "--upstream-dir is required: the host directory NVIDIA's device plugin has mounted as its "
             "/var/lib/kubelet/device-plugins (the chart uses /var/run/gpu-health-exporter/nvidia-device-plugin)"
         )
+    for flag, path in (("--upstream-dir", str(cfg.upstream_dir)), ("--device-plugin-dir", cfg.device_plugin_dir)):
+        if not os.path.isabs(path):
+            raise ConfigError(f"{flag} {path}: must be an absolute path (the kubelet's and NVIDIA's plugin's are)")
     if os.path.realpath(cfg.upstream_dir) == os.path.realpath(cfg.device_plugin_dir):
         raise ConfigError(
             f"--upstream-dir {cfg.upstream_dir} is the kubelet's own directory (--device-plugin-dir): the proxy "

@@ -82,7 +82,11 @@ class RegistrationServer:
             os.unlink(self.path)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="proxy-reg"))
         pb_grpc.add_RegistrationServicer_to_server(self, server)
-        if not server.add_insecure_port(f"unix://{self.path}"):
+        try:
+            bound = server.add_insecure_port(f"unix://{self.path}")
+        except RuntimeError:  # recent grpcio raises instead of returning 0
+            bound = 0
+        if not bound:
             raise OSError(f"cannot listen on {self.path}")
         server.start()
         self._server = server

@@ -204,7 +204,11 @@ class RelayServer:
         self._executor = futures.ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="proxy-relay")
         server = grpc.server(self._executor, options=[("grpc.max_receive_message_length", _MAX_MESSAGE)])
         server.add_generic_rpc_handlers((self._servicer.handler(),))
-        if not server.add_insecure_port(f"unix://{self.path}"):
+        try:
+            bound = server.add_insecure_port(f"unix://{self.path}")
+        except RuntimeError:  # recent grpcio raises instead of returning 0
+            bound = 0
+        if not bound:
             raise OSError(f"cannot listen on {self.path}")
         server.start()
         self._server = server

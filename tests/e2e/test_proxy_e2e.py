@@ -148,10 +148,17 @@ def test_an_xid_in_the_daemon_reaches_the_kubelet_through_the_proxy(
     assert latency < 1.0
 
 
-def test_the_proxy_without_upstream_dir_exits_2_naming_the_flag(tmp_path: Path) -> None:
-    px = ExporterProcess([], tmp_path, subcommand="device-plugin-proxy")
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [([], "--upstream-dir is required"), (["--upstream-dir", "relative/dir"], "must be an absolute path")],
+    ids=["missing", "relative"],
+)
+def test_the_proxy_without_a_usable_upstream_dir_exits_2_naming_the_flag(
+    tmp_path: Path, args: list[str], words: str
+) -> None:
+    px = ExporterProcess(args, tmp_path, subcommand="device-plugin-proxy")
     assert px.proc.wait(30) == 2
-    assert "--upstream-dir is required" in px.logs() and "Traceback" not in px.logs()
+    assert words in px.logs() and "Traceback" not in px.logs()
 
 
 def test_the_proxy_refuses_the_kubelets_own_directory_as_upstream(tmp_path: Path, kubelet: FakeKubelet) -> None:
