@@ -217,3 +217,41 @@ def test_label_scheme_per_family() -> None:
                     "device",
                 }, f"{name}: on ({clause})"
             assert not re.search(_DCGM_NAMES, " ".join(alert["annotations"].values())), name
+
+
+# RenderContext.device_labels, which Family declarations name as "device labels" (exporter/family.py).
+_DEVICE_LABELS = {"gpu", "uuid", "pci_bus_id", "device", "model_name", "gpu_i_profile", "gpu_i_id", "hostname"}
+
+
+def _declared_labels() -> dict[str, set[str]]:
+    """Every own family the daemon or the proxy serves (exporter.ownmetrics), with its labels."""
+    from exporter.family import DEVICE_LABELS
+    from exporter.ownmetrics import OWN_METRICS, PROXY_METRICS
+
+    out: dict[str, set[str]] = {}
+    for family in (*OWN_METRICS, *PROXY_METRICS):
+        labels: set[str] = set()
+        for part in (p.strip() for p in family.labels_doc.split(",")):
+            labels |= _DEVICE_LABELS if part == DEVICE_LABELS else ({part} if part else set())
+        out[family.name] = labels
+    return out
+
+
+def test_rules_only_use_own_families_the_code_declares() -> None:
+    """A rule on a misspelt or renamed gpuhealth_* family would never fire: each one the rules read is
+    declared with an `exporter.family.Family`, and each label a rule selects or joins on is one the
+    family has (or a target label)."""
+    declared = _declared_labels()
+    known_target = {"job", "instance"}
+    for alert in alerts():
+        name, expr = alert["alert"], alert["expr"]
+        for family, selector in re.findall(r"\b(gpuhealth_\w+)(?:\{([^}]*)\})?", expr):
+            assert family in declared, f"{name}: {family} is not an own family (exporter/ownmetrics.py)"
+            for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector):
+                assert label in declared[family] | known_target, f"{name}: {family} has no label {label!r}"
+        families = set(re.findall(r"\b(gpuhealth_\w+)", expr))
+        if families and not re.search(r"\bDCGM_", expr):
+            have = set.union(*(declared[f] for f in families)) | known_target
+            for clause in re.findall(r"\b(?:on|by|without|ignoring)\s*\(([^)]*)\)", expr):
+                for label in filter(None, (s.strip() for s in clause.split(","))):
+                    assert label in have, f"{name}: joins or groups on {label!r}, which no family it reads has"
