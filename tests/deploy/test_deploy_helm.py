@@ -403,6 +403,14 @@ def test_values_cover_every_feature() -> None:
         "devicePlugin.replicas",
         "devicePlugin.migStrategy",
         "health.nodeStatus",
+        "devicePluginProxy.enabled",
+        "devicePluginProxy.upstreamDir",
+        "devicePluginProxy.port",
+        "scheduler.draDeviceTaints.effect",
+        "scheduler.draDeviceTaints.admissionPolicy.enabled",
+        "scheduler.draDeviceTaints.admissionPolicy.requireNodePool",
+        "scheduler.nodeTaint",
+        "scheduler.podEvents",
         "serviceMonitor.enabled",
         "prometheusRule.enabled",
         "prometheusRule.thresholds",
@@ -422,6 +430,10 @@ def test_values_cover_every_feature() -> None:
     for feature in ["podMapping", "devicePlugin", "serviceMonitor", "prometheusRule", "dashboards"]:
         assert full[feature]["enabled"] is True, feature
     assert full["health"]["nodeStatus"] is True
+    # The scheduler features on; the proxy is the alternative to devicePlugin, not an addition.
+    assert full["scheduler"]["draDeviceTaints"]["effect"] and full["scheduler"]["nodeTaint"]
+    assert full["scheduler"]["podEvents"] is True
+    assert "devicePluginProxy" not in full
 
 
 # --- NVIDIA GPU Operator integration ---
