@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from helm_python.errors import HelmRenderError
 
-from tests.deploy.deploy_common import by_kind, render_chart
+from tests.deploy.deploy_common import ROOT, by_kind, render_chart
 from tests.deploy.k8s_objects import container, daemonset, pod_spec, rbac_rules, validate
 
 TAINTS: dict[str, Any] = {"scheduler": {"draDeviceTaints": {"effect": "NoSchedule"}}}
@@ -213,3 +213,29 @@ def test_bad_node_taint_fails_the_render(taint: str) -> None:
 
     with pytest.raises(ConfigError):
         parse_config([f"--health-node-taint={taint}"], environ={})
+
+
+def _documented_calls() -> dict[str, set[str]]:
+    """resource -> verbs, from the RBAC table of docs/scheduling.md ("what the code calls, exactly")."""
+    text = (ROOT / "docs/scheduling.md").read_text()
+    section = text.split("\n## RBAC\n", 1)[1].split("\n#", 1)[0]
+    out: dict[str, set[str]] = {}
+    for row in section.splitlines():
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        if len(cells) < 3 or not cells[1].startswith("`"):
+            continue
+        resource = re.findall(r"`([^`]+)`", cells[1])[0]
+        out[resource] = set(re.findall(r"`([^`]+)`", cells[2]))
+    return out
+
+
+def test_chart_grants_exactly_the_calls_the_code_documents() -> None:
+    documented = _documented_calls()
+    assert {"devicetaintrules", "resourceslices", "nodes", "events"} <= set(documented), documented
+    values = {"scheduler": {"draDeviceTaints": {"effect": "NoSchedule"}, "nodeTaint": NODE_TAINT, "podEvents": True}}
+    granted: dict[str, set[str]] = {}
+    for _, resources, verbs in grants(values):
+        for resource in resources:
+            granted.setdefault(resource, set()).update(verbs)
+    assert granted == {r: documented[r] for r in granted}, (granted, documented)
+    assert set(granted) == {"devicetaintrules", "resourceslices", "nodes", "events"}
