@@ -446,7 +446,9 @@ def bench_scrape_tls(seconds: int) -> None:
     )
     try:
         auth = "Authorization: Basic " + base64.b64encode(b"prometheus:bench").decode()
-        rps, p50, p99 = wrk(f"https://127.0.0.1:{exp.port}/metrics", 50, seconds, [auth])
+        url = f"https://127.0.0.1:{exp.port}/metrics"
+        wrk(url, 50, 1, [auth])  # the password's one bcrypt, before the measured run
+        rps, p50, p99 = wrk(url, 50, seconds, [auth])
         report("scrape", "50 clients TLS 1.3 + basic auth: ours p50 / p99 (ms)", f"{p50:.2f} / {p99:.2f}")
         report("scrape", "50 clients TLS 1.3 + basic auth: ours throughput (req/s)", f"{rps:.0f}")
     finally:

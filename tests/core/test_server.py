@@ -409,3 +409,11 @@ def test_http_1_0_keep_alive_is_echoed_and_kept() -> None:
             assert b"Connection: keep-alive\r\n" in data
         s.sendall(b"GET /health HTTP/1.0\r\n\r\n")  # without it: closed after the answer
         assert b"Connection: close\r\n" in closed_within(s, 3)
+
+
+def test_max_header_bytes_is_the_setting_not_a_constant() -> None:
+    with serving(max_header_bytes=2048) as srv:
+        head = b"GET /health HTTP/1.1\r\nX-Pad: " + b"a" * 2100 + b"\r\nConnection: close\r\n\r\n"
+        assert raw(srv, head).startswith(b"HTTP/1.1 431 ")
+        head = b"GET /health HTTP/1.1\r\nX-Pad: " + b"a" * 1900 + b"\r\nConnection: close\r\n\r\n"
+        assert raw(srv, head).startswith(b"HTTP/1.1 200 ")
