@@ -435,7 +435,7 @@ class _Connection(asyncio.Protocol):
 
     # --- answering ---
     def _serve(self, req: Request) -> None:
-        web = self._server.web
+        web = self._server.web_for_request()
         extra = web.headers if web is not None else ()
         if req.method not in ("GET", "HEAD"):
             allow = (("Allow", "GET, HEAD"),)
@@ -567,6 +567,7 @@ class HttpServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._heads: dict[bytes, Request] = {}
         self.web: ActiveWeb | None = self.settings.web.active if self.settings.web is not None else None
+        self._web_checked = 0.0
 
     @classmethod
     def for_config(cls, cfg: Config, routes: Routes) -> HttpServer:
@@ -576,7 +577,19 @@ class HttpServer:
     def web_refresh(self) -> ActiveWeb | None:
         """The web configuration for a new connection, re-read if its files changed."""
         if self.settings.web is not None:
+            self._web_checked = self.loop.time()
             self.web = self.settings.web.refresh()
+        return self.web
+
+    def web_for_request(self) -> ActiveWeb | None:
+        """The web configuration for a request on an open connection: users and headers changed in the
+        file apply to keep-alive connections too (exporter-toolkit reads them per request), looked at
+        at most once a second."""
+        if self.settings.web is not None:
+            now = self.loop.time()
+            if now - self._web_checked >= 1.0:
+                self._web_checked = now
+                self.web = self.settings.web.refresh()
         return self.web
 
     def parse(self, head: bytes) -> Request:
