@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import gzip
 import os
-import signal
-import sys
 import threading
 import time
 from collections.abc import Sequence
-from types import FrameType
 
 import structlog
 
 from exporter.backend import Backend, BackendError
-from exporter.config import Config, ConfigError, parse_config
+from exporter.config import Config, parse_config
 from exporter.deviceplugin.manager import DevicePluginManager
 from exporter.deviceplugin.settings import plugin_config
 from exporter.health.stream import VerdictStream
@@ -39,22 +36,13 @@ from exporter.model import Inventory
 from exporter.render import CONTENT_TYPE as CONTENT_TYPE
 from exporter.render import Exposition
 from exporter.server import HttpServer, Routes
+from exporter.sidecar import run_sidecar, with_default_address
 
 log = structlog.get_logger("exporter.deviceplugin.process")
 
 DEFAULT_ADDRESS = ":9402"  # the exporter's is :9400; both containers share the pod's network
 DISCOVER_EVERY_S = 30.0  # and at once when the daemon streams a device we have not discovered
 RENDER_EVERY_S = 2.0
-EXIT_USAGE, EXIT_STARTUP = 2, 1
-
-
-def _with_default_address(argv: Sequence[str]) -> list[str]:
-    """The plugin's own port unless -a/--address (or its environment variable) says otherwise."""
-    args = list(argv)
-    given = any(a in ("-a", "--address") or a.startswith(("--address=", "-a=")) for a in args)
-    if given or os.environ.get("GPU_HEALTH_EXPORTER_ADDRESS"):
-        return args
-    return ["--address", DEFAULT_ADDRESS, *args]
 
 
 class PluginProcess:
@@ -179,29 +167,9 @@ def run(argv: Sequence[str]) -> int:
     from exporter.app import make_backend
     from exporter.logs import configure_logging
 
-    try:
-        cfg = parse_config(_with_default_address(argv))
+    def build() -> PluginProcess:
+        cfg = parse_config(with_default_address(argv, DEFAULT_ADDRESS))
         configure_logging(cfg.log_format, cfg.log_level)
-        process = PluginProcess(cfg, make_backend(cfg))
-    except ConfigError as exc:
-        print(f"gpu-health-exporter device-plugin: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    stop = threading.Event()
+        return PluginProcess(cfg, make_backend(cfg))
 
-    def _terminate(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal", signal=signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, _terminate)
-    try:
-        process.start()
-    except (BackendError, OSError) as exc:
-        log.error("startup_failed", error=str(exc))
-        print(f"gpu-health-exporter device-plugin: {exc}", file=sys.stderr)
-        process.stop()
-        return EXIT_STARTUP
-    while not stop.wait(1.0):
-        pass
-    process.stop()
-    return 0
+    return run_sidecar("gpu-health-exporter device-plugin", build, (BackendError, OSError))

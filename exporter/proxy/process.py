@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import gzip
 import os
-import signal
-import sys
 import threading
 import time
 from collections.abc import Sequence
-from types import FrameType
 
 import structlog
 
@@ -31,23 +28,19 @@ from exporter.proxy.ids import DeviceIds
 from exporter.proxy.proxy import DevicePluginProxy
 from exporter.render import Exposition
 from exporter.server import HttpServer, Routes
+from exporter.sidecar import run_sidecar, with_default_address
 
 log = structlog.get_logger("exporter.proxy.process")
 
 DEFAULT_ADDRESS = ":9403"  # the exporter's is :9400, our device plugin's :9402
 DISCOVER_EVERY_S = 30.0  # and at once when the upstream lists an ID the inventory cannot place
 RENDER_EVERY_S = 2.0
-EXIT_USAGE, EXIT_STARTUP = 2, 1
 NAME = "gpu-health-exporter device-plugin-proxy"
 
 
 def proxy_config(argv: Sequence[str]) -> Config:
     """The flags, checked for the proxy: --upstream-dir is required and is not the kubelet's directory."""
-    args = list(argv)
-    given = any(a in ("-a", "--address") or a.startswith(("--address=", "-a=")) for a in args)
-    if not given and not os.environ.get("GPU_HEALTH_EXPORTER_ADDRESS"):
-        args = ["--address", DEFAULT_ADDRESS, *args]
-    cfg = parse_config(args)
+    cfg = parse_config(with_default_address(argv, DEFAULT_ADDRESS))
     if cfg.upstream_dir is None:
         raise ConfigError(
             "--upstream-dir is required: the host directory NVIDIA's device plugin has mounted as its "
@@ -82,8 +75,8 @@ class ProxyProcess:
         self._rediscover = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.server = HttpServer(
-            *cfg.address, Routes(exposition=lambda: self._exposition, health=self.liveness, ready=self.readiness)
+        self.server = HttpServer.for_config(  # ConfigError (exit 2) for a bad --web-config-file
+            cfg, Routes(exposition=lambda: self._exposition, health=self.liveness, ready=self.readiness)
         )
 
     # --- inventory ---
@@ -182,29 +175,9 @@ def run(argv: Sequence[str]) -> int:
     from exporter.app import make_backend
     from exporter.logs import configure_logging
 
-    try:
+    def build() -> ProxyProcess:
         cfg = proxy_config(argv)
         configure_logging(cfg.log_format, cfg.log_level)
-        process = ProxyProcess(cfg, make_backend(cfg))
-    except ConfigError as exc:
-        print(f"{NAME}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    stop = threading.Event()
+        return ProxyProcess(cfg, make_backend(cfg))
 
-    def _terminate(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal", signal=signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, _terminate)
-    try:
-        process.start()
-    except OSError as exc:  # a port or a directory we cannot use
-        log.error("startup_failed", error=str(exc))
-        print(f"{NAME}: {exc}", file=sys.stderr)
-        process.stop()
-        return EXIT_STARTUP
-    while not stop.wait(1.0):
-        pass
-    process.stop()
-    return 0
+    return run_sidecar(NAME, build)  # OSError at start: a port or a directory we cannot use
