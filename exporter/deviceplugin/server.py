@@ -14,12 +14,9 @@ for every health change, for no benefit at one stream per resource.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from typing import Any
 
 import grpc
@@ -41,6 +38,7 @@ from exporter.deviceplugin.api.v1beta1 import deviceplugin_pb2_grpc as pb_grpc
 from exporter.deviceplugin.config import DevicePluginConfig
 from exporter.deviceplugin.placement import EMPTY, Topology
 from exporter.deviceplugin.rm import HEALTHY, UNHEALTHY, ResourceDevices, preferred_allocation
+from exporter.deviceplugin.unixgrpc import UnixSocketServer
 from exporter.model import Inventory
 
 log = structlog.get_logger(__name__)
@@ -289,51 +287,21 @@ class PluginServer:
         self.path = path
         self._state = state
         self._servicer = DevicePluginServicer(state, config, inventory)
-        self._server: Any = None
-        self._executor: futures.ThreadPoolExecutor | None = None
-        self._inode: tuple[int, int] | None = None
+        self._grpc = UnixSocketServer(
+            path,
+            lambda server: pb_grpc.add_DevicePluginServicer_to_server(self._servicer, server),
+            workers=_WORKERS,
+            thread_prefix="dp-grpc",
+            max_message=_MAX_MESSAGE,
+        )
 
     def start(self) -> None:
-        _remove_socket(self.path)
-        # Kept so stop() can shut it down: grpc's server.stop() leaves the executor's threads alive, and
-        # every kubelet restart creates a new server generation.
-        self._executor = futures.ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="dp-grpc")
-        server = grpc.server(self._executor, options=[("grpc.max_receive_message_length", _MAX_MESSAGE)])
-        pb_grpc.add_DevicePluginServicer_to_server(self._servicer, server)
-        if not server.add_insecure_port(f"unix://{self.path}"):
-            raise RuntimeError(f"cannot listen on {self.path}")
-        server.start()
-        self._server = server
-        st = os.stat(self.path)
-        self._inode = (st.st_dev, st.st_ino)
+        self._grpc.start()
 
     def socket_ok(self) -> bool:
         """True while serving and our listener's socket file is still the one in the directory."""
-        return self._server is not None and self._file_is_ours()
-
-    def _file_is_ours(self) -> bool:
-        if self._inode is None:
-            return False
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return False
-        return (st.st_dev, st.st_ino) == self._inode
+        return self._grpc.socket_ok()
 
     def stop(self) -> None:
         self._servicer.close()
-        server, self._server = self._server, None
-        if server is not None:
-            server.stop(grace=None).wait(5)
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
-        # Only remove the file if it is still ours: after a kubelet restart it is already gone.
-        if self._file_is_ours():
-            _remove_socket(self.path)
-        self._inode = None
-
-
-def _remove_socket(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+        self._grpc.stop()

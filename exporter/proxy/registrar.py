@@ -11,10 +11,8 @@ proxy does that when it starts and when the real kubelet restarts.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable
-from concurrent import futures
 from typing import Any
 
 import grpc
@@ -24,6 +22,7 @@ from exporter.deviceplugin.api.v1beta1 import deviceplugin_pb2 as pb
 from exporter.deviceplugin.api.v1beta1 import deviceplugin_pb2_grpc as pb_grpc
 from exporter.deviceplugin.config import MAX_SOCKET_PATH, validate_resource_name
 from exporter.deviceplugin.registration import API_VERSION, KUBELET_SOCKET
+from exporter.deviceplugin.unixgrpc import UnixSocketServer
 
 log = structlog.get_logger(__name__)
 
@@ -58,8 +57,7 @@ class RegistrationServer:
         self.path = os.path.join(upstream_dir, KUBELET_SOCKET)
         self._real_dir = real_dir
         self._on_register = on_register
-        self._server: Any = None
-        self._inode: tuple[int, int] | None = None
+        self._grpc: UnixSocketServer | None = None
         self.registrations = 0
         self.refused = 0
 
@@ -78,40 +76,21 @@ class RegistrationServer:
         """Serve on a newly created kubelet.sock (the old listener and file go first)."""
         self.stop()
         os.makedirs(self.upstream_dir, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="proxy-reg"))
-        pb_grpc.add_RegistrationServicer_to_server(self, server)
-        try:
-            bound = server.add_insecure_port(f"unix://{self.path}")
-        except RuntimeError:  # recent grpcio raises instead of returning 0
-            bound = 0
-        if not bound:
-            raise OSError(f"cannot listen on {self.path}")
+        server = UnixSocketServer(
+            self.path,
+            lambda grpc_server: pb_grpc.add_RegistrationServicer_to_server(self, grpc_server),
+            workers=4,
+            thread_prefix="proxy-reg",
+        )
         server.start()
-        self._server = server
-        st = os.stat(self.path)
-        self._inode = (st.st_dev, st.st_ino)
+        self._grpc = server
         log.info("registration socket created", path=self.path)
 
     def socket_ok(self) -> bool:
         """Serving, and the kubelet.sock in the directory is still our listener's."""
-        return self._server is not None and self._file_is_ours()
-
-    def _file_is_ours(self) -> bool:
-        if self._inode is None:
-            return False
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return False
-        return (st.st_dev, st.st_ino) == self._inode
+        return self._grpc is not None and self._grpc.socket_ok()
 
     def stop(self) -> None:
-        server, self._server = self._server, None
+        server, self._grpc = self._grpc, None
         if server is not None:
-            server.stop(grace=None).wait(5)
-        if self._file_is_ours():  # a file someone else created since is left alone
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-        self._inode = None
+            server.stop()

@@ -14,18 +14,16 @@ A sync grpc.server, as exporter/deviceplugin/server.py explains: one long-lived 
 
 from __future__ import annotations
 
-import contextlib
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from typing import Any
 
 import grpc
 import structlog
 
 from exporter.deviceplugin.api.v1beta1 import deviceplugin_pb2 as pb
+from exporter.deviceplugin.unixgrpc import UnixSocketServer
 from exporter.proxy.forwarded import ForwardedList
 from exporter.proxy.upstream import UNARY_RPCS, Upstream, UpstreamUnavailable
 
@@ -194,49 +192,21 @@ class RelayServer:
     def __init__(self, path: str, servicer: RelayServicer) -> None:
         self.path = path
         self._servicer = servicer
-        self._server: Any = None
-        self._executor: futures.ThreadPoolExecutor | None = None
-        self._inode: tuple[int, int] | None = None
+        self._grpc = UnixSocketServer(
+            path,
+            lambda server: server.add_generic_rpc_handlers((self._servicer.handler(),)),
+            workers=_WORKERS,
+            thread_prefix="proxy-relay",
+            max_message=_MAX_MESSAGE,
+        )
 
     def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        self._executor = futures.ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="proxy-relay")
-        server = grpc.server(self._executor, options=[("grpc.max_receive_message_length", _MAX_MESSAGE)])
-        server.add_generic_rpc_handlers((self._servicer.handler(),))
-        try:
-            bound = server.add_insecure_port(f"unix://{self.path}")
-        except RuntimeError:  # recent grpcio raises instead of returning 0
-            bound = 0
-        if not bound:
-            raise OSError(f"cannot listen on {self.path}")
-        server.start()
-        self._server = server
-        st = os.stat(self.path)
-        self._inode = (st.st_dev, st.st_ino)
+        self._grpc.start()
 
     def socket_ok(self) -> bool:
-        return self._server is not None and self._file_is_ours()
-
-    def _file_is_ours(self) -> bool:
-        if self._inode is None:
-            return False
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return False
-        return (st.st_dev, st.st_ino) == self._inode
+        return self._grpc.socket_ok()
 
     def stop(self) -> None:
         # The streams end with an OK status first, as a plugin's own stop ends them.
         self._servicer.close(_STOP_GRACE_S)
-        server, self._server = self._server, None
-        if server is not None:
-            server.stop(grace=_STOP_GRACE_S).wait(5)
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
-        if self._file_is_ours():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-        self._inode = None
+        self._grpc.stop(_STOP_GRACE_S)
