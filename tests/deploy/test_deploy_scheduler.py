@@ -31,11 +31,18 @@ def grants(values: dict[str, Any]) -> set[tuple[tuple[str, ...], tuple[str, ...]
     return {(tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r["verbs"])) for r in rbac_rules(render_chart(values))}
 
 
-def policy(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def policy(values: dict[str, Any], suffix: str = "-device-taint-rules") -> tuple[dict[str, Any], dict[str, Any]]:
+    """The admission policy named <fullname><suffix> and its binding."""
     rendered = render_chart(values)
-    (vap,) = by_kind(rendered, "ValidatingAdmissionPolicy")
-    (binding,) = by_kind(rendered, "ValidatingAdmissionPolicyBinding")
+    (vap,) = [d for d in by_kind(rendered, "ValidatingAdmissionPolicy") if d["metadata"]["name"].endswith(suffix)]
+    (binding,) = [
+        d for d in by_kind(rendered, "ValidatingAdmissionPolicyBinding") if d["metadata"]["name"].endswith(suffix)
+    ]
     return vap, binding
+
+
+def policy_names(values: dict[str, Any]) -> list[str]:
+    return sorted(d["metadata"]["name"] for d in by_kind(render_chart(values), "ValidatingAdmissionPolicy"))
 
 
 def test_off_by_default_no_flags_no_grants_no_policy() -> None:
@@ -61,7 +68,7 @@ def test_node_taint() -> None:
     values = {"scheduler": {"nodeTaint": NODE_TAINT}}
     assert f"--health-node-taint={NODE_TAINT}" in args(values)
     assert grants(values) == {(("",), ("nodes",), ("get", "patch"))}
-    assert not by_kind(render_chart(values), "ValidatingAdmissionPolicy")
+    assert policy_names(values) == ["gpu-health-exporter-own-node"]
 
 
 def test_pod_events() -> None:
@@ -181,7 +188,38 @@ def test_policy_can_be_turned_off_and_is_absent_without_dra_taints() -> None:
     assert not by_kind(rendered, "ValidatingAdmissionPolicy")
     assert not by_kind(rendered, "ValidatingAdmissionPolicyBinding")
     for other in ({"scheduler": {"nodeTaint": NODE_TAINT, "podEvents": True}}, {"health": {"nodeStatus": True}}):
-        assert not by_kind(render_chart(other), "ValidatingAdmissionPolicy")
+        assert policy_names(other) == ["gpu-health-exporter-own-node"]
+    assert policy_names({"scheduler": {"podEvents": True}}) == []
+
+
+# --- the own-Node admission policy (node taint, node status) ---
+
+
+@pytest.mark.parametrize("values", [{"scheduler": {"nodeTaint": NODE_TAINT}}, {"health": {"nodeStatus": True}}])
+def test_own_node_policy_keeps_node_writes_to_the_tokens_node(values: dict[str, Any]) -> None:
+    vap, binding = policy(values, "-own-node")
+    validate(vap)
+    validate(binding)
+    spec = vap["spec"]
+    assert spec["failurePolicy"] == "Fail"
+    (rule,) = spec["matchConstraints"]["resourceRules"]
+    # patch_node and patch_node_status are admitted as UPDATE of nodes and nodes/status.
+    assert rule["operations"] == ["UPDATE"] and rule["resources"] == ["nodes", "nodes/status"]
+    assert rule["apiGroups"] == [""]
+    (cond,) = spec["matchConditions"]
+    assert cond["expression"].endswith("'system:serviceaccount:gpu-health-exporter:gpu-health-exporter'")
+    (node,) = spec["variables"]
+    assert node["name"] == "node" and NODE_NAME_EXTRA in node["expression"]
+    (check,) = spec["validations"]
+    assert check["expression"] == "variables.node != '' && request.name == variables.node"
+    assert "\n" not in check["messageExpression"]
+    assert binding["spec"] == {"policyName": vap["metadata"]["name"], "validationActions": ["Deny"]}
+
+
+def test_own_node_policy_can_be_turned_off() -> None:
+    values = {"scheduler": {"nodeTaint": NODE_TAINT, "nodeAdmissionPolicy": {"enabled": False}}}
+    assert policy_names(values) == []
+    assert policy_names({**values, "health": {"nodeStatus": True}}) == []
 
 
 @pytest.mark.parametrize(

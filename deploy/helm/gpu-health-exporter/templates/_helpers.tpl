@@ -120,3 +120,9 @@ app.kubernetes.io/part-of: gpu-health-exporter
 {{- else if .Values.gpuOperator.enabled }}{{ .Values.gpuOperator.runtimeClassName }}
 {{- end }}
 {{- end }}
+
+{{/* "true" when the own-Node admission policy is rendered: a feature writes the Node (the taint, the
+     node status condition) and scheduler.nodeAdmissionPolicy.enabled. */}}
+{{- define "gpu-health-exporter.ownNodePolicy" -}}
+{{- if and .Values.scheduler.nodeAdmissionPolicy.enabled (or .Values.scheduler.nodeTaint .Values.health.nodeStatus) }}true{{ end }}
+{{- end }}
