@@ -113,8 +113,12 @@ def test_a_hundred_clients_at_once_are_all_answered(tmp_path: Path) -> None:
     import threading
     import time
 
+    def slow_answer(req: dict[str, object], peer: object) -> dict[str, object]:
+        time.sleep(0.005)  # a handler that takes a moment, so connections queue up behind it
+        return {"ok": True, "op": req["op"]}
+
     path = tmp_path / "c.sock"
-    server = ControlServer(path, lambda req, peer: (time.sleep(0.005), {"ok": True, "op": req["op"]})[1])
+    server = ControlServer(path, slow_answer)
     server.start()
     clients = 100
     start = threading.Barrier(clients)

@@ -78,9 +78,9 @@ def test_unknown_op(op: object) -> None:
 def test_the_handler_asks_to_retry_until_ready() -> None:
     ready = False
     handle = control.handler(Fake(), lambda: ready)
-    assert handle({"op": "list"}) == {"ok": False, "error": control.NOT_LOADED}
+    assert handle({"op": "list"}, None) == {"ok": False, "error": control.NOT_LOADED}
     ready = True
-    assert handle({"op": "list"})["ok"] is True
+    assert handle({"op": "list"}, None)["ok"] is True
 
 
 def test_an_engine_answers_through_respond(make_engine: EngineFactory) -> None:
