@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exporter.boundedread import read_regular_file
 from exporter.flags import ConfigError
 
 
@@ -22,6 +23,8 @@ class WebConfigError(ConfigError):
     """A web configuration file that exporter-toolkit would refuse, or a file it names that cannot be read."""
 
 
+# The web config and each certificate, key or CA file it names: a few KiB each; what a hostile one may cost.
+MAX_FILE_BYTES = 1 << 20
 TLS_VERSIONS = ("TLS10", "TLS11", "TLS12", "TLS13")
 CLIENT_AUTH_TYPES = (
     "NoClientCert",
@@ -122,7 +125,9 @@ def load_web_config(path: Path) -> WebConfig:
     """Read and check `path`; WebConfigError names the file and the key. Certificates are checked by
     exporter.web.tls when the context is built."""
     try:
-        text = path.read_text(encoding="utf-8")
+        # Bounded and regular files only: it is re-read for new connections, and a FIFO put there
+        # must not hang the server.
+        text = read_regular_file(path, MAX_FILE_BYTES).decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise WebConfigError(f"--web-config-file {path}: cannot read: {exc}") from None
     doc = _parse_yaml(path, text)

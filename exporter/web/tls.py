@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exporter.web.config import CIPHER_SUITES, CURVES, TlsServerConfig, WebConfigError
+from exporter.boundedread import read_regular_file
+from exporter.web.config import CIPHER_SUITES, CURVES, MAX_FILE_BYTES, TlsServerConfig, WebConfigError
+
+MAX_PEM_BYTES = MAX_FILE_BYTES
 
 _VERSIONS = {
     "TLS10": ssl.TLSVersion.TLSv1,
@@ -122,45 +125,46 @@ def build_tls(where: str, tls: TlsServerConfig, probes_without_cert: bool) -> Tl
     return TlsSetup(ctx, ClientCertRule(required, tls.client_allowed_sans), tuple(notes))
 
 
+def _pem_text(k: str, name: str, inline: str, path: Path | None) -> str:
+    """The PEM text of `name`: inline, or read from its file (bounded, regular files only: a FIFO there
+    must not hang the server, which re-reads the configuration for new connections)."""
+    if path is None:
+        return inline
+    try:
+        return read_regular_file(path, MAX_PEM_BYTES).decode("utf-8")
+    except OSError as exc:
+        raise WebConfigError(f"{k}{name}: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise WebConfigError(f"{k}{name}: {path} is not PEM text") from None
+
+
 def _load_cert_chain(ctx: ssl.SSLContext, k: str, tls: TlsServerConfig) -> None:
-    for name, path in (("cert_file", tls.cert_file), ("key_file", tls.key_file)):
-        if path is not None:
-            try:
-                with open(path, "rb"):
-                    pass
-            except OSError as exc:
-                raise WebConfigError(f"{k}{name}: cannot read {path}: {exc.strerror or exc}") from None
-    with _as_file(tls.cert, tls.cert_file) as cert, _as_file(tls.key, tls.key_file) as key:
+    cert = _pem_text(k, "cert_file", tls.cert, tls.cert_file)
+    key = _pem_text(k, "key_file", tls.key, tls.key_file)
+    with _as_file(cert) as cert_path, _as_file(key) as key_path:
         try:
-            ctx.load_cert_chain(cert, key)
+            ctx.load_cert_chain(cert_path, key_path)
         except (ssl.SSLError, OSError) as exc:
             what = f"{tls.cert_file or 'cert'} / {tls.key_file or 'key'}"
             raise WebConfigError(f"{k}cert_file: failed to load the certificate and key ({what}): {exc}") from None
 
 
 def _load_client_cas(ctx: ssl.SSLContext, k: str, tls: TlsServerConfig) -> bool:
+    if tls.client_ca_file is None and not tls.client_ca:
+        return False
+    cas = _pem_text(k, "client_ca_file", tls.client_ca, tls.client_ca_file)
     try:
-        if tls.client_ca_file is not None:
-            ctx.load_verify_locations(cafile=str(tls.client_ca_file))
-            return True
-        if tls.client_ca:
-            ctx.load_verify_locations(cadata=tls.client_ca)
-            return True
-    except FileNotFoundError as exc:
-        raise WebConfigError(f"{k}client_ca_file: cannot read {tls.client_ca_file}: {exc.strerror}") from None
+        ctx.load_verify_locations(cadata=cas)
     except (ssl.SSLError, OSError, ValueError) as exc:
         where = f"client_ca_file ({tls.client_ca_file})" if tls.client_ca_file else "client_ca"
         raise WebConfigError(f"{k}{where}: no usable CA certificate: {exc}") from None
-    return False
+    return True
 
 
 @contextlib.contextmanager
-def _as_file(inline: str, path: Path | None) -> Iterator[str]:
-    """load_cert_chain reads files only: inline PEM goes through an anonymous memfd (never on disk)."""
-    if path is not None:
-        yield str(path)
-        return
-    data = inline.encode()
+def _as_file(pem: str) -> Iterator[str]:
+    """load_cert_chain reads files only: the PEM goes through an anonymous memfd (never on disk)."""
+    data = pem.encode()
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("web-config-pem", os.MFD_CLOEXEC)
         try:

@@ -3,6 +3,7 @@ with the file and the key (or the path) named."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,15 @@ def test_unreadable_or_wrong_certificates_name_the_key_and_path(pki: Pki, tls: s
 def test_a_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(WebConfigError, match=r"nowhere\.yml: cannot read"):
         load_web_config(tmp_path / "nowhere.yml")
+
+
+def test_a_fifo_in_place_of_the_config_or_a_certificate_is_refused_not_waited_on(pki: Pki) -> None:
+    """The file is re-read for new connections: a FIFO put there must not hang the server's loop."""
+    fifo = pki.dir / "config.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(WebConfigError, match=r"config\.fifo: cannot read: not a regular file \(a FIFO\)"):
+        load_web_config(fifo)
+    os.mkfifo(pki.dir / "cert.fifo")
+    path = write(pki.dir, "tls_server_config:\n  cert_file: cert.fifo\n  key_file: server.key\n")
+    with pytest.raises(WebConfigError, match=r"cert_file: cannot read .*cert\.fifo: not a regular file \(a FIFO\)"):
+        WebConfigSource(path, False)
