@@ -442,7 +442,7 @@ class _Connection(asyncio.Protocol):
             self._send(build_response(text_response(405, "only GET and HEAD", allow), False, "close", extra), True)
             return
         if web is not None:
-            if web.limiter is not None and not web.limiter.allow():
+            if web.limiter is not None and not web.limiter.take():
                 self._reply(req, text_response(429, "too many requests"), extra)
                 return
             if not (self._settings.unauthenticated_probes and req.path in PROBE_PATHS):

@@ -91,6 +91,10 @@ class FakeApiServer:
         self._objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {PODS: {}, SLICES: {}, RULES: {}}
         self._faults: list[list[Any]] = []  # [method, path part, code, count left (None: forever)]
         self.delay_s = 0.0
+        # Cleared: every request is recorded, then its reply waits until it is set again (a server that
+        # has stopped answering, without a clock in the test).
+        self.replying = threading.Event()
+        self.replying.set()
         self.node_write_hook: Callable[[str], None] | None = None
         self._watchers: list[tuple[str, str | None, queue.Queue[dict[str, Any] | None]]] = []
         # (resourceVersion, kind, event): watches replay what happened after the version they ask for.
@@ -448,6 +452,7 @@ class FakeApiServer:
         node = _node_from_selector(query.get("fieldSelector", ""))
         if self.delay_s:
             time.sleep(self.delay_s)  # a slow server: every reply this late
+        self.replying.wait()
         injected = self._injected(method, parsed.path)
         if injected is not None:
             self._send(h, injected, _status(injected, "Injected", f"injected {injected} for {method} {parsed.path}"))

@@ -27,6 +27,7 @@ from exporter.health.expose import top_action
 from exporter.health.verdict import HealthState, Reason
 from exporter.labels import RenderContext, format_labels
 from exporter.scheduling.faults import POD_EVENT, ApiFaults, status_of
+from exporter.tokenbucket import TokenBucket
 
 log = structlog.get_logger("exporter.scheduling")
 
@@ -53,26 +54,6 @@ class PodHolders(Protocol):
     """Who holds a device (exporter.pods.mapper.PodMapper.holders)."""
 
     def holders(self, uuid: str) -> tuple[Any, ...]: ...
-
-
-class TokenBucket:
-    """`rate_per_s` tokens a second, at most `burst` saved up."""
-
-    def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate = rate_per_s
-        self.burst = float(burst)
-        self._tokens = float(burst)
-        self._clock = clock
-        self._at = clock()
-
-    def take(self) -> bool:
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
-        self._at = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
 
 
 @dataclass

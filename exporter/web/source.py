@@ -16,9 +16,9 @@ from pathlib import Path
 
 import structlog
 
+from exporter.tokenbucket import TokenBucket
 from exporter.web.basicauth import BasicAuth
 from exporter.web.config import WebConfig, WebConfigError, load_web_config
-from exporter.web.ratelimit import RateLimiter
 from exporter.web.tls import ClientCertRule, build_tls
 
 log = structlog.get_logger("exporter.web")
@@ -34,7 +34,7 @@ class ActiveWeb:
     ssl_context: ssl.SSLContext | None
     cert_rule: ClientCertRule
     auth: BasicAuth
-    limiter: RateLimiter | None
+    limiter: TokenBucket | None
     headers: tuple[tuple[str, str], ...]
 
 
@@ -83,7 +83,7 @@ class WebConfigSource:
         self._notes = notes
         limiter = None
         if config.rate_limit.interval_s > 0:
-            limiter = RateLimiter(config.rate_limit.interval_s, config.rate_limit.burst)
+            limiter = TokenBucket(1.0 / config.rate_limit.interval_s, config.rate_limit.burst)
         return ActiveWeb(config, context, rule, BasicAuth(config.users, self._executor), limiter, config.headers)
 
     def refresh(self) -> ActiveWeb:

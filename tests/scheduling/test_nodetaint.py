@@ -128,8 +128,9 @@ def test_a_concurrent_change_to_other_taints_is_never_lost(
     engine.on_events([xid(79, GPU0)])
     assert wait_for(lambda: len(ours_on(server)) == 1)
     assert THEIRS in server.node_taints(NODE) and someone in server.node_taints(NODE)
+    # The server has the taint a moment before our client has read the reply: wait for the client too.
+    assert wait_for(lambda: rec.applied is True)
     assert writes == [NODE] and faults.errors(NODE_TAINT) == 1  # the 409, then a fresh read and patch
-    assert rec.applied is True
 
 
 def test_forbidden_is_counted_and_retried_and_never_touches_verdicts(
