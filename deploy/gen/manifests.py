@@ -14,8 +14,9 @@ PLAIN_HEADER = """\
 # values in PLAIN_VALUES there: do not edit; change the chart and re-run the generator.
 # Profile: metrics + pod attribution + health + device plugin (its own container; replaces NVIDIA's
 # k8s-device-plugin: remove it first) + node status (with the admission policy that keeps each node's
-# exporter to its own Node; Kubernetes >= 1.30); no GPU Operator integration (gpuOperator.enabled in
-# the chart). Apply with `kubectl apply -k deploy/kubernetes`.
+# exporter to its own Node; Kubernetes >= 1.30) + a NetworkPolicy admitting only the `monitoring`
+# namespace to the metrics ports; no GPU Operator integration (gpuOperator.enabled in the chart), plain
+# HTTP (webConfig in the chart for TLS and auth). Apply with `kubectl apply -k deploy/kubernetes`.
 """
 # Values of the plain manifests in deploy/kubernetes/.
 PLAIN_VALUES: dict[str, Any] = {
@@ -26,7 +27,16 @@ PLAIN_VALUES: dict[str, Any] = {
     "serviceMonitor": {"enabled": True},
     "prometheusRule": {"enabled": True},
 }
-PLAIN_FILES = ("serviceaccount", "rbac", "admissionpolicy", "daemonset", "service", "servicemonitor", "prometheusrule")
+PLAIN_FILES = (
+    "serviceaccount",
+    "rbac",
+    "admissionpolicy",
+    "daemonset",
+    "service",
+    "networkpolicy",
+    "servicemonitor",
+    "prometheusrule",
+)
 
 
 def plain_manifests() -> dict[Path, str]:

@@ -11,7 +11,7 @@ import kubernetes_validate
 from tests.deploy.deploy_common import by_kind
 
 K8S_VERSION = kubernetes_validate.latest_version()
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "Certificate"}
 CLUSTER_SCOPED = {
     "ClusterRole",
     "ClusterRoleBinding",
@@ -29,9 +29,16 @@ def validate(doc: dict[str, Any]) -> None:
 
 
 def validate_crd(doc: dict[str, Any]) -> None:
-    assert doc["apiVersion"] == "monitoring.coreos.com/v1", doc["kind"]
     assert doc["metadata"]["name"] and doc["metadata"]["namespace"]
     spec = doc["spec"]
+    if doc["kind"] == "Certificate":
+        # cert-manager.io/v1 CertificateSpec: the fields the chart sets.
+        assert doc["apiVersion"] == "cert-manager.io/v1"
+        assert set(spec) <= {"secretName", "duration", "renewBefore", "dnsNames", "usages", "issuerRef"}
+        assert spec["secretName"] and spec["dnsNames"] and spec["issuerRef"]["name"]
+        assert set(spec["issuerRef"]) <= {"name", "kind", "group"}
+        return
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1", doc["kind"]
     if doc["kind"] == "ServiceMonitor":
         assert set(spec) <= {
             "jobLabel",
@@ -58,6 +65,11 @@ def validate_crd(doc: dict[str, Any]) -> None:
                 "relabelings",
                 "metricRelabelings",
             }
+            # Prometheus Operator SafeTLSConfig and BasicAuth (pkg/apis/monitoring/v1).
+            assert set(ep.get("tlsConfig", {})) <= {"ca", "cert", "keySecret", "serverName", "insecureSkipVerify"}
+            for ref in (ep.get("tlsConfig", {}).get(k) for k in ("ca", "cert")):
+                assert ref is None or (len(ref) == 1 and set(ref) <= {"secret", "configMap"}), ref
+            assert set(ep.get("basicAuth", {})) <= {"username", "password"}
             for relabel in ep.get("relabelings", []) + ep.get("metricRelabelings", []):
                 assert set(relabel) <= {
                     "sourceLabels",

@@ -88,6 +88,7 @@ def test_plain_manifests_validate_and_are_listed() -> None:
             "ValidatingAdmissionPolicyBinding",
             "DaemonSet",
             "Service",
+            "NetworkPolicy",
             "ServiceMonitor",
             "PrometheusRule",
         ]
@@ -332,27 +333,6 @@ def test_rbac_only_for_enabled_features() -> None:
             assert rule["resources"] == ["devicetaintrules"], rule
 
 
-def test_no_web_config_until_the_exporter_implements_it() -> None:
-    """The exporter has no --web-config-file (TLS/basic auth is planned): the chart must never pass it,
-    and a leftover `webConfig.enabled: true` fails the render instead of crash-looping the daemon."""
-    for vals in ({}, full_values()):
-        assert "webConfig" not in vals
-        rendered = render_chart(vals)
-        ds = daemonset(rendered)
-        c = container(ds)
-        assert not [a for a in c["args"] if "web-config" in a]
-        assert "web-config" not in mounts(ds)
-        assert not by_kind(rendered, "Secret")
-        assert c["livenessProbe"]["httpGet"]["scheme"] == "HTTP" == c["readinessProbe"]["httpGet"]["scheme"]
-        for monitor in by_kind(rendered, "ServiceMonitor"):
-            assert monitor["spec"]["endpoints"][0].get("scheme", "http") == "http"
-    assert "webConfig" not in yaml.safe_load((CHART / "values.yaml").read_text())
-    assert not list(CHART.glob("templates/*web*"))
-    with pytest.raises(HelmRenderError, match="webConfig was removed"):
-        render_chart({"webConfig": {"enabled": True}})
-    assert "--web-config-file" not in str(render_chart({"webConfig": {"enabled": False}}))
-
-
 def test_pod_mapping_options() -> None:
     args = container(daemonset(render_chart(full_values())))["args"]
     assert {
@@ -378,7 +358,7 @@ def test_service_monitor_keeps_workload_labels() -> None:
 
 def test_optional_objects_are_off_by_default() -> None:
     kinds = {d["kind"] for d in all_docs(render_chart({}))}
-    assert kinds == {"DaemonSet", "Service", "ServiceAccount"}
+    assert kinds == {"DaemonSet", "Service", "ServiceAccount", "NetworkPolicy"}
 
 
 def test_dashboards_configmaps() -> None:

@@ -126,3 +126,106 @@ app.kubernetes.io/part-of: gpu-health-exporter
 {{- define "gpu-health-exporter.ownNodePolicy" -}}
 {{- if and .Values.scheduler.nodeAdmissionPolicy.enabled (or .Values.scheduler.nodeTaint .Values.health.nodeStatus) }}true{{ end }}
 {{- end }}
+
+{{/* Where the web configuration and the TLS Secret are mounted (directories, no subPath: kubelet
+     updates of a Secret volume swap a symlink inside the directory, which a subPath mount never sees). */}}
+{{- define "gpu-health-exporter.webConfigDir" -}}/etc/gpu-health-exporter/web{{- end }}
+{{- define "gpu-health-exporter.tlsDir" -}}/etc/gpu-health-exporter/tls{{- end }}
+
+{{/* The web configuration file's path inside the containers. */}}
+{{- define "gpu-health-exporter.webConfigFile" -}}
+{{- $key := ternary .Values.webConfig.existingSecretKey "web-config.yml" (ne .Values.webConfig.existingSecret "") }}
+{{- printf "%s/%s" (include "gpu-health-exporter.webConfigDir" .) $key }}
+{{- end }}
+
+{{/* "true" when the pod serves HTTPS. */}}
+{{- define "gpu-health-exporter.tls" -}}
+{{- if and .Values.webConfig.enabled .Values.webConfig.tls.enabled }}true{{ end }}
+{{- end }}
+
+{{/* The TLS Secret's name ("" without TLS). */}}
+{{- define "gpu-health-exporter.tlsSecretName" -}}
+{{- if include "gpu-health-exporter.tls" . }}
+{{- with .Values.webConfig.tls }}
+{{- if .secretName }}{{ .secretName }}
+{{- else if .certManager.enabled }}{{ printf "%s-tls" (include "gpu-health-exporter.fullname" $) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when a request may need credentials the kubelet's probes cannot give: a required client
+     certificate, basic auth users, or a user-supplied file the chart cannot read. */}}
+{{- define "gpu-health-exporter.webAuth" -}}
+{{- with .Values.webConfig }}
+{{- if .enabled }}
+{{- $certRequired := and .tls.enabled (has .tls.clientAuthType (list "RequireAnyClientCert" "RequireAndVerifyClientCert")) }}
+{{- if or .existingSecret .basicAuthUsers $certRequired }}true{{ end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when --web-unauthenticated-probes is passed (and the probes stay HTTP GETs). */}}
+{{- define "gpu-health-exporter.openProbes" -}}
+{{- if and (include "gpu-health-exporter.webAuth" .) .Values.webConfig.unauthenticatedProbes }}true{{ end }}
+{{- end }}
+
+{{/* The web configuration flags, one list item per line, for every container that serves HTTP. */}}
+{{- define "gpu-health-exporter.webArgs" -}}
+{{- if .Values.webConfig.enabled }}
+- --web-config-file={{ include "gpu-health-exporter.webConfigFile" . }}
+{{- if include "gpu-health-exporter.openProbes" . }}
+- --web-unauthenticated-probes
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A liveness or readiness probe on a named port: an HTTP(S) GET, or a TCP connect where the path
+     would need credentials the kubelet cannot present. Call with (list $ portName path settings). */}}
+{{- define "gpu-health-exporter.probe" -}}
+{{- $root := index . 0 }}
+{{- if and (include "gpu-health-exporter.webAuth" $root) (not (include "gpu-health-exporter.openProbes" $root)) }}
+tcpSocket:
+  port: {{ index . 1 }}
+{{- else }}
+httpGet:
+  path: {{ index . 2 }}
+  port: {{ index . 1 }}
+  scheme: {{ ternary "HTTPS" "HTTP" (eq (include "gpu-health-exporter.tls" $root) "true") }}
+{{- end }}
+{{ toYaml (index . 3) }}
+{{- end }}
+
+{{/* Volume mounts of the web configuration and the TLS Secret (read-only, whole directories). */}}
+{{- define "gpu-health-exporter.webMounts" -}}
+{{- if .Values.webConfig.enabled }}
+- name: web-config
+  mountPath: {{ include "gpu-health-exporter.webConfigDir" . }}
+  readOnly: true
+{{- if include "gpu-health-exporter.tlsSecretName" . }}
+- name: web-tls
+  mountPath: {{ include "gpu-health-exporter.tlsDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The ServiceMonitor endpoint's scheme, tlsConfig and basicAuth (Prometheus Operator Endpoint,
+     SafeTLSConfig), the same for every port of the pod. */}}
+{{- define "gpu-health-exporter.monitorAuth" -}}
+{{- with .Values.serviceMonitor }}
+{{- if include "gpu-health-exporter.tls" $ }}
+scheme: https
+{{- $tls := dict "serverName" (.tlsConfig.serverName | default (printf "%s.%s.svc" (include "gpu-health-exporter.fullname" $) (include "gpu-health-exporter.namespace" $))) }}
+{{- $_ := set $tls "ca" (.tlsConfig.ca | default (dict "secret" (dict "name" (include "gpu-health-exporter.tlsSecretName" $) "key" "ca.crt"))) }}
+{{- with .tlsConfig.cert }}{{ $_ := set $tls "cert" . }}{{ end }}
+{{- with .tlsConfig.keySecret }}{{ $_ := set $tls "keySecret" . }}{{ end }}
+tlsConfig:
+  {{- toYaml $tls | nindent 2 }}
+{{- end }}
+{{- with .basicAuth }}
+basicAuth:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+{{- end }}
