@@ -95,13 +95,6 @@ def test_plain_manifests_validate_and_are_listed() -> None:
     )
 
 
-def test_plain_rbac_is_least_privilege() -> None:
-    (role,) = [d for d in load_docs((PLAIN / "rbac.yaml").read_text()) if d["kind"] == "ClusterRole"]
-    grants = {(tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r["verbs"])) for r in role["rules"]}
-    # Node status posts node and pod Events: create only, never patch.
-    assert grants == {(("",), ("nodes/status",), ("patch",)), (("", "events.k8s.io"), ("events",), ("create",))}
-
-
 def test_daemonset_basics(values: dict[str, Any]) -> None:
     ds = daemonset(render_chart(values))
     pod = ds["spec"]["template"]["spec"]
@@ -304,28 +297,15 @@ def test_non_root_when_no_kubelet_socket_is_needed() -> None:
 
 
 def test_rbac_only_for_enabled_features() -> None:
+    """Which verbs each feature needs is derived from the running code in test_deploy_rbac_derived.py;
+    here: no role and no token without an API feature, and no dangerous verb in any profile."""
     default = render_chart({})
     assert not rbac_rules(default) and not by_kind(default, "ClusterRoleBinding")
     assert daemonset(default)["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
     labels = render_chart({"podMapping": {"enablePodLabels": True}})
-    assert rbac_rules(labels) == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
     assert daemonset(labels)["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
-    node = render_chart({"health": {"nodeStatus": True}})
-    resources = {res for r in rbac_rules(node) for res in r["resources"]}
-    assert resources == {"nodes/status", "events"}
-    assert "--kubernetes-node-status" in container(daemonset(node))["args"]
-    full = render_chart(full_values())
-    resources = {res for r in rbac_rules(full) for res in r["resources"]}
-    assert resources == {
-        "pods",
-        "resourceslices",
-        "resourceclaims",
-        "nodes/status",
-        "nodes",
-        "events",
-        "devicetaintrules",
-    }
-    for rule in rbac_rules(full):
+    assert "--kubernetes-node-status" in container(daemonset(render_chart({"health": {"nodeStatus": True}})))["args"]
+    for rule in rbac_rules(render_chart(full_values())):
         assert not set(rule["verbs"]) & {"*", "deletecollection", "escalate", "bind", "impersonate"}, rule
         # Update and delete only on the objects a feature owns: its DeviceTaintRules (the admission
         # policy narrows them to the node).

@@ -75,7 +75,7 @@ def test_pod_events() -> None:
     values = {"scheduler": {"podEvents": True}}
     assert "--kubernetes-events" in args(values)
     # The pods holding a GPU come from the kubelet (PodResources): no pods grant.
-    assert grants(values) == {(("", "events.k8s.io"), ("events",), ("create",))}
+    assert grants(values) == {(("",), ("events",), ("create",))}
     # Node status posts the same Events: the same grants, once, plus its own.
     both = grants({"scheduler": {"podEvents": True}, "health": {"nodeStatus": True}})
     assert both == grants(values) | {(("",), ("nodes/status",), ("patch",))}
