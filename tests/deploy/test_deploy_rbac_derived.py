@@ -151,8 +151,15 @@ def drive_dra(node: NvmlNode, api: FakeApiServer, gpus: list[str]) -> None:
     wait_for(lambda: api.watcher_count("resourceslices") >= 1, "the ResourceSlice watch", node.exporter.logs)
 
 
+def wait_for_the_pod(node: NvmlNode) -> None:
+    """The pod mapping has read the kubelet: a fence from now on finds the pod holding GPU 0 (before
+    it, the fence would post no pod Event, and none later)."""
+    node.exporter.wait_for(lambda t: 'pod="trainer"' in t)
+
+
 def drive_node_status(node: NvmlNode, api: FakeApiServer, gpus: list[str]) -> None:
     wait_for(lambda: bool(node_condition(api)), "the node condition", node.exporter.logs)
+    wait_for_the_pod(node)
     node.control("xid", gpu=0, xid=48)
     wait_for(lambda: bool(pod_events(api)), "the pod Event", node.exporter.logs)
     before = len(api.events)
@@ -161,6 +168,7 @@ def drive_node_status(node: NvmlNode, api: FakeApiServer, gpus: list[str]) -> No
 
 
 def drive_pod_events(node: NvmlNode, api: FakeApiServer, gpus: list[str]) -> None:
+    wait_for_the_pod(node)
     node.control("xid", gpu=0, xid=48)
     wait_for(lambda: bool(pod_events(api)), "the pod Event", node.exporter.logs)
     health_clear(node, gpus[0])
