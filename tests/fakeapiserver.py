@@ -612,3 +612,24 @@ def _label_selector(selector: str) -> dict[str, str]:
 def _labels_match(obj: dict[str, Any], wanted: dict[str, str]) -> bool:
     labels = (obj.get("metadata") or {}).get("labels") or {}
     return all(labels.get(k) == v for k, v in wanted.items())
+
+
+def nvidia_resource_slice(node: str, devices: list[tuple[str, str]], name: str | None = None) -> dict[str, Any]:
+    """A ResourceSlice as NVIDIA's DRA driver (gpu.nvidia.com) publishes it for `node`: pool = node name,
+    one device per (device name, uuid), e.g. ("gpu-0", "GPU-...") or ("gpu-0-mig-1g10gb-19-0", "MIG-...")."""
+    published = [
+        {"name": dev, "attributes": {"type": {"string": "mig" if uuid.startswith("MIG-") else "gpu"},
+                                     "uuid": {"string": uuid}}}
+        for dev, uuid in devices
+    ]  # fmt: skip
+    spec = {
+        "driver": "gpu.nvidia.com",
+        "nodeName": node,
+        "pool": {"name": node, "generation": 1, "resourceSliceCount": 1},
+    }
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceSlice",
+        "metadata": {"name": name or f"{node}-gpu.nvidia.com"},
+        "spec": {**spec, "devices": published},
+    }

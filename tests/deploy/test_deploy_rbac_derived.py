@@ -22,7 +22,7 @@ from tests.deploy.deploy_common import PLAIN, load_docs, render_chart
 from tests.deploy.k8s_objects import container, daemonset, rbac_rules
 from tests.e2e.harness import ROOT
 from tests.e2e.nvmlnode import NvmlNode
-from tests.fakeapiserver import FakeApiServer, RecordedRequest
+from tests.fakeapiserver import FakeApiServer, RecordedRequest, nvidia_resource_slice
 from tests.fakekubelet import FakeKubelet
 from tests.fakenvmllib import FakeNvmlBuild, load_scenario
 
@@ -86,12 +86,7 @@ def scenario() -> dict[str, Any]:
 
 
 def resource_slice(devices: list[dict[str, Any]]) -> dict[str, Any]:
-    published = [
-        {"name": f"gpu-{d['minor']}", "attributes": {"type": {"string": "gpu"}, "uuid": {"string": d["uuid"]}}}
-        for d in devices
-    ]
-    spec = {"driver": DRIVER, "nodeName": NODE, "pool": {"name": NODE, "generation": 1, "resourceSliceCount": 1}}
-    return {"metadata": {"name": f"{NODE}-{DRIVER}"}, "spec": {**spec, "devices": published}}
+    return nvidia_resource_slice(NODE, [(f"gpu-{d['minor']}", d["uuid"]) for d in devices])
 
 
 def chart_args(values: dict[str, Any], kubelet_socket: str) -> list[str]:

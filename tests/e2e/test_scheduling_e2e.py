@@ -23,7 +23,7 @@ import pytest
 from exporter.scheduling.drataints import NODE_LABEL, TAINT_KEY, rule_name
 from tests.e2e.harness import ROOT
 from tests.e2e.nvmlnode import NvmlNode
-from tests.fakeapiserver import FakeApiServer
+from tests.fakeapiserver import FakeApiServer, nvidia_resource_slice
 from tests.fakekubelet import FakeKubelet
 from tests.fakenvmllib import FakeNvmlBuild, load_scenario
 
@@ -58,12 +58,7 @@ def scenario() -> dict[str, Any]:
 
 
 def nvidia_slice(devices: list[dict[str, Any]]) -> dict[str, Any]:
-    published = [
-        {"name": f"gpu-{d['minor']}", "attributes": {"type": {"string": "gpu"}, "uuid": {"string": d["uuid"]}}}
-        for d in devices
-    ]
-    spec = {"driver": DRIVER, "nodeName": NODE, "pool": {"name": NODE, "generation": 1, "resourceSliceCount": 1}}
-    return {"metadata": {"name": f"{NODE}-gpu.nvidia.com-x1"}, "spec": {**spec, "devices": published}}
+    return nvidia_resource_slice(NODE, [(f"gpu-{d['minor']}", d["uuid"]) for d in devices])
 
 
 def ours(api: FakeApiServer) -> dict[str, dict[str, Any]]:
