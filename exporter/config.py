@@ -52,6 +52,7 @@ LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 GpuIdType = Literal["uid", "device-name"]
 SharedGpus = Literal["per-pod", "first-pod"]
+ProcessMetrics = Literal["off", "per-pod", "per-pid"]
 MigStrategy = Literal["none", "single", "mixed"]
 # One entry of --device-list-strategy (a comma list, as NVIDIA's); "cdi" is our old name of "cdi-cri".
 DeviceListStrategy = Literal["envvar", "volume-mounts", "cdi-annotations", "cdi-cri", "cdi"]
@@ -359,6 +360,31 @@ class Config:
         switch=True,
         section=PODS,
         help="Map DRA claims (driver gpu.nvidia.com) through ResourceSlices from the API server.",
+    )
+    process_metrics: ProcessMetrics = flag(
+        "--process-metrics",
+        default="off",
+        choices=get_args(ProcessMetrics),
+        section=PODS,
+        help="Who uses how much of each GPU: the processes NVML lists per GPU and MIG instance, mapped to "
+        "pod and container (per-pod: one series per pod and container; per-pid: also per process, for debugging).",
+    )
+    process_interval: int = flag(
+        "--process-interval",
+        default="1",
+        parse=integer(1, 3600),
+        section=PODS,
+        metavar="CYCLES",
+        help="Read the process lists every N collection cycles (one NVML query per device each time).",
+    )
+    host_proc: Path = flag(
+        "--host-proc",
+        default="/proc",
+        parse=filesystem_path,
+        section=PODS,
+        metavar="DIR",
+        help="The host's /proc (mounted read-only, or /proc with hostPID) where a GPU process's cgroup names "
+        "its pod and container.",
     )
     kubeconfig: str | None = flag(
         "--kubeconfig",

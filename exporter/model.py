@@ -135,6 +135,28 @@ class DeviceEvent:
     timestamp: float = 0.0  # time.time() when received
 
 
+PROCESS_KINDS = ("compute", "graphics", "mps")
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    """One process NVML lists on a GPU or MIG device (issue #14: who uses how much of a shared GPU).
+
+    `used_memory_bytes` is None where NVML does not say (NVML_VALUE_NOT_AVAILABLE). The utilisation
+    fields are percentages (0-100) from NVML's per-process samples, None when NVML gave no sample for
+    the process since the last read."""
+
+    pid: int
+    kind: str  # one of PROCESS_KINDS; a process listed as compute and graphics is listed once, as compute
+    used_memory_bytes: int | None
+    gpu_instance_id: int | None = None
+    compute_instance_id: int | None = None
+    sm_util: float | None = None
+    mem_util: float | None = None
+    enc_util: float | None = None
+    dec_util: float | None = None
+
+
 @dataclass
 class ReadResult:
     """What one device read produced, values already in the exported unit.

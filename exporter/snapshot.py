@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from exporter.fields import FieldSpec
-from exporter.model import Gpu, Inventory, MigDevice
+from exporter.model import Gpu, GpuProcess, Inventory, MigDevice
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,11 @@ class Snapshot:
     fields: tuple[FieldSpec, ...] = ()  # the counters file's fields this cycle
     nvml_errors: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (field, error) -> count so far
     collections: int = 0  # cycles run, this one included
+    # --process-metrics: device UUID (GPU-, or MIG- for a process on a MIG instance) -> its processes, as
+    # last read (every --process-interval cycles); empty when the feature is off. A device whose process
+    # query failed is absent, not empty.
+    processes: Mapping[str, tuple[GpuProcess, ...]] = field(default_factory=dict)
+    processes_read_at: float = 0.0  # time.time() of that read; 0 when never
 
     def sample(self, uuid: str) -> DeviceSample | None:
         for s in self.samples:
