@@ -506,3 +506,21 @@ def test_device_specs_and_index_ids_as_nvidias_plugin_offers() -> None:
     # off by default: no host /dev in the pod
     plain = daemonset(render_chart(PLUGIN_VALUES))
     assert "host-dev" not in {v["name"] for v in plain["spec"]["template"]["spec"]["volumes"]}
+
+
+def test_process_metrics_mount_the_host_proc_read_only_and_watch_pods() -> None:
+    off = render_chart({})
+    assert not [a for a in container(daemonset(off))["args"] if "process" in a or "host-proc" in a]
+    assert "host-proc" not in mounts(daemonset(off))
+    on = render_chart({"processMetrics": {"mode": "per-pod", "interval": 3, "hostProc": "/host-root/proc"}})
+    ds = daemonset(on)
+    args = container(ds)["args"]
+    assert {"--process-metrics=per-pod", "--process-interval=3", "--host-proc=/host/proc"} <= set(args)
+    (mount,) = [m for m in container(ds)["volumeMounts"] if m["name"] == "host-proc"]
+    assert mount == {"name": "host-proc", "mountPath": "/host/proc", "readOnly": True}
+    (volume,) = [v for v in pod_spec(ds)["volumes"] if v["name"] == "host-proc"]
+    assert volume["hostPath"] == {"path": "/host-root/proc", "type": "Directory"}
+    assert "hostPID" not in pod_spec(ds)  # the host's /proc read-only instead of the host's PID namespace
+    assert {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]} in rbac_rules(on)
+    for doc in all_docs(on):
+        validate(doc)

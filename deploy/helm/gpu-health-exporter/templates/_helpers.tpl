@@ -63,7 +63,7 @@ app.kubernetes.io/part-of: gpu-health-exporter
 
 {{/* "true" when the pod talks to the API server (and so needs a token and RBAC). */}}
 {{- define "gpu-health-exporter.needsApi" -}}
-{{- if or (and .Values.podMapping.enabled (or .Values.podMapping.enablePodLabels .Values.podMapping.dra)) .Values.health.nodeStatus (include "gpu-health-exporter.writesScheduler" .) }}true{{ end }}
+{{- if or (and .Values.podMapping.enabled (or .Values.podMapping.enablePodLabels .Values.podMapping.dra (ne (toString .Values.processMetrics.mode) "off"))) .Values.health.nodeStatus (include "gpu-health-exporter.writesScheduler" .) }}true{{ end }}
 {{- end }}
 
 {{/* "true" when a scheduler feature writes to the API server (DeviceTaintRules, the node taint, pod
