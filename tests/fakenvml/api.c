@@ -879,7 +879,7 @@ static unsigned collect_procs(const target *t, int kind, const fake_proc **procs
 }
 
 /* v2: infos is nvmlProcessInfo_v2_t[] (also _v3's nvmlProcessInfo_t), else nvmlProcessInfo_v1_t[].
- * kind 0 (MPS clients) never matches: the scenario has no MPS clients. */
+ * PROC_MPS: the MPS clients (scenario kind "mps"), listed only by the MPS variants. */
 static nvmlReturn_t procs_impl(const char *sym, void *device, int kind, unsigned int *count, void *infos, int v2)
 {
     target T;
@@ -920,17 +920,22 @@ EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses(void *device, unsigned 
     return procs_impl(__func__, device, PROC_COMPUTE, count, infos, 0);
 }
 
+/* The _v2 forms and the MPS query came after R450 (NVML 11.0's nvml.h has neither; 11.4's has both). */
+#ifdef HAVE_R450_SYMS
 EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v2(void *device, unsigned int *count,
                                                             nvmlProcessInfo_v2_t *infos)
 {
     return procs_impl(__func__, device, PROC_COMPUTE, count, infos, 1);
 }
+#endif
 
 EXPORT nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses(void *device, unsigned int *count,
                                                           nvmlProcessInfo_v1_t *infos)
 {
     return procs_impl(__func__, device, PROC_GRAPHICS, count, infos, 0);
 }
+
+#ifdef HAVE_R450_SYMS
 
 EXPORT nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v2(void *device, unsigned int *count,
                                                              nvmlProcessInfo_v2_t *infos)
@@ -941,14 +946,15 @@ EXPORT nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v2(void *device, unsig
 EXPORT nvmlReturn_t nvmlDeviceGetMPSComputeRunningProcesses(void *device, unsigned int *count,
                                                             nvmlProcessInfo_v1_t *infos)
 {
-    return procs_impl(__func__, device, 0, count, infos, 0);
+    return procs_impl(__func__, device, PROC_MPS, count, infos, 0);
 }
 
 EXPORT nvmlReturn_t nvmlDeviceGetMPSComputeRunningProcesses_v2(void *device, unsigned int *count,
                                                                nvmlProcessInfo_v2_t *infos)
 {
-    return procs_impl(__func__, device, 0, count, infos, 1);
+    return procs_impl(__func__, device, PROC_MPS, count, infos, 1);
 }
+#endif
 
 /* _v3 came with R510 (NVML 11.6): an R470 library lacks it. */
 #ifndef FAKE_OLD_DRIVER
@@ -967,21 +973,107 @@ EXPORT nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v3(void *device, unsig
 EXPORT nvmlReturn_t nvmlDeviceGetMPSComputeRunningProcesses_v3(void *device, unsigned int *count,
                                                                nvmlProcessInfo_v2_t *infos)
 {
-    return procs_impl(__func__, device, 0, count, infos, 1);
+    return procs_impl(__func__, device, PROC_MPS, count, infos, 1);
 }
 #endif
 
-/* No per-process utilisation samples are kept: NOT_FOUND is the driver's "no sample since
- * lastSeenTimeStamp" answer, which clients treat as 0 %. */
-EXPORT nvmlReturn_t nvmlDeviceGetProcessUtilization(void *device, void *utilization, unsigned int *count,
-                                                    unsigned long long last_seen)
+/* Per-process utilisation (README: "processes" sm/mem/enc/dec). A process with any of them given has
+ * one sample, stamped with the CPU time in us: the scenario's "sample_us", else the start of the current
+ * UTIL_PERIOD_US period (a new sample every period, as the driver's sampling advances). Only samples
+ * newer than lastSeenTimeStamp are returned; none: NOT_FOUND. nvml.h: "On MIG-enabled GPUs, querying
+ * process utilization is not currently supported": NOT_SUPPORTED on a MIG handle or a MIG-enabled GPU. */
+typedef struct {
+    unsigned pid;
+    long long at;
+    const unsigned *util;
+} util_sample;
+
+static unsigned collect_util(const fake_dev *d, unsigned long long last_seen, util_sample *out)
+{
+    long long now = now_us_realtime();
+    long long period_start = now - now % UTIL_PERIOD_US;
+    unsigned n = 0;
+    for (int i = 0; i < d->nproc; i++) {
+        const fake_proc *p = &d->procs[i];
+        if (!p->has_util)
+            continue;
+        long long at = p->sample_us > 0 ? p->sample_us : period_start;
+        if ((unsigned long long)at <= last_seen)
+            continue;
+        out[n].pid = p->pid;
+        out[n].at = at;
+        out[n++].util = p->util;
+    }
+    return n;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetProcessUtilization(void *device, nvmlProcessUtilizationSample_t *utilization,
+                                                    unsigned int *count, unsigned long long last_seen)
 {
     ENTER(device, 0);
     if (!count)
         OUT(NVML_ERROR_INVALID_ARGUMENT);
-    *count = 0;
-    OUT(NVML_ERROR_NOT_FOUND);
+    if (T.d->mig_enabled)
+        OUT(NVML_ERROR_NOT_SUPPORTED);
+    util_sample samples[MAX_PROCS];
+    unsigned n = collect_util(T.d, last_seen, samples);
+    if (n == 0) {
+        *count = 0;
+        OUT(NVML_ERROR_NOT_FOUND);
+    }
+    if (!utilization || *count < n) {
+        *count = n;
+        OUT(NVML_ERROR_INSUFFICIENT_SIZE);
+    }
+    for (unsigned i = 0; i < n; i++) {
+        nvmlProcessUtilizationSample_t *s = &utilization[i];
+        s->pid = samples[i].pid;
+        s->timeStamp = (unsigned long long)samples[i].at;
+        s->smUtil = samples[i].util[0];
+        s->memUtil = samples[i].util[1];
+        s->encUtil = samples[i].util[2];
+        s->decUtil = samples[i].util[3];
+    }
+    *count = n;
+    OUT(NVML_SUCCESS);
 }
+
+/* NVML 12.4 (R550): an R470 library lacks it. */
+#ifndef FAKE_OLD_DRIVER
+EXPORT nvmlReturn_t nvmlDeviceGetProcessesUtilizationInfo(void *device, nvmlProcessesUtilizationInfo_v1_t *info)
+{
+    ENTER(device, 0);
+    if (!info)
+        OUT(NVML_ERROR_INVALID_ARGUMENT);
+    if (info->version != nvmlProcessesUtilizationInfo_v1)
+        OUT(NVML_ERROR_ARGUMENT_VERSION_MISMATCH);
+    if (T.d->mig_enabled)
+        OUT(NVML_ERROR_NOT_SUPPORTED);
+    util_sample samples[MAX_PROCS];
+    unsigned n = collect_util(T.d, info->lastSeenTimeStamp, samples);
+    if (n == 0) {
+        info->processSamplesCount = 0;
+        OUT(NVML_ERROR_NOT_FOUND);
+    }
+    if (!info->procUtilArray || info->processSamplesCount < n) {
+        info->processSamplesCount = n;
+        OUT(NVML_ERROR_INSUFFICIENT_SIZE);
+    }
+    for (unsigned i = 0; i < n; i++) {
+        nvmlProcessUtilizationInfo_v1_t *s = &info->procUtilArray[i];
+        s->timeStamp = (unsigned long long)samples[i].at;
+        s->pid = samples[i].pid;
+        s->smUtil = samples[i].util[0];
+        s->memUtil = samples[i].util[1];
+        s->encUtil = samples[i].util[2];
+        s->decUtil = samples[i].util[3];
+        s->jpgUtil = 0;
+        s->ofaUtil = 0;
+    }
+    info->processSamplesCount = n;
+    OUT(NVML_SUCCESS);
+}
+#endif
 
 /* ------------------------------------------------------------ modes, ECC */
 

@@ -85,6 +85,34 @@ typedef struct {
     unsigned int computeInstanceId; /* NO_ID unless MIG is enabled */
 } nvmlProcessInfo_v2_t; /* _v2 and _v3 (nvmlProcessInfo_t) share this layout */
 
+typedef struct {
+    unsigned int pid;
+    unsigned long long timeStamp; /* CPU timestamp in microseconds */
+    unsigned int smUtil;
+    unsigned int memUtil;
+    unsigned int encUtil;
+    unsigned int decUtil;
+} nvmlProcessUtilizationSample_t;
+
+typedef struct {
+    unsigned long long timeStamp; /* CPU timestamp in microseconds */
+    unsigned int pid;
+    unsigned int smUtil;
+    unsigned int memUtil;
+    unsigned int encUtil;
+    unsigned int decUtil;
+    unsigned int jpgUtil;
+    unsigned int ofaUtil;
+} nvmlProcessUtilizationInfo_v1_t;
+
+typedef struct {
+    unsigned int version;
+    unsigned int processSamplesCount; /* in: the array's size; out: the samples written (or needed) */
+    unsigned long long lastSeenTimeStamp; /* only samples newer than this */
+    nvmlProcessUtilizationInfo_v1_t *procUtilArray;
+} nvmlProcessesUtilizationInfo_v1_t;
+#define nvmlProcessesUtilizationInfo_v1 (unsigned)(sizeof(nvmlProcessesUtilizationInfo_v1_t) | (1 << 24))
+
 /* nvmlDeviceGetMemoryErrorCounter locations (nvmlMemoryLocation_t) */
 #define NVML_MEMORY_LOCATION_DRAM 2
 #define NVML_MEMORY_LOCATION_SRAM 7

@@ -324,8 +324,8 @@ EXPORT void fakenvml_reset_counters(void)
 
 /* ------------------------------------------------------------ processes */
 
-/* A scenario "processes" list: [{"pid", "used_memory_mib", "kind"}]. Memory is given in MiB because
- * the driver accounts process memory in whole MiB anyway; NVML reports bytes. Returns the count kept. */
+/* A scenario "processes" list: [{"pid", "used_memory_mib", "kind", "sm", "mem", "enc", "dec", "sample_us"}].
+ * Memory is given in MiB because the driver accounts process memory in whole MiB anyway; NVML reports bytes. Returns the count kept. */
 static int parse_procs(const cJSON *list, fake_proc *out, int max)
 {
     int n = 0;
@@ -344,7 +344,11 @@ static int parse_procs(const cJSON *list, fake_proc *out, int max)
         fake_proc *p = &out[n];
         p->pid = (unsigned)pid->valuedouble;
         const cJSON *mem = cJSON_GetObjectItemCaseSensitive(it, "used_memory_mib");
-        p->used = cJSON_IsNumber(mem) && mem->valuedouble > 0 ? (unsigned long long)mem->valuedouble << 20 : 0;
+        /* null: the driver cannot say (NVML_VALUE_NOT_AVAILABLE, e.g. under WDDM or without privileges) */
+        if (cJSON_IsNull(mem))
+            p->used = ~0ULL;
+        else
+            p->used = cJSON_IsNumber(mem) && mem->valuedouble > 0 ? (unsigned long long)mem->valuedouble << 20 : 0;
         const cJSON *kind = cJSON_GetObjectItemCaseSensitive(it, "kind");
         const char *k = cJSON_IsString(kind) ? kind->valuestring : "compute";
         if (strcmp(k, "compute") == 0)
@@ -353,10 +357,22 @@ static int parse_procs(const cJSON *list, fake_proc *out, int max)
             p->kinds = PROC_GRAPHICS;
         else if (strcmp(k, "compute+graphics") == 0)
             p->kinds = PROC_COMPUTE | PROC_GRAPHICS;
+        else if (strcmp(k, "mps") == 0)
+            p->kinds = PROC_MPS;
         else {
             fprintf(stderr, "fakenvml: process %u: unknown kind %s (ignored)\n", p->pid, k);
             continue;
         }
+        static const char *const util_keys[4] = {"sm", "mem", "enc", "dec"};
+        p->has_util = 0;
+        for (int u = 0; u < 4; u++) {
+            const cJSON *v = cJSON_GetObjectItemCaseSensitive(it, util_keys[u]);
+            int given = cJSON_IsNumber(v);
+            p->util[u] = given && v->valuedouble > 0 ? (unsigned)(v->valuedouble > 100 ? 100 : v->valuedouble) : 0;
+            p->has_util |= given;
+        }
+        const cJSON *at = cJSON_GetObjectItemCaseSensitive(it, "sample_us");
+        p->sample_us = cJSON_IsNumber(at) && at->valuedouble > 0 ? (long long)at->valuedouble : 0;
         n++;
     }
     return n;

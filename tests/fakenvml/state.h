@@ -18,6 +18,11 @@
 /* what a scenario process is: bits of fake_proc.kinds */
 #define PROC_COMPUTE 0x1
 #define PROC_GRAPHICS 0x2
+#define PROC_MPS 0x4 /* an MPS client: listed by ...MPSComputeRunningProcesses only */
+
+/* A process's utilisation sample is renewed every UTIL_PERIOD_US (the driver samples about 6 times a
+ * second) unless the scenario pins its timestamp ("sample_us"). */
+#define UTIL_PERIOD_US 100000LL
 
 #define EV_SBE 0x1ULL
 #define EV_DBE 0x2ULL
@@ -95,7 +100,10 @@ typedef struct {
 typedef struct {
     unsigned pid;
     unsigned long long used; /* bytes (the scenario gives MiB) */
-    int kinds;               /* PROC_COMPUTE | PROC_GRAPHICS */
+    int kinds;               /* PROC_COMPUTE | PROC_GRAPHICS, or PROC_MPS */
+    int has_util;            /* any of sm/mem/enc/dec given: the process has utilisation samples */
+    unsigned util[4];        /* sm, mem, enc, dec percent */
+    long long sample_us;     /* >0: the sample's fixed CPU timestamp (us); 0: advances every UTIL_PERIOD_US */
 } fake_proc;
 
 typedef struct {
