@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from exporter.fields import FieldSpec
-from exporter.model import DeviceEvent, Inventory, ReadResult
+from exporter.model import DeviceEvent, GpuProcess, Inventory, ReadResult
 
 
 class BackendError(Exception):
@@ -75,6 +75,15 @@ class Backend(Protocol):
         May block (a hung driver call); the collector calls it from a
         per-device worker thread with a deadline. Raises DeviceLostError or
         DeviceError for whole-device failures.
+        """
+        ...
+
+    def processes(self, uuid: str) -> tuple[GpuProcess, ...]:
+        """The processes running on one GPU or MIG device (`--process-metrics`), sorted by PID.
+
+        A GPU with MIG enabled lists its instances' processes too, with their instance ids. Called
+        like `read` (from a reader thread, within the device's deadline); raises DeviceLostError,
+        or DeviceError/MonitorError when the query fails.
         """
         ...
 

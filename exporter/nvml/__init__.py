@@ -10,6 +10,7 @@ applied). Its parts, one concern each:
 - `fieldvalues`: batched nvmlDeviceGetFieldValues (FieldValue, Rate), its decoding quirks, rates
 - `calls`: Call() fields, a table of one small function per call, shared values read once per read
 - `gpm`: Gpm() fields from GPM samples
+- `processes`: the processes on a GPU or MIG device, their memory and utilisation (`--process-metrics`)
 - `events`: `NvmlEventSource`, the event set
 - `backend`: `NvmlBackend`, composing them
 """

@@ -17,7 +17,7 @@ import structlog
 from exporter.backend import BackendError, DeviceError, DeviceLostError
 from exporter.fields import NOT_POLLED, Call, FieldSpec, FieldValue, Gpm, LinkRate, Rate, assert_never
 from exporter.logs import Reminder
-from exporter.model import Inventory, ReadResult
+from exporter.model import GpuProcess, Inventory, ReadResult
 from exporter.nvml.calls import CallReader
 from exporter.nvml.compat import Symbols, text
 from exporter.nvml.discovery import Discovery
@@ -29,6 +29,7 @@ from exporter.nvml.errors import (
 from exporter.nvml.events import NvmlEventSource
 from exporter.nvml.fieldvalues import FieldValueReader
 from exporter.nvml.gpm import GpmSampler
+from exporter.nvml.processes import ProcessReader
 from exporter.nvml.topology import TopologyReader
 
 log = structlog.get_logger("exporter.nvml")
@@ -62,6 +63,7 @@ class NvmlBackend:
         self._field_values = FieldValueReader()
         self._calls = CallReader(self._symbols)
         self._topology = TopologyReader()
+        self._processes = ProcessReader(self._symbols)
         # id(fields), is_mig -> (fields, its split): the collector asks with the same tuple every cycle.
         self._plans: dict[tuple[int, bool], tuple[Sequence[FieldSpec], _Plan]] = {}
 
@@ -128,6 +130,7 @@ class NvmlBackend:
             log.warning("nvml_shutdown_failed", error=str(err))
         self._discovery.reset()
         self._field_values.reset()
+        self._processes.reset()
 
     def _require_started(self) -> None:
         if not self._started:
@@ -205,6 +208,10 @@ class NvmlBackend:
                 self._plans.clear()
             self._plans[key] = (fields, plan)
         return plan
+
+    def processes(self, uuid: str) -> tuple[GpuProcess, ...]:
+        self._require_started()
+        return self._processes.read(uuid, self._discovery.handle_for(uuid))
 
     # --------------------------------------------------------------- events
 

@@ -27,6 +27,7 @@ The package, one concern per module:
 - `faults`:     `Fault` and the FAULT parser.
 - `spec`:       the `--simulate` spec parser (`parse_spec`, `SimConfig`).
 - `devices`:    simulated GPUs and MIG devices: stepped state and values.
+- `processes`:  the simulated process lists (a few compute processes per device, `--process-metrics`).
 - `events`:     `EventQueue` (scheduled and injected events, owned by the backend) and the event source over it.
 - `backend`:    `SimulatedBackend`, the `exporter.backend.Backend` implementation.
 """

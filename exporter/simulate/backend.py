@@ -17,6 +17,7 @@ from exporter.model import (
     DeviceEvent,
     Gpu,
     GpuLink,
+    GpuProcess,
     Inventory,
     ReadResult,
 )
@@ -25,6 +26,7 @@ from exporter.simulate.events import LOST, EventQueue, SimulatedEventSource
 from exporter.simulate.faults import Fault, parse_fault
 from exporter.simulate.hashing import hash_key
 from exporter.simulate.models import MODELS, place_migs
+from exporter.simulate.processes import process_shares, shares_key, simulated_processes
 from exporter.simulate.spec import SimConfig, parse_spec
 from exporter.simulate.workload import DEFAULT_PATTERNS, MIG_PATTERNS
 
@@ -72,6 +74,11 @@ class SimulatedBackend:
                 mig = SimMig(gpu, self.model.mig[name], gi, slot, mk, pattern)
                 gpu.migs.append(mig)
                 self._migs[mig.uuid] = mig
+        # uuid -> (pid, share) of its simulated processes (--process-metrics)
+        self._shares = {g.uuid: process_shares(shares_key(cfg.seed, g.index, None), 3) for g in self._gpus}
+        self._shares.update(
+            {m.uuid: process_shares(shares_key(cfg.seed, m.parent.index, m.gi), 2) for m in self._migs.values()}
+        )
         self._inventory_cache: tuple[tuple[bool, ...], Inventory] | None = None
         self._mig_gis = {g.index: {m.gi for m in g.migs} for g in self._gpus if g.mig_enabled}
         self._pairs = self._nvlink_pairs()
@@ -174,6 +181,23 @@ class SimulatedBackend:
             elif not isinstance(spec.reader, (Event, Label)):
                 unsupported.add(spec.name)
         return res
+
+    def processes(self, uuid: str) -> tuple[GpuProcess, ...]:
+        gpu = self._by_uuid.get(uuid)
+        mig = self._migs.get(uuid) if gpu is None else None
+        if gpu is None:
+            if mig is None:
+                raise DeviceLostError(f"simulated node has no device {uuid}")
+            gpu = mig.parent
+        t = self.elapsed()
+        if gpu.faults:
+            t = self._availability(gpu, uuid, t)
+        if mig is not None:
+            return simulated_processes(self._shares[mig.uuid], mig.values(t), mig.gi, with_utilisation=False)
+        if gpu.mig_enabled:  # as NVML on a GPU handle: every instance's processes, with its ids
+            listed = [p for m in gpu.migs for p in simulated_processes(self._shares[m.uuid], m.values(t), m.gi, False)]
+            return tuple(sorted(listed, key=lambda p: p.pid))
+        return simulated_processes(self._shares[uuid], gpu.values(t))
 
     def open_events(self, inventory: Inventory) -> SimulatedEventSource:
         return SimulatedEventSource(self._events, (g.uuid for g in inventory.gpus))

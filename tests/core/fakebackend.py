@@ -8,9 +8,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from exporter.backend import DeviceLostError
+from exporter.backend import DeviceError, DeviceLostError
 from exporter.fields import FieldSpec
-from exporter.model import DeviceEvent, Gpu, Inventory, MigDevice, ReadResult
+from exporter.model import DeviceEvent, Gpu, GpuProcess, Inventory, MigDevice, ReadResult
 
 
 class ScriptedBackend:
@@ -44,10 +44,15 @@ class ScriptedBackend:
         self.lost: set[str] = set()
         self.hang: dict[str, threading.Event] = {}
         self.asked: list[tuple[str, tuple[str, ...]]] = []
+        # --process-metrics: uuid -> its processes; the uuids asked, in order; gates and failures
+        self.process_lists: dict[str, tuple[GpuProcess, ...]] = {}
+        self.process_asked: list[str] = []
+        self.process_hang: dict[str, threading.Event] = {}
+        self.process_errors: dict[str, str] = {}  # uuid -> error name raised as DeviceError
 
     def start(self) -> None: ...
     def shutdown(self) -> None:
-        for ev in self.hang.values():
+        for ev in (*self.hang.values(), *self.process_hang.values()):
             ev.set()
 
     def discover(self) -> Inventory:
@@ -68,6 +73,17 @@ class ScriptedBackend:
             elif f.name in have:
                 res.values[f.name] = have[f.name]
         return res
+
+    def processes(self, uuid: str) -> tuple[GpuProcess, ...]:
+        self.process_asked.append(uuid)
+        gate = self.process_hang.get(uuid)
+        if gate is not None:
+            gate.wait()
+        if uuid in self.lost:
+            raise DeviceLostError(uuid)
+        if uuid in self.process_errors:
+            raise DeviceError(f"{uuid}: process query failed", self.process_errors[uuid])
+        return self.process_lists.get(uuid, ())
 
     def open_events(self, inventory: Inventory) -> NoEvents:
         return NoEvents(tuple(g.uuid for g in inventory.gpus))
