@@ -45,6 +45,8 @@ def make_api_client(kubeconfig: str | None) -> Any:
 class PodMeta:
     uid: str
     labels: tuple[tuple[str, str], ...]
+    # (container ID without its runtime prefix, container name), for --process-metrics
+    containers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,11 +57,34 @@ class SliceDevices:
     devices: dict[str, dict[str, str]]
 
 
+_STATUS_LISTS = ("containerStatuses", "initContainerStatuses", "ephemeralContainerStatuses")
+
+
+def container_ids(status: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """(ID, name) of every container the pod's status names, init and ephemeral ones included.
+
+    The kubelet writes `<runtime>://<id>` (`containerd://`, `cri-o://`, `docker://`); a cgroup path
+    carries the bare ID. A container not started yet has no containerID and is left out."""
+    out: list[tuple[str, str]] = []
+    for key in _STATUS_LISTS:
+        for cs in status.get(key) or []:
+            if not isinstance(cs, dict):
+                continue
+            cid = str(cs.get("containerID") or "").rpartition("://")[2].lower()
+            if cid:
+                out.append((cid, str(cs.get("name", ""))))
+    return tuple(out)
+
+
 def pod_meta(obj: dict[str, Any]) -> tuple[tuple[str, str], PodMeta]:
     md = obj.get("metadata") or {}
     labels = md.get("labels") or {}
     key = (str(md.get("namespace", "")), str(md.get("name", "")))
-    return key, PodMeta(str(md.get("uid", "")), tuple(sorted((str(k), str(v)) for k, v in labels.items())))
+    return key, PodMeta(
+        str(md.get("uid", "")),
+        tuple(sorted((str(k), str(v)) for k, v in labels.items())),
+        container_ids(obj.get("status") or {}),
+    )
 
 
 def _attr_value(value: Any) -> str | None:

@@ -46,6 +46,7 @@ from podresources.client import (
 __all__ = ["PodMapper", "PodMappingConfig", "PodRef"]
 
 log = structlog.get_logger("exporter.pods")
+_API_FEATURES = "pod labels, pod UIDs, DRA, pod names of GPU processes"
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,12 @@ class PodMapper:
             PodRef(ns, pod, pm.uid if (pm := meta.get((ns, pod))) is not None else "") for ns, pod in sorted(pods)
         )
 
+    def pod_items(self) -> tuple[int, dict[Any, PodMeta]] | None:
+        """The pod watch's (version, (namespace, name) -> PodMeta); None while no watch runs (none is
+        wanted, NODE_NAME unset, no API access). Reads no I/O."""
+        reflector = self._pods_reflector
+        return reflector.snapshot() if reflector is not None else None
+
     def wait_idle(self, timeout_s: float) -> bool:
         """Block until no refresh is pending or running (for tests and orderly shutdown)."""
         deadline = time.monotonic() + timeout_s
@@ -175,14 +182,12 @@ class PodMapper:
         self._worker.start()
 
     def _start_kube(self) -> None:
-        if not (self.config.needs_pod_metadata or self.config.dra):
+        if not (self.config.needs_pod_watch or self.config.dra):
             return
         node = self.config.resolved_node_name()
         if node is None:
             # Watching every pod of the cluster from every node would hurt the API server.
-            log.warning(
-                "pod_api_features_disabled", reason="NODE_NAME is not set", disabled="pod labels, pod UIDs, DRA"
-            )
+            log.warning("pod_api_features_disabled", reason="NODE_NAME is not set", disabled=_API_FEATURES)
             return
         try:
             api = self._api_client_factory(self.config.kubeconfig)
@@ -191,11 +196,11 @@ class PodMapper:
                 "pod_api_features_disabled",
                 reason="no Kubernetes API access",
                 error=str(err),
-                disabled="pod labels, pod UIDs, DRA",
+                disabled=_API_FEATURES,
             )
             return
         kw = {"watch_timeout_s": self.config.watch_timeout_s}
-        if self.config.needs_pod_metadata:
+        if self.config.needs_pod_watch:
             self._pods_reflector = pod_reflector(api, node, **kw)
             self._pods_reflector.start()
         if self.config.dra:

@@ -21,6 +21,7 @@ class PodMappingConfig:
     enable_pod_labels: bool = False  # --kubernetes-enable-pod-labels
     pod_labels_allowlist: str | None = None  # --kubernetes-pod-labels-allowlist (full match on the key)
     dra: bool = False  # --kubernetes-dra
+    process_metrics: bool = False  # --process-metrics other than off: GPU processes named by the pod watch
     kubeconfig: str | None = None  # --kubeconfig; None: in-cluster, then ~/.kube/config
     node_name: str | None = None  # None: env NODE_NAME
     kubelet_timeout_s: float = 10.0
@@ -37,6 +38,10 @@ class PodMappingConfig:
     @property
     def needs_pod_metadata(self) -> bool:
         return self.enable_pod_uid or self.enable_pod_labels
+
+    @property
+    def needs_pod_watch(self) -> bool:
+        return self.needs_pod_metadata or self.process_metrics
 
     def resolved_node_name(self) -> str | None:
         return self.node_name or os.environ.get("NODE_NAME") or None
