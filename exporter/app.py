@@ -94,6 +94,7 @@ class App:
             cfg.devices,
             interval_s=self.interval_s,
             device_timeout_s=cfg.device_timeout_s,
+            process_interval=cfg.process_interval if cfg.process_metrics != "off" else 0,
         )
         self.xids = XidTracker(cfg.xid_count_window_s)
         self.health = self._make_health()

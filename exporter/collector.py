@@ -16,6 +16,14 @@ Fields a device answers NOT_SUPPORTED for are not asked again for
 UNSUPPORTED_RETRY_S (nor until the next layout change), then asked once more:
 support can change (ECC or MIG mode toggled, a driver update), and a health
 field must not stay unread for good because of one odd answer.
+
+With `--process-metrics` on, every `process_interval`-th cycle also asks each device for its
+processes (`Backend.processes`): one query per GPU, or per selected MIG instance on a MIG-enabled
+GPU (NVML's per-instance lists; the GPU handle's aggregate list needs privileges and would count each
+process twice). The queries join the cycle's batch after every field read, as calls of their own
+under the same deadline: a hung process query ties up only a lane, never the device's sample.
+Between queries the last lists are carried; a device whose query failed, or is still running, is
+absent from `Snapshot.processes` (its last list could charge pods that have finished).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from exporter.devices import DeviceSelector
 from exporter.fields import FieldSpec, is_polled, lookup
 from exporter.lanes import Batch, Lanes, Read, Worker
 from exporter.logs import Reminder
-from exporter.model import Gpu, Inventory, MigDevice, ReadResult
+from exporter.model import Gpu, GpuProcess, Inventory, MigDevice, ReadResult
 from exporter.snapshot import DeviceSample, Snapshot
 
 log = structlog.get_logger("exporter.collector")
@@ -76,8 +84,11 @@ class _DeviceState:
     wanted: tuple[FieldSpec, ...] | None = None
     wanted_from: tuple[FieldSpec, ...] = ()
     wanted_until: float = 0.0
-    pending: Read | None = None
+    pending: Read[ReadResult] | None = None
     pending_since_cycle: int = 0  # the cycle that submitted `pending`
+    # --process-metrics: the query in flight, and the last list (None: the last query failed or is late)
+    process_query: Read[tuple[GpuProcess, ...]] | None = None
+    processes: tuple[GpuProcess, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -105,8 +116,12 @@ class Collector:
         interval_s: float,
         device_timeout_s: float,
         clock: Callable[[], float] = time.time,
+        process_interval: int = 0,
     ) -> None:
+        """`process_interval`: query the process lists every that many cycles; 0: never (--process-metrics off)."""
         self.backend = backend
+        self.process_interval = process_interval
+        self._processes_read_at = 0.0
         self.selector = selector
         self.interval_s = interval_s
         self.device_timeout_s = device_timeout_s
@@ -243,9 +258,13 @@ class Collector:
         batch = Batch()
         for t in targets:
             self._submit(t, batch)
+        process_targets = self._process_targets(targets)
+        for t in process_targets:
+            self._submit_process_query(t, batch)
         if batch.left:
             self._wait(batch, deadline)
         samples = [self._collect(t) if t.exported else replace(self._collect(t), exported=False) for t in targets]
+        processes = self._collect_processes(process_targets) if self.process_interval else {}
         present = {g.uuid for g in inventory.gpus}
         vanished = tuple(sorted(u for u in self._ever_seen if u not in present))
         self.collections += 1
@@ -258,6 +277,8 @@ class Collector:
             fields=self.counters.fields,
             nvml_errors=dict(self.nvml_errors),
             collections=self.collections,
+            processes=processes,
+            processes_read_at=self._processes_read_at,
         )
         self.last_snapshot = snapshot
         for fn in self._listeners:
@@ -281,6 +302,63 @@ class Collector:
             wanted = t.fields
         state.pending = batch.add(_reader(self.backend, t.uuid, wanted))
         state.pending_since_cycle = self.collections
+
+    # --- process lists (--process-metrics) ---
+    def _process_targets(self, targets: Sequence[_Target]) -> list[_Target]:
+        """The devices whose processes are listed: each GPU, but the selected instances of a MIG-enabled GPU."""
+        if not self.process_interval:
+            return []
+        with_instances = {t.gpu.uuid for t in targets if t.mig is not None}
+        return [t for t in targets if t.mig is not None or t.gpu.uuid not in with_instances]
+
+    def _submit_process_query(self, t: _Target, batch: Batch) -> None:
+        if self.collections % self.process_interval:
+            return  # not due: the last lists are carried
+        state = self._devices[t.uuid]
+        if state.process_query is not None:
+            return  # the previous query still runs (hung): don't queue another behind it
+        backend, uuid = self.backend, t.uuid
+        state.process_query = batch.add(lambda: backend.processes(uuid))
+        self._processes_read_at = self._clock()
+
+    def _collect_processes(self, targets: Sequence[_Target]) -> dict[str, tuple[GpuProcess, ...]]:
+        lists: dict[str, tuple[GpuProcess, ...]] = {}
+        for t in targets:
+            state = self._devices[t.uuid]
+            query = state.process_query
+            if query is not None:
+                if not query.done:
+                    state.processes = None
+                    if self._said.due((t.uuid, "processes_late")):
+                        log.warning("process_query_late", uuid=t.uuid, timeout_s=self.device_timeout_s)
+                    continue
+                state.process_query = None
+                try:
+                    state.processes = query.result()
+                except Exception as exc:
+                    state.processes = None
+                    name = exc.error if isinstance(exc, DeviceError) else type(exc).__name__
+                    if self._said.due((t.uuid, "processes_failed")):
+                        log.warning("process_query_failed", uuid=t.uuid, error=name, detail=str(exc))
+                else:
+                    ended = [w for w in ("processes_late", "processes_failed") if self._said.clear((t.uuid, w))]
+                    if ended:
+                        log.info("process_query_answered_again", uuid=t.uuid, after=ended)
+            if state.processes is not None:
+                lists.update(self._by_device(t, state.processes))
+        return lists
+
+    @staticmethod
+    def _by_device(t: _Target, processes: tuple[GpuProcess, ...]) -> dict[str, tuple[GpuProcess, ...]]:
+        """A MIG-enabled GPU's own list holds its instances' processes: each goes to its instance's MIG UUID."""
+        if t.mig is not None or not t.gpu.mig_enabled:
+            return {t.uuid: processes}
+        by_gi = {m.gpu_instance_id: m.uuid for m in t.gpu.migs}
+        split: dict[str, list[GpuProcess]] = {t.uuid: []}
+        for p in processes:
+            uuid = by_gi.get(p.gpu_instance_id, t.uuid) if p.gpu_instance_id is not None else t.uuid
+            split.setdefault(uuid, []).append(p)
+        return {uuid: tuple(ps) for uuid, ps in split.items()}
 
     def _wanted(self, state: _DeviceState, fields: tuple[FieldSpec, ...]) -> tuple[FieldSpec, ...]:
         """The fields to ask for: all but those answered NOT_SUPPORTED less than UNSUPPORTED_RETRY_S ago."""

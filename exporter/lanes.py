@@ -15,9 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
-
-from exporter.model import ReadResult
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -62,16 +60,16 @@ class Worker:
                 self.busy_since = None
 
 
-class Read:
-    """One device read of a cycle's batch; `done` once run (result or exception kept)."""
+class Read(Generic[T]):
+    """One call of a cycle's batch (a device read, a process query); `done` once run (result or exception kept)."""
 
     __slots__ = ("batch", "done", "error", "fn", "value")
 
-    def __init__(self, fn: Callable[[], ReadResult], batch: Batch) -> None:
-        self.fn = fn
+    def __init__(self, fn: Callable[[], T], batch: Batch) -> None:
+        self.fn: Callable[[], T] = fn
         self.batch = batch
         self.done = False
-        self.value: ReadResult | None = None
+        self.value: T | None = None
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -82,14 +80,14 @@ class Read:
         self.fn = _spent  # drop the closure (its field tuple) once run
         self.batch.finished(self)
 
-    def result(self) -> ReadResult:
+    def result(self) -> T:
         if self.error is not None:
             raise self.error
         assert self.value is not None
         return self.value
 
 
-def _spent() -> ReadResult:
+def _spent() -> Any:
     raise RuntimeError("read already run")
 
 
@@ -98,24 +96,24 @@ class Batch:
 
     def __init__(self) -> None:
         self.cond = threading.Condition(threading.Lock())
-        self.queued: deque[Read] = deque()
+        self.queued: deque[Read[Any]] = deque()
         self.left = 0  # reads not finished yet
         self.taken_at = 0.0  # monotonic time the newest read was taken by a lane
 
-    def add(self, fn: Callable[[], ReadResult]) -> Read:
+    def add(self, fn: Callable[[], T]) -> Read[T]:
         read = Read(fn, self)
         self.queued.append(read)
         self.left += 1
         return read
 
-    def take(self) -> Read | None:
+    def take(self) -> Read[Any] | None:
         with self.cond:
             if not self.queued:
                 return None
             self.taken_at = time.monotonic()
             return self.queued.popleft()
 
-    def finished(self, read: Read) -> None:
+    def finished(self, read: Read[Any]) -> None:
         with self.cond:
             read.done = True
             self.left -= 1
