@@ -6,6 +6,7 @@ import time
 from exporter.collector import Collector
 from exporter.counters import parse_counters
 from exporter.devices import parse_device_selector
+from exporter.model import GpuProcess
 from tests.core.fakebackend import ScriptedBackend
 
 FIELDS = parse_counters(
@@ -226,3 +227,112 @@ def test_reads_queued_behind_more_hung_reads_than_the_deadline_fits_are_still_re
         for ev in b.hang.values():
             ev.set()
         c.stop()
+
+
+# ------------------------------------------------------------- process lists (--process-metrics)
+
+
+def _proc(pid: int, mib: int, gi: int | None = None) -> GpuProcess:
+    return GpuProcess(pid, "compute", mib << 20, gpu_instance_id=gi, compute_instance_id=0 if gi is not None else None)
+
+
+def with_processes(backend: ScriptedBackend, interval: int = 1, devices: str = "f", timeout: float = 0.3) -> Collector:
+    return Collector(
+        backend,
+        FIELDS,
+        parse_device_selector(devices),
+        interval_s=1.0,
+        device_timeout_s=timeout,
+        process_interval=interval,
+    )
+
+
+def test_process_metrics_off_never_asks_and_leaves_the_snapshot_empty() -> None:
+    b = ScriptedBackend()
+    b.process_lists = {"GPU-00000000": (_proc(10, 100),)}
+    c = make(b)
+    for _ in range(3):
+        snap = c.run_once()
+    assert b.process_asked == []
+    assert snap.processes == {} and snap.processes_read_at == 0.0
+
+
+def test_processes_reach_the_snapshot_every_interval_and_are_carried_between() -> None:
+    b = ScriptedBackend()
+    b.process_lists = {"GPU-00000000": (_proc(10, 100), _proc(11, 200)), "GPU-00000001": ()}
+    c = with_processes(b, interval=3)
+    snap = c.run_once()
+    assert dict(snap.processes) == {"GPU-00000000": (_proc(10, 100), _proc(11, 200)), "GPU-00000001": ()}
+    assert snap.processes_read_at > 0
+    read_at = snap.processes_read_at
+    b.process_lists["GPU-00000001"] = (_proc(12, 300),)
+    for _ in range(2):  # not due: no query, the last lists carried
+        snap = c.run_once()
+        assert snap.processes["GPU-00000001"] == () and snap.processes_read_at == read_at
+    assert b.process_asked == ["GPU-00000000", "GPU-00000001"]
+    snap = c.run_once()  # the 4th cycle: due again
+    assert snap.processes["GPU-00000001"] == (_proc(12, 300),)
+    assert b.process_asked[2:] == ["GPU-00000000", "GPU-00000001"]
+
+
+def test_a_failed_process_query_leaves_the_device_absent_and_its_sample_up() -> None:
+    b = ScriptedBackend()
+    b.values = {"GPU-00000000": {"DCGM_FI_DEV_GPU_TEMP": 40}}
+    b.process_lists = {"GPU-00000000": (_proc(10, 100),), "GPU-00000001": (_proc(20, 100),)}
+    b.process_errors = {"GPU-00000000": "NVMLError_Unknown"}
+    c = with_processes(b)
+    snap = c.run_once()
+    assert "GPU-00000000" not in snap.processes and snap.processes["GPU-00000001"] == (_proc(20, 100),)
+    sample = snap.sample("GPU-00000000")
+    assert sample is not None and sample.up and not sample.stale and sample.values["DCGM_FI_DEV_GPU_TEMP"] == 40
+    del b.process_errors["GPU-00000000"]
+    assert c.run_once().processes["GPU-00000000"] == (_proc(10, 100),)
+
+
+def test_a_hung_process_query_keeps_the_cycle_within_the_deadline_and_the_sample_fresh() -> None:
+    b = ScriptedBackend()
+    b.values = {"GPU-00000000": {"DCGM_FI_DEV_GPU_TEMP": 40}, "GPU-00000001": {"DCGM_FI_DEV_GPU_TEMP": 41}}
+    b.process_lists = {"GPU-00000000": (_proc(10, 100),), "GPU-00000001": (_proc(20, 100),)}
+    c = with_processes(b, timeout=0.3)
+    c.run_once()
+    gate = b.process_hang["GPU-00000000"] = threading.Event()
+    t0 = time.monotonic()
+    snap = c.run_once()
+    assert time.monotonic() - t0 < 1.0  # bounded by the deadline, not by the hang
+    assert "GPU-00000000" not in snap.processes  # a late list is not served as current
+    assert snap.processes["GPU-00000001"] == (_proc(20, 100),)
+    assert all(s.up and not s.stale for s in snap.samples)  # the device's own read was not held up
+    asked = len(b.process_asked)
+    snap = c.run_once()  # no second query queued behind the hung one
+    assert b.process_asked[asked:] == ["GPU-00000001"]
+    b.process_lists["GPU-00000000"] = (_proc(10, 150),)
+    del b.process_hang["GPU-00000000"]
+    gate.set()
+    deadline = time.monotonic() + 5
+    while "GPU-00000000" not in snap.processes and time.monotonic() < deadline:
+        snap = c.run_once()
+    # the hung query's answer (asked before the change) arrives, then the next query's
+    assert snap.processes["GPU-00000000"] in ((_proc(10, 100),), (_proc(10, 150),))
+
+
+def test_a_mig_enabled_gpu_is_asked_per_selected_instance_or_split_by_instance() -> None:
+    b = ScriptedBackend(gpus=2, mig_on=1)
+    b.process_lists = {
+        "GPU-00000000": (_proc(10, 100),),
+        "GPU-00000001": (_proc(30, 300, gi=1), _proc(31, 100, gi=5)),
+        "MIG-1-a": (_proc(30, 300, gi=1),),
+        "MIG-1-b": (_proc(31, 100, gi=5),),
+    }
+    snap = with_processes(b, devices="f").run_once()  # the instances are selected: asked one by one
+    assert sorted(b.process_asked) == ["GPU-00000000", "MIG-1-a", "MIG-1-b"]
+    assert dict(snap.processes) == {
+        "GPU-00000000": (_proc(10, 100),),
+        "MIG-1-a": (_proc(30, 300, gi=1),),
+        "MIG-1-b": (_proc(31, 100, gi=5),),
+    }
+    b.process_asked.clear()
+    snap = with_processes(b, devices="g").run_once()  # GPUs only: the GPU's list, split by instance
+    assert sorted(b.process_asked) == ["GPU-00000000", "GPU-00000001"]
+    assert snap.processes["MIG-1-a"] == (_proc(30, 300, gi=1),)
+    assert snap.processes["MIG-1-b"] == (_proc(31, 100, gi=5),)
+    assert snap.processes["GPU-00000001"] == ()
