@@ -26,6 +26,7 @@ from exporter.counters import CountersError, load_counters
 from exporter.dcgmexp import DcgmExpFamilies
 from exporter.events import EventPump
 from exporter.health.engine import HealthEngine
+from exporter.health.expose import gpus_json
 from exporter.labels import RenderContext
 from exporter.model import Inventory
 from exporter.render import Renderer
@@ -36,6 +37,7 @@ from exporter.xid import XidTracker
 if TYPE_CHECKING:  # grpc and kubernetes: imported only when the feature is enabled
     from exporter.deviceplugin import DevicePluginManager
     from exporter.health.nodestatus import NodeStatusReporter
+    from exporter.pods.gpushare import GpuShare
     from exporter.pods.mapper import PodMapper
     from exporter.scheduling.parts import SchedulingParts
 
@@ -104,6 +106,7 @@ class App:
         )
         self.pods = self._make_pods()
         self.dcgmexp.pods = self.pods  # pod labels on the DCGM_EXP_* families too, as dcgm-exporter
+        self.gpushare = self._make_gpushare()
         self.ctx = RenderContext(cfg.host_label, hostname())
         self.renderer = Renderer(self.ctx, self.xids, self.backend.name, pods=self.pods, mig_layout=cfg.mig_layout)
         self.events = EventPump(self.backend, lambda: self.collector.inventory, self.collector.request_rediscovery)
@@ -116,7 +119,7 @@ class App:
                 exposition=lambda: self.renderer.current,
                 health=self.liveness,
                 ready=self.readiness,
-                gpus_json=self.health.gpus_json,
+                gpus_json=self.gpus_json,
             ),
         )
         self.backend_ready = False
@@ -156,9 +159,31 @@ class App:
                 enable_pod_labels=cfg.kubernetes_enable_pod_labels,
                 pod_labels_allowlist=cfg.kubernetes_pod_labels_allowlist,
                 dra=cfg.kubernetes_dra,
+                process_metrics=cfg.process_metrics != "off",
                 kubeconfig=cfg.kubeconfig,
             )
         )
+
+    def _make_gpushare(self) -> GpuShare | None:
+        """--process-metrics: who uses how much of each GPU; pod names come from the pod mapper's pod
+        watch (-k), without it processes are still reported, with empty pod names."""
+        if self.cfg.process_metrics == "off":
+            return None
+        from exporter.pods.gpushare import GpuShare
+
+        pods = self.pods
+        return GpuShare(
+            self.cfg.host_proc,
+            per_pid=self.cfg.process_metrics == "per-pid",
+            pod_items=pods.pod_items if pods is not None else None,
+        )
+
+    def gpus_json(self) -> bytes:
+        """/gpus: the health view of each device, with its processes under --process-metrics."""
+        devices = self.health.list()
+        if self.gpushare is not None:
+            devices = self.gpushare.add_processes(devices)
+        return gpus_json(devices)
 
     def _make_scheduling(self) -> SchedulingParts | None:
         """DeviceTaintRules, the Node taint, pod Events (kubernetes: imported only when one is on)."""
@@ -216,6 +241,8 @@ class App:
             self.pods.refresh(snapshot.inventory)
         self.health.on_snapshot(snapshot)
         self.dcgmexp.on_snapshot(snapshot)  # before the render that reads it
+        if self.gpushare is not None:
+            self.gpushare.on_snapshot(snapshot)  # resolves new PIDs to pods (cached); before the render
         self.renderer.render(snapshot)
 
     def reload_counters(self) -> None:
@@ -257,6 +284,8 @@ class App:
         self.renderer.contributors.append(self.dcgmexp)
         if self.pods is not None:  # starts its worker on the first refresh
             self.renderer.contributors.append(self.pods)
+        if self.gpushare is not None:
+            self.renderer.contributors.append(self.gpushare)
         self.renderer.contributors.append(self.health)
         self.renderer.contributors.append(self.events)
         self.server.start()

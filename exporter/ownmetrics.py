@@ -16,6 +16,7 @@ from exporter.deviceplugin import manager
 from exporter.family import Family
 from exporter.health import blindspots, expose
 from exporter.pods import expose as mapper  # the pods part's families (mapper.FAMILIES below)
+from exporter.pods import gpushare
 from exporter.proxy import metrics as proxy_metrics
 from exporter.scheduling import drataints, faults, nodetaint, podevents
 
@@ -27,6 +28,7 @@ OWN_METRICS: tuple[Family, ...] = (
     *blindspots.FAMILIES,
     *events.FAMILIES,
     *mapper.FAMILIES,
+    *gpushare.FAMILIES,
     *manager.FAMILIES,
     *drataints.FAMILIES,
     *nodetaint.FAMILIES,

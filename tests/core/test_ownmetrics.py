@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from tests.e2e.nvmlnode import GOLDEN, SCENARIOS, NvmlNode
 from tests.fakeapiserver import FakeApiServer
 from tests.fakekubelet import FakeKubelet as PodResourcesKubelet
 from tests.fakenvmllib import FakeNvmlBuild, load_scenario
+from tests.pods.fakeproc import FakeProc, systemd_path, v2_file
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -118,11 +120,19 @@ def golden(scenario: str) -> dict[str, Served]:
 
 @pytest.fixture(scope="module")
 def feature_run(fakenvml_build: FakeNvmlBuild, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """/metrics of the real daemon on two fake H100s with pods and the device plugin on, an XID, NVML errors
-    and a health field that goes missing."""
+    """/metrics of the real daemon on two fake H100s with pods and the device plugin on, an XID, NVML errors,
+    a health field that goes missing, and a process of pod ns/p on GPU 0 (--process-metrics)."""
     scenario = load_scenario("h100x8")
     scenario["devices"] = scenario["devices"][:2]
     gpu0 = scenario["devices"][0]["uuid"]
+    # A real process, placed in pod ns/p's cgroup in a fake host /proc, listed by NVML with utilisation samples.
+    worker = subprocess.Popen(["sleep", "600"])
+    proc = FakeProc(tmp_path_factory.mktemp("hostproc"))
+    pod_uid, container_id = "0b1c2d3e-4f50-4617-8293-a4b5c6d7e8f9", "c0" * 32
+    proc.place(worker.pid, v2_file(systemd_path(pod_uid, container_id)))
+    scenario["devices"][0]["processes"] = [
+        {"pid": worker.pid, "used_memory_mib": 1024, "sm": 30, "mem": 10, "enc": 1, "dec": 2}
+    ]
     short = tempfile.mkdtemp(prefix="ghe-om-", dir="/tmp")  # unix socket paths: 107 bytes at most
     pods = PodResourcesKubelet(os.path.join(short, "pod-resources", "kubelet.sock"))
     pod = {"name": "p", "namespace": "ns", "containers": [{"name": "c", "devices": [
@@ -137,10 +147,14 @@ def feature_run(fakenvml_build: FakeNvmlBuild, tmp_path_factory: pytest.TempPath
     device = {"name": "gpu-0", "attributes": {"uuid": {"string": gpu0}}}
     spec = {"driver": "gpu.nvidia.com", "nodeName": "test-node", "pool": {"name": "test-node"}, "devices": [device]}
     api.upsert_resource_slice({"metadata": {"name": "s"}, "spec": spec})
+    status = {"containerStatuses": [{"name": "c", "containerID": f"containerd://{container_id}"}]}
+    meta = {"name": "p", "namespace": "ns", "uid": pod_uid}
+    api.upsert_pod({"metadata": meta, "spec": {"nodeName": "test-node"}, "status": status})
     args = ["-c", "200", "-k", "--pod-resources-kubelet-socket", pods.socket_path]
     args += ["--device-plugin", "--device-plugin-dir", registration.plugin_dir]
     args += ["--kubeconfig", api.write_kubeconfig(os.path.join(short, "kubeconfig")), "--dra-device-taints"]
     args += ["--health-node-taint", "gpu-health-exporter/unhealthy:NoSchedule", "--kubernetes-events"]
+    args += ["--process-metrics", "per-pod", "--host-proc", str(proc.root)]
     node = NvmlNode(fakenvml_build, tmp_path_factory.mktemp("feature"), scenario, args)
     exp = node.exporter
     try:
@@ -156,6 +170,8 @@ def feature_run(fakenvml_build: FakeNvmlBuild, tmp_path_factory: pytest.TempPath
             text = exp.metrics()  # the test below names what is missing
     finally:
         assert exp.stop() == 0
+        worker.kill()
+        worker.wait()
         registration.stop()
         pods.stop()
         api.stop()
