@@ -67,6 +67,8 @@ class Proc:
     kind: str
     gpu: int
     mig_slot: int | None  # position in the parent's MIG instance list
+    sm: int | None = None  # the scenario's utilisation sample ("sm", "mem"), if any
+    mem: int | None = None
 
 
 @dataclass
@@ -129,9 +131,13 @@ def expected(scenario: dict[str, Any]) -> list[Gpu]:
             for slot, inst in enumerate(mig.get("instances", [])):
                 gpu.mig_uuids.append(inst["uuid"])
                 gpu.procs += [
-                    Proc(p["pid"], p["used_memory_mib"], p["kind"], i, slot) for p in inst.get("processes", [])
+                    Proc(p["pid"], p["used_memory_mib"], p["kind"], i, slot, p.get("sm"), p.get("mem"))
+                    for p in inst.get("processes", [])
                 ]
-        gpu.procs += [Proc(p["pid"], p["used_memory_mib"], p["kind"], i, None) for p in d.get("processes", [])]
+        gpu.procs += [
+            Proc(p["pid"], p["used_memory_mib"], p["kind"], i, None, p.get("sm"), p.get("mem"))
+            for p in d.get("processes", [])
+        ]
         gpus.append(gpu)
     return gpus
 
@@ -249,7 +255,8 @@ def test_nvitop_once(run: Run) -> None:
         assert between(float(readings.group(1)), *want.temp, 1)
         assert abs(size(readings.group(3)) - want.mem_total) <= 0.01 * GIB
     # Process panel: "| 0:1   7388 C   root  3584MiB ..." (GPU index, MIG slot after the colon).
-    proc = re.compile(r"^\|\s+(\d+(?::\d+)?)\s+(\d+)\s+(C|G|C\+G)\s+\S+\s+(\S+)\s")
+    # then %SM and %GMBW: the process's utilisation sample (nvmlDeviceGetProcessUtilization), 0 without one
+    proc = re.compile(r"^\|\s+(\d+(?::\d+)?)\s+(\d+)\s+(C|G|C\+G)\s+\S+\s+(\S+)\s+(\S+)\s+(\S+)\s")
     seen = {int(m.group(2)): m for line in lines if (m := proc.match(line))}
     for p in (p for g in run.gpus for p in g.procs):
         assert p.pid in seen, f"pid {p.pid} missing from:\n{out}"
@@ -257,6 +264,8 @@ def test_nvitop_once(run: Run) -> None:
         assert m.group(1) == (f"{p.gpu}:{p.mig_slot}" if p.mig_slot is not None else f"{p.gpu}")
         assert m.group(3) == {"compute": "C", "graphics": "G", "compute+graphics": "C+G"}[p.kind]
         assert size(m.group(4)) == p.mib * MIB
+        if p.sm is not None:
+            assert (m.group(5), m.group(6)) == (str(p.sm), str(p.mem)), m.group(0)
 
 
 # ---------------------------------------------------------- nvitop-exporter
