@@ -11,6 +11,9 @@ from typing import Any
 import pytest
 
 from exporter.backend import DeviceError, DeviceLostError, MonitorError
+from exporter.collector import Collector
+from exporter.counters import parse_counters
+from exporter.devices import parse_device_selector
 from exporter.model import GpuProcess
 from exporter.nvml import NvmlBackend
 from tests.fakenvmllib import FakeNvml
@@ -239,3 +242,65 @@ def test_a_lost_gpu_raises_device_lost(start: Callable[..., NvmlBackend], fake_n
     with pytest.raises(DeviceLostError):
         backend.processes(GPU0)
     assert backend.processes(GPU1) == ()
+
+
+# ------------------------------------------------------- through the collector
+
+
+def collector(backend: NvmlBackend, process_interval: int, timeout: float = 0.5) -> Collector:
+    counters = parse_counters("DCGM_FI_DEV_GPU_TEMP, gauge, t\n", "t.csv")
+    return Collector(
+        backend,
+        counters,
+        parse_device_selector("f"),
+        interval_s=1.0,
+        device_timeout_s=timeout,
+        process_interval=process_interval,
+    )
+
+
+PROCESS_SYMBOLS = (
+    "nvmlDeviceGetComputeRunningProcesses_v3",
+    "nvmlDeviceGetGraphicsRunningProcesses_v3",
+    "nvmlDeviceGetMPSComputeRunningProcesses_v3",
+    "nvmlDeviceGetProcessesUtilizationInfo",
+    "nvmlDeviceGetProcessUtilization",
+)
+
+
+def test_process_metrics_off_makes_no_process_call_on_nvml(
+    start: Callable[..., NvmlBackend], fake_nvml: FakeNvml
+) -> None:
+    backend = start(two_gpus(SHARED))
+    c = collector(backend, 0)
+    try:
+        for _ in range(3):
+            snap = c.run_once()
+    finally:
+        c.stop()
+    assert snap.processes == {} and all(s.up for s in snap.samples)
+    assert {s: fake_nvml.calls(s) for s in PROCESS_SYMBOLS} == dict.fromkeys(PROCESS_SYMBOLS, 0)
+
+
+def test_a_hung_process_query_on_nvml_holds_up_neither_the_cycle_nor_the_samples(
+    start: Callable[..., NvmlBackend], fake_nvml: FakeNvml
+) -> None:
+    backend = start(two_gpus(SHARED))
+    c = collector(backend, 1, timeout=0.5)
+    try:
+        snap = c.run_once()
+        assert sorted(p.pid for p in snap.processes[GPU0]) == [4100, 4200, 4300, 4400]
+        fake_nvml.control("hang", gpu=0, call="nvmlDeviceGetComputeRunningProcesses", seconds=30)
+        t0 = time.monotonic()
+        snap = c.run_once()
+        assert time.monotonic() - t0 < 2.0  # the deadline, not the 30 s hang
+        assert GPU0 not in snap.processes and snap.processes[GPU1] == ()
+        assert all(s.up and not s.stale for s in snap.samples)
+        fake_nvml.control("clear", gpu=0, call="nvmlDeviceGetComputeRunningProcesses")
+        deadline = time.monotonic() + 10
+        while GPU0 not in snap.processes:
+            assert time.monotonic() < deadline, "the released query never answered"
+            snap = c.run_once()
+        assert len(snap.processes[GPU0]) == 4
+    finally:
+        c.stop()
