@@ -49,7 +49,9 @@ from tests.deploy.deploy_common import (
 )
 from tests.deploy.prom_helpers import PrometheusServer, make_config, start_prometheus
 from tests.e2e.harness import ExporterProcess
+from tests.fakeapiserver import FakeApiServer
 from tests.fakekubelet import FakeKubelet
+from tests.pods.fakeproc import FakeProc, systemd_path, v2_file
 
 JOB = "gpu-health-exporter"
 FOR = "2s"
@@ -93,6 +95,7 @@ class Scenario:
     kubelet: FakeKubelet
     started: float
     uuids: dict[int, str]
+    shared_pods: dict[str, float]  # --process-metrics: pod on the time-shared GPU 2 -> its share of the memory
 
 
 def kubelet_layout(spec: str) -> dict[str, Any]:
@@ -130,6 +133,29 @@ def kubelet_layout(spec: str) -> dict[str, Any]:
     return {"pods": pods, "allocatable": allocatable}
 
 
+def place_processes(spec: str, proc: FakeProc, api: FakeApiServer) -> dict[str, float]:
+    """--process-metrics on node-a: the simulator's processes on the time-shared GPU 2 placed (fake host
+    /proc) in the cgroups of pods infer-a and infer-b, which the fake API server serves with their
+    container IDs; every other simulated process is a host process. Returns pod -> its memory share."""
+    backend = SimulatedBackend.from_spec(spec)
+    gpus = backend.discover().gpus
+    shared = backend.processes(gpus[2].uuid)
+    assert len(shared) == 2, shared  # the simulator's deterministic split for this seed
+    shares = {}
+    total = sum(p.used_memory_bytes or 0 for p in shared)
+    for i, (p, name) in enumerate(zip(shared, ("infer-a", "infer-b"), strict=True)):
+        uid, cid = f"5a4ed000-0000-4000-8000-00000000000{i}", f"{i}f" * 32
+        proc.place(p.pid, v2_file(systemd_path(uid, cid)))
+        status = {"containerStatuses": [{"name": "main", "containerID": f"containerd://{cid}"}]}
+        meta = {"name": name, "namespace": "infer", "uid": uid}
+        api.upsert_pod({"metadata": meta, "spec": {"nodeName": "node-a"}, "status": status})
+        shares[name] = (p.used_memory_bytes or 0) / total
+    for gpu in gpus:
+        for p in backend.processes(gpu.uuid) if gpu.index != 2 else ():
+            proc.place(p.pid, v2_file("/system.slice/batch-job.service"))
+    return shares
+
+
 def fast_rules(path: Path) -> Path:
     """A copy of the real rules with every `for:` set to FOR, so alerts fire within the test."""
     rules = yaml.safe_load(RULES.read_text())
@@ -147,11 +173,13 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
     sock_dir = tempfile.mkdtemp(prefix="k", dir="/tmp")  # unix socket paths are limited to 107 bytes
     started = time.time()
     kubelet = FakeKubelet(Path(sock_dir) / "kubelet.sock", kubelet_layout(SPEC_A)).start()
-    node_a = ExporterProcess(
-        [f"--simulate={SPEC_A}", "-c", "500", "-k", "--pod-resources-kubelet-socket", kubelet.socket_path],
-        tmp / "node-a",
-        env={"NODE_NAME": "node-a"},
-    )
+    api = FakeApiServer().start()
+    proc = FakeProc(tmp / "hostproc")
+    shared_pods = place_processes(SPEC_A, proc, api)
+    args_a = [f"--simulate={SPEC_A}", "-c", "500", "-k", "--pod-resources-kubelet-socket", kubelet.socket_path]
+    args_a += ["--process-metrics", "per-pod", "--host-proc", str(proc.root)]
+    args_a += ["--kubeconfig", api.write_kubeconfig(Path(sock_dir) / "kubeconfig")]
+    node_a = ExporterProcess(args_a, tmp / "node-a", env={"NODE_NAME": "node-a"})
     node_b = ExporterProcess([f"--simulate={SPEC_B}", "-c", "500"], tmp / "node-b", env={"NODE_NAME": "node-b"})
     node_c = ExporterProcess(
         [f"--simulate={SPEC_C}", "-c", "500", "--mig-layout", "parent"], tmp / "node-c", env={"NODE_NAME": "node-c"}
@@ -170,7 +198,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         node_c.wait_ready()
         prom.wait_for_targets_up(JOB, timeout=30)
         uuids = {g.index: g.uuid for g in SimulatedBackend.from_spec(SPEC_A).discover().gpus}
-        yield Scenario(prom, node_a, node_b, node_c, kubelet, started, uuids)
+        yield Scenario(prom, node_a, node_b, node_c, kubelet, started, uuids, shared_pods)
     finally:
         if prom is not None:
             prom.stop()
@@ -178,6 +206,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         node_b.stop()
         node_c.stop()
         kubelet.stop()
+        api.stop()
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
@@ -296,6 +325,30 @@ def test_panels_see_pods_mig_and_shared_gpus(scenario: Scenario) -> None:
     assert len(fraction) == 1 and 0.5 <= float(fraction[0]["value"][1]) <= 1.05, fraction
     hosts = {s["metric"]["Hostname"] for s in prom.query("DCGM_FI_DEV_GPU_TEMP")}
     assert hosts == {"node-a", "node-b", "node-c"}
+
+
+def test_shared_gpu_row_shows_each_pods_memory_and_sm(scenario: Scenario) -> None:
+    """The workload dashboard's Shared GPU row: the time-shared GPU 2's two pods, each with its own
+    values (the simulator's split of the GPU between its two processes), host processes left out."""
+    prom = scenario.prom
+    wait_for_history(prom)
+    queries = {k: v for k, v in dashboard_queries().items() if "(per device)" in k}
+    assert len(queries) == 3, sorted(queries)
+    values = {**GRAFANA_VALUES, "$node": "node-a", "$namespace": ".+"}
+    by_panel: dict[str, dict[str, float]] = {}
+    for key, (expr, _instant, _legend) in queries.items():
+        result = prom.query(substitute_grafana_vars(expr, values, ALL_VALUE))
+        on_gpu2 = [s for s in result if s["metric"].get("uuid") == scenario.uuids[2]]
+        by_panel[key.split("/")[1]] = {s["metric"]["pod"]: float(s["value"][1]) for s in on_gpu2}
+        assert {s["metric"]["namespace"] for s in result} == {"infer"}, key  # host processes are not pods
+    memory = by_panel["GPU memory by pod (per device)"]
+    share = by_panel["GPU memory share by pod (per device)"]
+    sm = by_panel["SM share by pod (per device)"]
+    assert set(memory) == set(share) == set(sm) == {"infer-a", "infer-b"}
+    assert memory["infer-a"] != memory["infer-b"] and min(memory.values()) > 0
+    for pod, expected in scenario.shared_pods.items():
+        assert abs(share[pod] - expected) < 0.01, (pod, share, scenario.shared_pods)
+    assert all(0 <= v <= 1 for v in sm.values()) and sm["infer-a"] != sm["infer-b"]
 
 
 def test_mig_gpu_panels_work_under_both_layouts(scenario: Scenario) -> None:

@@ -105,6 +105,7 @@ def workload() -> dict[str, Any]:
         "bytes",
         w=24,
     )
+    shared_gpu_row(b)
     b.add(
         "table",
         "Current allocations",
@@ -116,3 +117,60 @@ def workload() -> dict[str, Any]:
         ],
     )
     return b.render()
+
+
+def shared_gpu_row(b: Board) -> None:
+    """Who uses how much of a shared (time-sliced, MPS) GPU: per pod and container, from the processes
+    NVML lists (--process-metrics, docs/gpu-share.md). Empty while that flag is off."""
+    b.row("Shared GPU")
+    mem = f'gpuhealth_pod_gpu_memory_used_bytes{{{NO}, namespace=~"$namespace", pod!=""}}'
+    every = f"gpuhealth_pod_gpu_memory_used_bytes{{{NO}}}"  # pods, host processes and unplaced ones
+    by_pod = "namespace, pod, hostname, gpu, uuid, gpu_i_id"
+    legend = "{{namespace}}/{{pod}} on {{hostname}} GPU {{gpu}}"
+    b.add(
+        "timeseries",
+        "GPU memory by pod (per device)",
+        [target(f"sum by ({by_pod}) ({mem})", legend)],
+        "bytes",
+        description="The memory NVML accounts to each pod's processes on each GPU or MIG instance.",
+    )
+    b.add(
+        "timeseries",
+        "GPU memory share by pod (per device)",
+        [
+            target(
+                f"sum by ({by_pod}) ({mem}) / on (hostname, uuid, gpu_i_id) group_left "
+                f"sum by (hostname, uuid, gpu_i_id) ({every})",
+                legend,
+            )
+        ],
+        "percentunit",
+        description="Each pod's part of the memory the device's processes use (host processes included in the whole).",
+        defaults={"min": 0, "max": 1},
+    )
+    b.add(
+        "timeseries",
+        "SM share by pod (per device)",
+        [
+            target(
+                f'sum by ({by_pod}) (gpuhealth_pod_sm_utilization_ratio{{{NO}, namespace=~"$namespace", pod!=""}})',
+                legend,
+            )
+        ],
+        "percentunit",
+        description="The sum of each pod's processes' SM utilisation samples on the device (NVML per-process "
+        "utilisation; not sampled on MIG instances).",
+        defaults={"min": 0, "max": 1},
+    )
+    b.add(
+        "timeseries",
+        "Processes per device, in a pod or not",
+        [
+            target(
+                f"sum by (hostname, gpu, gpu_i_id, in_pod) (gpuhealth_gpu_processes{{{NO}}})",
+                "{{hostname}} GPU {{gpu}} in pod: {{in_pod}}",
+            )
+        ],
+        "none",
+        description="in_pod false: host processes, or processes whose /proc entry could not be read.",
+    )
