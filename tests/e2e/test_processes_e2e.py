@@ -193,3 +193,96 @@ def test_off_queries_nothing_and_serves_nothing_new(fakenvml_build: FakeNvmlBuil
         assert status == 200 and all("processes" not in d for d in json.loads(body)["devices"])
     finally:
         assert exp.stop() == 0
+
+
+# ----------------------------------------------- the NVML side (helper F1): lists, MIG, old drivers, hangs
+
+
+def gpus_processes(exp: Any) -> dict[str, list[dict[str, Any]] | None]:
+    """/gpus: device UUID -> its processes as served (None: not read, or the query failed)."""
+    status, body = exp.get("/gpus")
+    assert status == 200, body
+    return {d["uuid"]: d.get("processes") for d in json.loads(body)["devices"]}
+
+
+def wait_gpus(exp: Any, predicate: Any, timeout: float = 20.0) -> dict[str, list[dict[str, Any]] | None]:
+    """Poll /gpus until predicate(uuid -> processes) holds; returns that view."""
+    import time  # here, not at the top: this part of the file is appended by another helper
+
+    deadline = time.monotonic() + timeout
+    view = gpus_processes(exp)
+    while not predicate(view):
+        assert time.monotonic() < deadline, f"/gpus never matched: {view}\nlogs:\n{exp.logs()}"
+        time.sleep(0.1)
+        view = gpus_processes(exp)
+    return view
+
+
+def collections(text: str) -> float:
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith("gpuhealth_collections_total "))
+
+
+def pids_of(view: dict[str, list[dict[str, Any]] | None], uuid: str) -> list[int] | None:
+    listed = view.get(uuid)
+    return None if listed is None else sorted(p["pid"] for p in listed)
+
+
+def test_mig_instances_show_their_own_processes_per_pid(fakenvml_build: FakeNvmlBuild, tmp_path: Path) -> None:
+    scenario = load_scenario("mig")
+    gpu = scenario["devices"][0]
+    instances = {i["uuid"]: [p["pid"] for p in i["processes"]] for i in gpu["mig"]["instances"]}
+    plain = scenario["devices"][1]
+    node = NvmlNode(fakenvml_build, tmp_path, scenario, ["-c", "200", "--process-metrics", "per-pid"])
+    exp = node.exporter
+    try:
+        exp.wait_ready()
+        view = wait_gpus(exp, lambda v: all(v.get(u) is not None for u in [*instances, plain["uuid"]]))
+        for uuid, pids in instances.items():
+            assert pids_of(view, uuid) == sorted(pids), uuid  # each instance its own, the idle one none
+        assert pids_of(view, plain["uuid"]) == [8051]
+        (p8051,) = view[plain["uuid"]] or []
+        assert (p8051["kind"], p8051["used_memory_bytes"]) == ("compute", 16384 * MIB)
+        # a process's memory is charged once: not to the MIG-enabled GPU as well as to its instance
+        assert not view.get(gpu["uuid"])
+    finally:
+        assert exp.stop() == 0
+
+
+def test_an_r470_driver_lists_processes_through_the_older_calls(fakenvml_build: FakeNvmlBuild, tmp_path: Path) -> None:
+    scenario = load_scenario("olddriver")
+    node = NvmlNode(fakenvml_build, tmp_path, scenario, ["-c", "200", "--process-metrics", "per-pid"], old_driver=True)
+    exp = node.exporter
+    try:
+        exp.wait_ready()
+        uuids = [d["uuid"] for d in scenario["devices"]]
+        view = wait_gpus(exp, lambda v: all(v.get(u) is not None for u in uuids))
+        assert [pids_of(view, u) for u in uuids] == [[23101], [23102]]
+        assert "FunctionNotFound" not in exp.logs()  # the missing _v3 forms fell back, nothing failed
+    finally:
+        assert exp.stop() == 0
+
+
+def test_a_hung_process_query_leaves_that_gpu_without_a_list_and_everything_else_running(
+    fakenvml_build: FakeNvmlBuild, tmp_path: Path
+) -> None:
+    scenario = load_scenario("h100x8")
+    scenario["devices"] = scenario["devices"][:2]
+    gpu0, gpu1 = (d["uuid"] for d in scenario["devices"])
+    args = ["-c", "200", "--process-metrics", "per-pid", "--device-timeout", "500"]
+    node = NvmlNode(fakenvml_build, tmp_path, scenario, args)
+    exp = node.exporter
+    try:
+        exp.wait_ready()
+        wait_gpus(exp, lambda v: pids_of(v, gpu0) == [41230, 52011] and pids_of(v, gpu1) == [41231])
+        node.control("hang", gpu=0, call="nvmlDeviceGetComputeRunningProcesses", seconds=60)
+        view = wait_gpus(exp, lambda v: v.get(gpu0) is None)
+        assert pids_of(view, gpu1) == [41231]
+        # collection keeps turning and GPU 0's own fields stay fresh: the hang is only the query's
+        before = collections(exp.metrics())
+        text = exp.wait_for(lambda t: collections(t) >= before + 5)
+        assert node.value(text, "gpuhealth_device_up", gpu="0") == 1
+        assert node.value(text, "DCGM_FI_DEV_GPU_TEMP", gpu="0") is not None
+        node.control("clear", gpu=0, call="nvmlDeviceGetComputeRunningProcesses")
+        wait_gpus(exp, lambda v: pids_of(v, gpu0) == [41230, 52011])
+    finally:
+        assert exp.stop() == 0
