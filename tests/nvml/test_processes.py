@@ -4,6 +4,7 @@ and last-seen, MPS, MIG, unsupported queries remembered, failures."""
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -304,3 +305,22 @@ def test_a_hung_process_query_on_nvml_holds_up_neither_the_cycle_nor_the_samples
         assert len(snap.processes[GPU0]) == 4
     finally:
         c.stop()
+
+
+def test_each_driver_build_has_the_process_symbols_of_its_driver(fakenvml_build: Any) -> None:
+    new, old, r418 = (
+        ctypes.CDLL(str(p)) for p in (fakenvml_build.lib, fakenvml_build.old_lib, fakenvml_build.r418_lib)
+    )
+    kinds = ("Compute", "Graphics", "MPSCompute")
+    v3 = [f"nvmlDeviceGet{k}RunningProcesses_v3" for k in kinds]  # R510
+    v2 = [f"nvmlDeviceGet{k}RunningProcesses_v2" for k in kinds] + ["nvmlDeviceGetMPSComputeRunningProcesses"]
+    always = ["nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"]
+    always.append("nvmlDeviceGetProcessUtilization")
+    for symbol in [*v3, *v2, *always, "nvmlDeviceGetProcessesUtilizationInfo"]:
+        assert hasattr(new, symbol), symbol
+    for symbol in [*v3, "nvmlDeviceGetProcessesUtilizationInfo"]:  # NVML 12.4 (R550) for the latter
+        assert not hasattr(old, symbol) and not hasattr(r418, symbol), symbol
+    for symbol in v2:  # NVML 11.4's nvml.h declares them, 11.0's does not
+        assert hasattr(old, symbol) and not hasattr(r418, symbol), symbol
+    for symbol in always:
+        assert hasattr(old, symbol) and hasattr(r418, symbol), symbol
