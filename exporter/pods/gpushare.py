@@ -19,7 +19,7 @@ from exporter.family import DEVICE_LABELS, Family
 from exporter.labels import RenderContext, format_labels
 from exporter.model import GpuProcess
 from exporter.pods.kube import PodMeta
-from exporter.pods.processes import PodDirectory, ProcessOwner, ProcessResolver, Workload
+from exporter.pods.processes import UNKNOWN, PodDirectory, ProcessOwner, ProcessResolver, Workload
 from exporter.render import format_value
 from exporter.snapshot import Snapshot
 
@@ -87,7 +87,8 @@ class _Row:
 class _View:
     rows: Mapping[str, tuple[tuple[tuple[tuple[str, str], ...], _Row], ...]]  # uuid -> (labels, row), sorted
     counts: Mapping[str, tuple[int, int]]  # uuid -> (in a pod, not)
-    processes: Mapping[str, tuple[dict[str, Any], ...]]  # uuid -> /gpus entries
+    # uuid -> each process with its owner and names: /gpus builds its JSON from these only when asked
+    processes: Mapping[str, tuple[tuple[GpuProcess, ProcessOwner, Workload], ...]]
 
 
 def _add(a: float | int | None, b: float | int | None) -> Any:
@@ -134,24 +135,27 @@ class GpuShare:
     def _build(self) -> _View:
         rows: dict[str, tuple[tuple[tuple[tuple[str, str], ...], _Row], ...]] = {}
         counts: dict[str, tuple[int, int]] = {}
-        entries: dict[str, tuple[dict[str, Any], ...]] = {}
+        entries: dict[str, tuple[tuple[GpuProcess, ProcessOwner, Workload], ...]] = {}
+        named: dict[ProcessOwner, Workload] = {}  # a pod's processes share one owner: name it once
         for uuid, procs in self._processes.items():
             groups: dict[tuple[tuple[str, str], ...], _Row] = {}
             in_pod = 0
             listed = []
             for p in procs:
-                owner = self._owners.get(p.pid, ProcessOwner("unknown"))
-                work = self._directory.workload(owner)
+                owner = self._owners.get(p.pid, UNKNOWN)
+                work = named.get(owner)
+                if work is None:
+                    work = named[owner] = self._directory.workload(owner)
                 in_pod += owner.scope == "pod"
                 key = self._labels(work, p.pid)
                 row = groups.get(key)
-                utils = tuple(getattr(p, f) for f, _ in _UTIL_FIELDS)
+                utils = (p.sm_util, p.mem_util, p.enc_util, p.dec_util)  # in _UTIL_FIELDS order
                 if row is None:
                     groups[key] = _Row(p.used_memory_bytes, utils)
                 else:
                     merged = tuple(_add(a, b) for a, b in zip(row.utils, utils, strict=True))
                     groups[key] = _Row(_add(row.memory, p.used_memory_bytes), merged)
-                listed.append(_process_json(p, owner, work))
+                listed.append((p, owner, work))
             rows[uuid] = tuple(sorted(groups.items()))
             counts[uuid] = (in_pod, len(procs) - in_pod)
             entries[uuid] = tuple(listed)
@@ -199,7 +203,8 @@ class GpuShare:
         out = []
         for device in devices:
             listed = entries.get(str(device.get("uuid", "")))
-            out.append({**device, "processes": list(listed) if listed is not None else None})
+            processes = [_process_json(*entry) for entry in listed] if listed is not None else None
+            out.append({**device, "processes": processes})
         return out
 
 

@@ -15,12 +15,14 @@ is ours to fix, never blamed on a workload.
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from exporter.boundedread import read_regular_file
+from exporter.boundedread import RefusedFile
 from exporter.pods.cgroups import parse_cgroup_file
 from exporter.pods.kube import PodMeta
 
@@ -41,9 +43,30 @@ UNKNOWN = ProcessOwner("unknown")
 HOST = ProcessOwner("host")
 
 
-def read_start_time(host_proc: Path, pid: int) -> int:
+def read_small(path: str, limit: int) -> bytes:
+    """A `/proc` file's bytes (at most `limit`). Opened non-blocking and checked to be a regular file
+    on the open descriptor, so a FIFO or device planted in a --host-proc tree is refused, never waited
+    on. Leaner than exporter.boundedread (no stat before the open): it runs per listed PID per read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RefusedFile("not a regular file")
+        chunks: list[bytes] = []
+        left = limit
+        while left > 0:  # procfs may hand a file over in more than one read
+            chunk = os.read(fd, left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_start_time(host_proc: Path | str, pid: int) -> int:
     """Field 22 of `<host_proc>/<pid>/stat`. Raises OSError (gone, unreadable) or ValueError (malformed)."""
-    text = read_regular_file(host_proc / str(pid) / "stat", _STAT_LIMIT).decode("ascii", "replace")
+    text = read_small(f"{host_proc}/{pid}/stat", _STAT_LIMIT).decode("ascii", "replace")
     # comm (field 2) is in parentheses and may hold spaces and ')': the fields resume after the last ')'.
     _, sep, rest = text.rpartition(")")
     if not sep:
@@ -57,6 +80,7 @@ class ProcessResolver:
 
     def __init__(self, host_proc: Path, *, max_entries: int = 4096) -> None:
         self.host_proc = host_proc
+        self._root = str(host_proc)  # string paths: pathlib's joins cost more than the reads here
         self.max_entries = max_entries
         self._cache: dict[int, tuple[int, ProcessOwner]] = {}
         self.cgroup_reads = 0  # how often a cgroup file was read (cache misses), for tests and benchmarks
@@ -73,7 +97,7 @@ class ProcessResolver:
 
     def _owner(self, pid: int) -> ProcessOwner:
         try:
-            start = read_start_time(self.host_proc, pid)
+            start = read_start_time(self._root, pid)
         except (OSError, ValueError, IndexError):
             self._cache.pop(pid, None)
             return UNKNOWN
@@ -81,7 +105,7 @@ class ProcessResolver:
         if cached is not None and cached[0] == start:
             return cached[1]
         try:
-            text = read_regular_file(self.host_proc / str(pid) / "cgroup", _CGROUP_LIMIT).decode("utf-8", "replace")
+            text = read_small(f"{self._root}/{pid}/cgroup", _CGROUP_LIMIT).decode("utf-8", "replace")
         except OSError:
             self._cache.pop(pid, None)
             return UNKNOWN
