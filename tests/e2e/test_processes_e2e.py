@@ -133,6 +133,7 @@ def pod_key(w: Workload) -> tuple[str, str, str, str]:
 
 
 HOST = ("host", "", "", "")
+UNKNOWN = ("unknown", "", "", "")
 
 
 def test_two_pods_on_one_time_sliced_gpu_each_see_their_own_memory_and_sm(shared: SharedGpu) -> None:
@@ -159,13 +160,14 @@ def test_a_reused_pid_is_charged_to_its_new_pod_and_an_ended_process_leaves(shar
     shared.proc.place(shared.pid["alpha"], v2_file(systemd_path(BETA.uid, BETA.container_id)), start_time=99999)
     text = exp.wait_for(lambda t: pod_key(ALPHA) not in series(t, MEMORY))
     assert series(text, MEMORY)[pod_key(BETA)] == (4096 + 2048) * MIB
-    # beta's processes end: NVML lists only the host process; beta's series go, the count follows.
-    shared.node.control(
-        "processes", gpu=0, processes=[{"pid": shared.pid["host"], "used_memory_mib": 512, "kind": "graphics"}]
-    )
-    text = exp.wait_for(lambda t: series(t, MEMORY) == {HOST: 512 * MIB})
+    # beta's processes end; NVML lists the host process and one whose /proc entry is missing (it ended
+    # between NVML's list and our read, or --host-proc is wrong): unknown, never a pod's, never dropped.
+    host = {"pid": shared.pid["host"], "used_memory_mib": 512, "kind": "graphics"}
+    shared.node.control("processes", gpu=0, processes=[host, {"pid": 4000000, "used_memory_mib": 256}])
+    text = exp.wait_for(lambda t: series(t, MEMORY) == {HOST: 512 * MIB, UNKNOWN: 256 * MIB})
     assert shared.node.value(text, "gpuhealth_gpu_processes", gpu="0", in_pod="true") == 0
-    assert list(shared.gpus()) == [shared.pid["host"]]
+    assert shared.node.value(text, "gpuhealth_gpu_processes", gpu="0", in_pod="false") == 2
+    assert {pid: p["scope"] for pid, p in shared.gpus().items()} == {shared.pid["host"]: "host", 4000000: "unknown"}
 
 
 def test_without_the_api_server_processes_are_still_reported(fakenvml_build: FakeNvmlBuild, tmp_path: Path) -> None:
