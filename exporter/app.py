@@ -171,6 +171,8 @@ class App:
             return None
         from exporter.pods.gpushare import GpuShare
 
+        if not self.cfg.host_proc.is_dir():  # every process would be "unknown": say so at start-up instead
+            raise ConfigError(f"--host-proc {self.cfg.host_proc}: not a directory (the host's /proc is needed)")
         pods = self.pods
         return GpuShare(
             self.cfg.host_proc,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from exporter.model import GpuProcess
 from exporter.pods.gpushare import FAMILIES, GpuShare
 from exporter.pods.kube import PodMeta, pod_meta
 from exporter.snapshot import Snapshot
+from tests.e2e.harness import run_exporter
 from tests.pods.fakeproc import FakeProc, cgroupfs_path, systemd_path, v1_file, v2_file
 from tests.pods.podfixtures import gpu_uuid, make_inventory, mig_uuid
 
@@ -172,3 +175,27 @@ def test_a_reused_pid_moves_to_its_new_pod(tmp_path: Path) -> None:
     text = share.render_metrics(ctx())
     assert 'pod="b",container="main"} 1073741824\n' in text
     assert 'pod="a"' not in text
+
+
+def test_on_without_k_imports_neither_grpc_nor_kubernetes(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from exporter.app import App\n"
+        "from exporter.config import parse_config\n"
+        f"args = ['--simulate', '--state-dir', {str(tmp_path)!r}, '--process-metrics', 'per-pod']\n"
+        "app = App(parse_config(args, environ={}))\n"
+        "assert app.gpushare is not None\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'kubernetes'))\n"
+        "assert not heavy, heavy\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_host_proc_that_is_not_a_directory_is_exit_2_with_the_flag_named(tmp_path: Path) -> None:
+    args = ["--simulate", "--state-dir", str(tmp_path / "s"), "--process-metrics", "per-pod"]
+    r = run_exporter([*args, "--host-proc", str(tmp_path / "missing")])
+    assert r.returncode == 2, r.stderr
+    assert f"--host-proc {tmp_path / 'missing'}: not a directory" in r.stderr
+    assert "Traceback" not in r.stderr
