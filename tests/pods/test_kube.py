@@ -149,3 +149,31 @@ def test_dra_claims_mapped_through_resource_slices(
         assert dict(m.labels_for(gpu_uuid(1), 2)[0])["pod"] == "dra-b"
         assert m.labels_for(gpu_uuid(2), None) == ()  # another driver's claim is not a GPU of ours
         m.close()
+
+
+def test_process_metrics_alone_runs_the_node_scoped_pod_watch_with_container_ids(
+    kubelet: FakeKubelet, api: FakeApiServer, sock_dir: Path, mappers: list[PodMapper]
+) -> None:
+    """--process-metrics needs pod names for GPU processes: the pod watch runs without pod labels or
+    UIDs, keeps each container's ID (runtime prefix stripped), and GPU series get no pod_uid."""
+    pod_obj = api_pod("p", "ns", "uid-1", "node1", {})
+    pod_obj["status"] = {"containerStatuses": [{"name": "c", "containerID": "cri-o://" + "ab" * 32}]}
+    api.upsert_pod(pod_obj)
+    kubelet.set_pods([pod("p", "ns", container("c", GPU, [gpu_uuid(0)]))])
+    cfg = PodMappingConfig(socket_path=kubelet.socket_path, process_metrics=True,
+                           kubeconfig=api.write_kubeconfig(sock_dir / "kc"), node_name="node1")  # fmt: skip
+    m = PodMapper(cfg)
+    mappers.append(m)
+    inv = make_inventory(1)
+    assert m.pod_items() is None  # nothing before the first refresh starts the worker
+
+    def containers() -> tuple[tuple[str, str], ...]:
+        items = m.pod_items()
+        meta = items[1].get(("ns", "p")) if items is not None else None
+        return meta.containers if meta is not None else ()
+
+    eventually(m, inv, lambda: containers() != ())
+    assert containers() == (("ab" * 32, "c"),)
+    assert "pod_uid" not in dict(m.labels_for(gpu_uuid(0), None)[0])
+    watches = [r for r in api.requests if r.path == "/api/v1/pods"]
+    assert watches and all(r.query["fieldSelector"] == "spec.nodeName=node1" for r in watches)
