@@ -1,13 +1,14 @@
-"""What --process-metrics costs on the NVML side: CPU per collection cycle with the process lists off
-and on, 100 processes on 8 GPUs of the fake NVML (with a utilisation sample each), and one process
+"""What --process-metrics costs: CPU per collection cycle with the process lists off, on, and on with
+the PID -> pod side (each PID's cgroup in a fake host /proc, 25 pods from a pod watch, the families
+rendered), 100 processes on 8 GPUs of the fake NVML (with a utilisation sample each); and one process
 query alone.
 
     .venv/bin/python benchmarks/processes.py [--cycles 400]
 
 Runs in one process: the real `NvmlBackend` through pynvml on tests/fakenvml's library and the real
 `Collector` (its reader lanes are threads of this process, so `time.process_time` counts them, and
-the fake's own work, which a real driver does in the kernel, too). The PID -> pod side is measured by
-whoever calls `measure_cycles` with its own `extra` work per snapshot (see `bench_processes`).
+the fake's own work, which a real driver does in the kernel, too). The PID -> pod side is the
+`extra` work per snapshot given to `measure_cycles`.
 """
 
 from __future__ import annotations
@@ -31,11 +32,38 @@ from benchmarks.common import FAKE_LIB, SCENARIOS, report
 from exporter.collector import Collector
 from exporter.counters import default_counters
 from exporter.devices import parse_device_selector
+from exporter.labels import RenderContext
 from exporter.nvml import NvmlBackend
+from exporter.pods.gpushare import GpuShare
+from exporter.pods.kube import pod_meta
 from exporter.snapshot import Snapshot
+from tests.pods.fakeproc import FakeProc, systemd_path, v2_file
 
 SECTION = "processes"
 ROUNDS = 5
+PODS = 25
+
+
+def pod_side(pids: Sequence[int], proc_root: Path, backend: NvmlBackend) -> Callable[[Snapshot], object]:
+    """Each PID placed in one of PODS pods' cgroups (v2, systemd driver), the pods as the pod watch holds
+    them; returns the per-snapshot work the daemon adds: GpuShare.on_snapshot and its rendering."""
+    proc = FakeProc(proc_root)
+    items: dict[Any, Any] = {}
+    for i, pid in enumerate(pids):
+        uid, cid = f"00000000-0000-4000-8000-{i % PODS:012d}", f"{i % PODS:064x}"
+        proc.place(pid, v2_file(systemd_path(uid, cid)))
+        status = {"containerStatuses": [{"name": "main", "containerID": f"containerd://{cid}"}]}
+        key, meta = pod_meta({"metadata": {"name": f"p{i % PODS}", "namespace": "ns", "uid": uid}, "status": status})
+        items[key] = meta
+    ctx = RenderContext("Hostname", "node")
+    ctx.rebuild(backend.discover())
+    share = GpuShare(proc.root, pod_items=lambda: (1, items))
+
+    def extra(snapshot: Snapshot) -> object:
+        share.on_snapshot(snapshot)
+        return share.render_metrics(ctx)
+
+    return extra
 
 
 def median(results: list[tuple[float, float, int]]) -> tuple[float, float, int]:
@@ -119,11 +147,15 @@ def bench_processes(cycles: int = 400, processes: int = 100, gpus: int = 8) -> N
         try:
             # Rounds alternate off and on, and each mode's median round is reported: a busy machine
             # (other work on the cores) shifts single runs by more than the difference measured.
-            rounds: dict[int, list[tuple[float, float, int]]] = {0: [], 1: []}
+            extra = pod_side(pids, Path(tmp) / "host-proc", backend)
+            rounds: dict[str, list[tuple[float, float, int]]] = {"off": [], "nvml": [], "pods": []}
+            per_round = max(1, cycles // ROUNDS)
             for _ in range(ROUNDS):
-                for interval in (0, 1):
-                    rounds[interval].append(measure_cycles(backend, interval, max(1, cycles // ROUNDS)))
-            (off_cpu, off_wall, _), (on_cpu, on_wall, listed) = (median(rounds[0]), median(rounds[1]))
+                rounds["off"].append(measure_cycles(backend, 0, per_round))
+                rounds["nvml"].append(measure_cycles(backend, 1, per_round))
+                rounds["pods"].append(measure_cycles(backend, 1, per_round, extra))
+            (off_cpu, off_wall, _), (on_cpu, on_wall, listed) = (median(rounds["off"]), median(rounds["nvml"]))
+            pods_cpu, pods_wall, _ = median(rounds["pods"])
             assert listed == processes, f"listed {listed} of {processes} processes"
             gpu0 = backend.discover().gpus[0].uuid
             per_query = measure_query(backend, gpu0, cycles)
@@ -132,6 +164,8 @@ def bench_processes(cycles: int = 400, processes: int = 100, gpus: int = 8) -> N
     report(SECTION, "CPU per cycle, --process-metrics off", f"{off_cpu:.2f} ms (wall {off_wall:.2f} ms)")
     report(SECTION, "CPU per cycle, process lists every cycle", f"{on_cpu:.2f} ms (wall {on_wall:.2f} ms)")
     report(SECTION, "added by the process lists, per cycle", f"{on_cpu - off_cpu:.2f} ms")
+    report(SECTION, "CPU per cycle, lists + PID -> pod + render", f"{pods_cpu:.2f} ms (wall {pods_wall:.2f} ms)")
+    report(SECTION, "added by PID -> pod and the families, per cycle", f"{pods_cpu - on_cpu:.2f} ms")
     report(SECTION, f"one process query ({processes // gpus}+ processes, utilisation)", f"{per_query:.0f} us CPU")
 
 

@@ -42,10 +42,10 @@ def figures(values: list[float]) -> str:
     return f"{percentile(values, 0.5) * 1e3:.1f} / {percentile(values, 0.99) * 1e3:.1f} / {max(values) * 1e3:.1f}"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=200, help="fences and clears (each one XID, one clear)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="ghe-bench-proxy-", dir="/tmp"))
     kubelet = FakeKubelet(str(tmp / "kubelet")).start()

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Benchmarks for gpu-health-exporter. Prints figures side by side, in one run.
 
-    .venv/bin/python benchmarks/run.py [--only render,scrape,collect,memory,pods,health,peers]
+    .venv/bin/python benchmarks/run.py
+        [--only render,scrape,collect,memory,pods,processes,proxy,dra_taints,health,peers]
         [--soak-seconds 600] [--peer-seconds 60]
 
 Each comparison is a ratio measured in the same run (these machines are noisy):
@@ -604,6 +605,24 @@ def bench_pods_section() -> None:
     bench_pods()
 
 
+def bench_processes_section() -> None:
+    from benchmarks.processes import bench_processes
+
+    bench_processes()
+
+
+def bench_proxy_section() -> None:
+    from benchmarks.proxy_latency import main as proxy_main
+
+    proxy_main([])
+
+
+def bench_dra_taints_section() -> None:
+    from benchmarks.dra_taints import main as dra_main
+
+    dra_main([])
+
+
 def bench_peers_section(seconds: float) -> None:
     from benchmarks.peers import bench_peers
 
@@ -617,6 +636,9 @@ SECTIONS = {
     "memory": lambda a: bench_memory(a.soak_seconds),
     "health": lambda a: bench_health(),
     "pods": lambda a: bench_pods_section(),
+    "processes": lambda a: bench_processes_section(),
+    "proxy": lambda a: bench_proxy_section(),
+    "dra_taints": lambda a: bench_dra_taints_section(),
     "peers": lambda a: bench_peers_section(a.peer_seconds),
 }
 
