@@ -98,6 +98,8 @@ def chart_args(values: dict[str, Any], kubelet_socket: str) -> list[str]:
         f"--pod-resources-kubelet-socket={kubelet_socket}" if a.startswith("--pod-resources-kubelet-socket=") else a
         for a in args
     ]
+    # The chart mounts the host's /proc at /host/proc; here this machine's /proc is the host's.
+    args = ["--host-proc=/proc" if a.startswith("--host-proc=") else a for a in args]
     return [*args, "--collect-interval=200"]
 
 
@@ -140,6 +142,11 @@ def node_condition(api: FakeApiServer) -> list[dict[str, Any]]:
 # the feature's own effect on the API server, so the recorded requests are complete).
 def drive_pod_labels(node: NvmlNode, api: FakeApiServer, gpus: list[str]) -> None:
     wait_for(lambda: api.watcher_count("pods") >= 1, "the pod watch", node.exporter.logs)
+
+
+def drive_process_metrics(node: NvmlNode, api: FakeApiServer, gpus: list[str]) -> None:
+    wait_for(lambda: api.watcher_count("pods") >= 1, "the pod watch", node.exporter.logs)
+    node.exporter.wait_for(lambda t: "gpuhealth_gpu_processes" in t)
 
 
 def drive_dra(node: NvmlNode, api: FakeApiServer, gpus: list[str]) -> None:
@@ -199,6 +206,7 @@ def drive_node_taint(node: NvmlNode, api: FakeApiServer, gpus: list[str]) -> Non
 FEATURES: dict[str, tuple[dict[str, Any], Callable[[NvmlNode, FakeApiServer, list[str]], None]]] = {
     "pod-labels": ({"podMapping": {"enablePodLabels": True}}, drive_pod_labels),
     "dra-attribution": ({"podMapping": {"dra": True}}, drive_dra),
+    "process-metrics": ({"processMetrics": {"mode": "per-pod"}}, drive_process_metrics),
     "node-status": ({"health": {"nodeStatus": True}}, drive_node_status),
     "pod-events": ({"scheduler": {"podEvents": True}}, drive_pod_events),
     "dra-device-taints": (
