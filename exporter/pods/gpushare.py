@@ -184,7 +184,8 @@ class GpuShare:
             for labels, row in series:
                 value = row.utils[i]
                 if value is not None:
-                    out.append(family.sample(labels, format_value(min(1.0, value / 100.0))))
+                    # Percent to ratio; rounded so 34.9 % reads 0.349, not 0.34900000000000003.
+                    out.append(family.sample(labels, format_value(round(min(1.0, value / 100.0), 6))))
         out.append(GPU_PROCESSES.header)
         for uuid in sorted(view.counts):
             dev = ctx.device_labels(uuid)
