@@ -160,7 +160,9 @@ class SimulatedBackend:
         self._inventory_cache = (present, inv)
         return inv
 
-    def read(self, uuid: str, fields: Sequence[FieldSpec]) -> ReadResult:
+    def _device_at(self, uuid: str) -> tuple[SimGpu, SimMig | None, float]:
+        """The GPU (and MIG instance) `uuid` names and the time to read it at; raises what a read of a
+        lost or failing device raises."""
         gpu = self._by_uuid.get(uuid)
         mig: SimMig | None = None
         if gpu is None:
@@ -171,6 +173,10 @@ class SimulatedBackend:
         t = self.elapsed()
         if gpu.faults:
             t = self._availability(gpu, uuid, t)
+        return gpu, mig, t
+
+    def read(self, uuid: str, fields: Sequence[FieldSpec]) -> ReadResult:
+        gpu, mig, t = self._device_at(uuid)
         vals = mig.values(t) if mig is not None else gpu.values(t)
         res = ReadResult()
         got, unsupported = res.values, res.unsupported
@@ -183,15 +189,7 @@ class SimulatedBackend:
         return res
 
     def processes(self, uuid: str) -> tuple[GpuProcess, ...]:
-        gpu = self._by_uuid.get(uuid)
-        mig = self._migs.get(uuid) if gpu is None else None
-        if gpu is None:
-            if mig is None:
-                raise DeviceLostError(f"simulated node has no device {uuid}")
-            gpu = mig.parent
-        t = self.elapsed()
-        if gpu.faults:
-            t = self._availability(gpu, uuid, t)
+        gpu, mig, t = self._device_at(uuid)
         if mig is not None:
             return simulated_processes(self._shares[mig.uuid], mig.values(t), mig.gi, with_utilisation=False)
         if gpu.mig_enabled:  # as NVML on a GPU handle: every instance's processes, with its ids
