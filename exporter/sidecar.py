@@ -1,5 +1,6 @@
 """What the side processes share (`gpu-health-exporter device-plugin` and `device-plugin-proxy`,
-containers beside the daemon): a listen address of their own unless told otherwise, and one run loop.
+containers beside the daemon): a listen address of their own unless told otherwise, one run loop, and
+their two background loops (inventory discovery, rendering their own /metrics).
 
 Exit codes are the daemon's (exporter/cli.py): 2 for bad flags or a bad web configuration, 1 when
 the environment fails us at start (a port, a directory); SIGTERM and SIGINT stop cleanly.
@@ -7,21 +8,75 @@ the environment fails us at start (a port, a directory); SIGTERM and SIGINT stop
 
 from __future__ import annotations
 
+import gzip
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from types import FrameType
 from typing import Protocol
 
 import structlog
 
 from exporter.config import ConfigError
+from exporter.render import Exposition
 
 log = structlog.get_logger("exporter.sidecar")
 
 EXIT_USAGE, EXIT_STARTUP = 2, 1
+DISCOVER_EVERY_S = 30.0  # and at once on rediscover()
+RENDER_EVERY_S = 2.0
+
+
+class SidecarLoops:
+    """Discovery every DISCOVER_EVERY_S (at once after `rediscover()`) and the /metrics bytes rendered
+    every RENDER_EVERY_S, each in its own thread named `<prefix>-discover` / `<prefix>-render`."""
+
+    def __init__(self, prefix: str, discover: Callable[[], None], render_body: Callable[[], str]) -> None:
+        self._prefix = prefix
+        self._discover = discover
+        self._render_body = render_body
+        self.exposition = Exposition(b"", gzip.compress(b""), 0.0)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def rediscover(self) -> None:
+        self._wake.set()
+
+    def render(self) -> None:
+        body = self._render_body().encode()
+        self.exposition = Exposition(body, gzip.compress(body, compresslevel=6), time.time())
+
+    def start(self) -> None:
+        """Render once (the first scrape has bytes), then start both loops."""
+        self.render()
+        for name, target in (("discover", self._discover_loop), ("render", self._render_loop)):
+            thread = threading.Thread(target=target, name=f"{self._prefix}-{name}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def liveness(self, others: Iterable[threading.Thread] = ()) -> tuple[bool, str]:
+        """Alive while these loops (and `others`) run."""
+        dead = [t.name for t in [*self.threads, *others] if not t.is_alive()]
+        return (False, f"threads stopped: {', '.join(dead)}") if dead else (True, "ok")
+
+    def _discover_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(DISCOVER_EVERY_S)
+            self._wake.clear()
+            if not self._stop.is_set():
+                self._discover()
+
+    def _render_loop(self) -> None:
+        while not self._stop.wait(RENDER_EVERY_S):
+            self.render()
 
 
 class Sidecar(Protocol):

@@ -18,10 +18,8 @@ difference is the `HealthView` it consumes (the engine itself, or the stream).
 
 from __future__ import annotations
 
-import gzip
 import os
 import threading
-import time
 from collections.abc import Sequence
 
 import structlog
@@ -34,15 +32,12 @@ from exporter.health.stream import VerdictStream
 from exporter.labels import RenderContext
 from exporter.model import Inventory
 from exporter.render import CONTENT_TYPE as CONTENT_TYPE
-from exporter.render import Exposition
 from exporter.server import HttpServer, Routes
-from exporter.sidecar import run_sidecar, with_default_address
+from exporter.sidecar import SidecarLoops, run_sidecar, with_default_address
 
 log = structlog.get_logger("exporter.deviceplugin.process")
 
 DEFAULT_ADDRESS = ":9402"  # the exporter's is :9400; both containers share the pod's network
-DISCOVER_EVERY_S = 30.0  # and at once when the daemon streams a device we have not discovered
-RENDER_EVERY_S = 2.0
 
 
 class PluginProcess:
@@ -58,12 +53,9 @@ class PluginProcess:
             plugin_config(cfg), self.inventory, self.stream, take_over=cfg.device_plugin_take_over
         )
         self.ctx = RenderContext(cfg.host_label, os.environ.get("NODE_NAME") or os.uname().nodename)
-        self._exposition = Exposition(b"", gzip.compress(b""), 0.0)
-        self._rediscover = threading.Event()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self.loops = SidecarLoops("dp", self._discover, lambda: self.manager.render_metrics(self.ctx))
         self.server = HttpServer.for_config(  # ConfigError (exit 2) for a bad --web-config-file
-            cfg, Routes(exposition=lambda: self._exposition, health=self.liveness, ready=self.readiness)
+            cfg, Routes(exposition=lambda: self.loops.exposition, health=self.liveness, ready=self.readiness)
         )
 
     # --- inventory ---
@@ -98,29 +90,11 @@ class PluginProcess:
         inv = self.inventory()
         known = {g.uuid for g in inv.gpus} | {m.uuid for g in inv.gpus for m in g.migs}
         if set(self.stream.verdicts()) - known:
-            self._rediscover.set()
-
-    def _discover_loop(self) -> None:
-        while not self._stop.is_set():
-            self._rediscover.wait(DISCOVER_EVERY_S)
-            self._rediscover.clear()
-            if not self._stop.is_set():
-                self._discover()
-
-    def _render_loop(self) -> None:
-        while not self._stop.wait(RENDER_EVERY_S):
-            self._render()
-
-    def _render(self) -> None:
-        body = (self.manager.render_metrics(self.ctx)).encode()
-        self._exposition = Exposition(body, gzip.compress(body, compresslevel=6), time.time())
+            self.loops.rediscover()
 
     # --- probes ---
     def liveness(self) -> tuple[bool, str]:
-        dead = [t.name for t in self._threads if not t.is_alive()]
-        if dead:
-            return False, f"threads stopped: {', '.join(dead)}"
-        return True, "ok"
+        return self.loops.liveness()
 
     def readiness(self) -> tuple[bool, str]:
         problems = self.manager.problems
@@ -141,11 +115,7 @@ class PluginProcess:
         self.stream.subscribe(self._on_verdicts)
         self.stream.start()
         self.manager.start()
-        self._render()
-        for name, target in (("dp-discover", self._discover_loop), ("dp-render", self._render_loop)):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self.loops.start()
         self.server.start()
         log.info(
             "device_plugin_started",
@@ -155,8 +125,7 @@ class PluginProcess:
         )
 
     def stop(self) -> None:
-        self._stop.set()
-        self._rediscover.set()
+        self.loops.stop()
         self.server.stop()
         self.manager.stop()
         self.stream.stop()

@@ -11,10 +11,8 @@ NVML the proxy still forwards and fences by UUID; /ready says NVML is missing an
 
 from __future__ import annotations
 
-import gzip
 import os
 import threading
-import time
 from collections.abc import Sequence
 
 import structlog
@@ -26,15 +24,12 @@ from exporter.model import Inventory
 from exporter.proxy import metrics
 from exporter.proxy.ids import DeviceIds
 from exporter.proxy.proxy import DevicePluginProxy
-from exporter.render import Exposition
 from exporter.server import HttpServer, Routes
-from exporter.sidecar import run_sidecar, with_default_address
+from exporter.sidecar import SidecarLoops, run_sidecar, with_default_address
 
 log = structlog.get_logger("exporter.proxy.process")
 
 DEFAULT_ADDRESS = ":9403"  # the exporter's is :9400, our device plugin's :9402
-DISCOVER_EVERY_S = 30.0  # and at once when the upstream lists an ID the inventory cannot place
-RENDER_EVERY_S = 2.0
 NAME = "gpu-health-exporter device-plugin-proxy"
 
 
@@ -71,12 +66,12 @@ class ProxyProcess:
         self.proxy = DevicePluginProxy(
             str(cfg.upstream_dir), cfg.device_plugin_dir, self.stream, self.device_ids, self._unplaced
         )
-        self._exposition = Exposition(b"", gzip.compress(b""), 0.0)
-        self._rediscover = threading.Event()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        # Discovery also runs at once when the upstream lists an ID the inventory cannot place.
+        self.loops = SidecarLoops(
+            "proxy", self._discover, lambda: metrics.render(self.proxy.status(), self.stream.source)
+        )
         self.server = HttpServer.for_config(  # ConfigError (exit 2) for a bad --web-config-file
-            cfg, Routes(exposition=lambda: self._exposition, health=self.liveness, ready=self.readiness)
+            cfg, Routes(exposition=lambda: self.loops.exposition, health=self.liveness, ready=self.readiness)
         )
 
     # --- inventory ---
@@ -90,7 +85,7 @@ class ProxyProcess:
         return mig.parent_uuid if mig is not None else None
 
     def _unplaced(self, device_id: str) -> None:
-        self._rediscover.set()
+        self.loops.rediscover()
 
     def _discover(self) -> None:
         try:
@@ -111,25 +106,9 @@ class ProxyProcess:
             log.info("proxy_inventory", gpus=[g.uuid for g in inv.gpus], mig_devices=sum(len(g.migs) for g in inv.gpus))
             self.proxy.refresh()
 
-    def _discover_loop(self) -> None:
-        while not self._stop.is_set():
-            self._rediscover.wait(DISCOVER_EVERY_S)
-            self._rediscover.clear()
-            if not self._stop.is_set():
-                self._discover()
-
-    def _render_loop(self) -> None:
-        while not self._stop.wait(RENDER_EVERY_S):
-            self._render()
-
-    def _render(self) -> None:
-        body = metrics.render(self.proxy.status(), self.stream.source).encode()
-        self._exposition = Exposition(body, gzip.compress(body, compresslevel=6), time.time())
-
     # --- probes ---
     def liveness(self) -> tuple[bool, str]:
-        dead = [t.name for t in [*self._threads, *self.proxy.threads] if not t.is_alive()]
-        return (False, f"threads stopped: {', '.join(dead)}") if dead else (True, "ok")
+        return self.loops.liveness(self.proxy.threads)
 
     def readiness(self) -> tuple[bool, str]:
         problems = self.proxy.problems()
@@ -148,11 +127,7 @@ class ProxyProcess:
         self.stream.start()
         self.server.start()
         self.proxy.start()
-        self._render()
-        for name, target in (("proxy-discover", self._discover_loop), ("proxy-render", self._render_loop)):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self.loops.start()
         log.info(
             "device_plugin_proxy_started",
             address=f"{self.cfg.address[0]}:{self.server.port}",
@@ -162,8 +137,7 @@ class ProxyProcess:
         )
 
     def stop(self) -> None:
-        self._stop.set()
-        self._rediscover.set()
+        self.loops.stop()
         self.server.stop()
         self.proxy.stop()
         self.stream.stop()
