@@ -33,6 +33,28 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def event_object(
+    *, namespace: str, generate_name: str, involved: dict[str, Any], reason: str, warning: bool, message: str, node: str
+) -> dict[str, Any]:
+    """A core/v1 Event reported by this node's exporter (the Node's health Events, the pods' GpuUnhealthy)."""
+    now = _now()
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": generate_name, "namespace": namespace},
+        "involvedObject": involved,
+        "reason": reason,
+        "type": "Warning" if warning else "Normal",
+        "message": message[:1024],
+        "source": {"component": COMPONENT, "host": node},
+        "reportingComponent": COMPONENT,
+        "reportingInstance": node,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+
+
 def condition_for(verdicts: Mapping[str, Verdict]) -> tuple[str, str, str]:
     """(status, reason, message) of the GPUHealthy condition for these verdicts."""
     bad = sorted(u for u, v in verdicts.items() if v.state is HealthState.UNHEALTHY)
@@ -146,25 +168,19 @@ class NodeStatusReporter:
             HealthState.UNKNOWN: "GPUHealthUnknown",
         }.get(t.state, "GPUHealthy")
         causes = ", ".join(f"{r.signal}:{r.code}" if r.code else r.signal for r in t.reasons) or "cleared"
-        now = _now()
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{self._node}.gpuhealth-", "namespace": self._namespace},
-            "involvedObject": {"apiVersion": "v1", "kind": "Node", "name": self._node},
-            "reason": reason,
-            "type": "Warning" if worse else "Normal",
-            "message": (
-                f"{t.uuid}: {t.previous.name.lower()} -> {t.state.name.lower()} ({causes}; action "
-                f"{top_action([r.action for r in t.reasons])})" + (f"; {t.cleared}" if t.cleared else "")
-            )[:1024],
-            "source": {"component": COMPONENT, "host": self._node},
-            "reportingComponent": COMPONENT,
-            "reportingInstance": self._node,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
+        message = (
+            f"{t.uuid}: {t.previous.name.lower()} -> {t.state.name.lower()} ({causes}; action "
+            f"{top_action([r.action for r in t.reasons])})" + (f"; {t.cleared}" if t.cleared else "")
+        )
+        body = event_object(
+            namespace=self._namespace,
+            generate_name=f"{self._node}.gpuhealth-",
+            involved={"apiVersion": "v1", "kind": "Node", "name": self._node},
+            reason=reason,
+            warning=worse,
+            message=message,
+            node=self._node,
+        )
         try:
             self._client().create_namespaced_event(self._namespace, body, _request_timeout=10)
         except Exception as e:

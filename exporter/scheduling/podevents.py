@@ -11,7 +11,6 @@ enqueues; a thread of its own posts, retrying a failed post a few times with a b
 from __future__ import annotations
 
 import contextlib
-import datetime
 import queue
 import threading
 import time
@@ -24,6 +23,7 @@ import structlog
 from exporter.family import Family
 from exporter.health.engine import HealthEngine, Transition
 from exporter.health.expose import top_action
+from exporter.health.nodestatus import event_object
 from exporter.health.verdict import HealthState, Reason
 from exporter.labels import RenderContext, format_labels
 from exporter.scheduling.faults import POD_EVENT, ApiFaults, status_of
@@ -32,7 +32,6 @@ from exporter.tokenbucket import TokenBucket
 log = structlog.get_logger("exporter.scheduling")
 
 REASON = "GpuUnhealthy"
-COMPONENT = "gpu-health-exporter"
 _QUEUE_MAX = 1000
 _REQUEST_TIMEOUT_S = 10.0
 _ATTEMPTS = 4  # a post that fails for want of a server (not a 4xx) is tried this often in all
@@ -165,25 +164,18 @@ class PodEvents:
         from kubernetes import client
 
         post.attempts += 1
-        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         involved: dict[str, Any] = {"apiVersion": "v1", "kind": "Pod", "namespace": post.namespace, "name": post.pod}
         if post.uid:
             involved["uid"] = post.uid
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{post.pod[:200]}.gpuhealth-", "namespace": post.namespace},
-            "involvedObject": involved,
-            "reason": REASON,
-            "type": "Warning",
-            "message": post.message,
-            "source": {"component": COMPONENT, "host": self._node},
-            "reportingComponent": COMPONENT,
-            "reportingInstance": self._node,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
+        body = event_object(
+            namespace=post.namespace,
+            generate_name=f"{post.pod[:200]}.gpuhealth-",
+            involved=involved,
+            reason=REASON,
+            warning=True,
+            message=post.message,
+            node=self._node,
+        )
         core: Any = client.CoreV1Api(self._api)
         try:
             core.create_namespaced_event(
